@@ -1,0 +1,381 @@
+//! The job: what a producer hands to the queue and a worker delivers.
+//!
+//! [`JobRequest`] is the form callers write (by hand, in JSON, or through the
+//! library); [`SendJob`] is the full job the producer makes of it by giving it
+//! an id, a tenant and a creation time. Addresses are kept as strings here so
+//! that validation can report every bad one at once, with its field path.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Version of the job schema; bound into every seal so a body of another
+/// version never opens as this one.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// A job's id: a UUIDv7, so ids sort by creation time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(Uuid);
+
+impl JobId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The id as a UUID.
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<Uuid> for JobId {
+    fn from(value: Uuid) -> Self {
+        Self(value)
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// Which work queue a job travels on: a newsletter never delays a password reset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    /// Mail a person is waiting for (password resets, receipts, OTPs).
+    #[default]
+    Transactional,
+    /// Mail nobody waits for (newsletters, digests).
+    Bulk,
+}
+
+impl Lane {
+    /// Every lane, in priority order.
+    pub const ALL: [Lane; 2] = [Lane::Transactional, Lane::Bulk];
+
+    /// The lane's name on the wire (routing key, header value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Transactional => "transactional",
+            Lane::Bulk => "bulk",
+        }
+    }
+}
+
+impl fmt::Display for Lane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A lane name that is neither `transactional` nor `bulk`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown lane {0:?}: expected `transactional` or `bulk`")]
+pub struct UnknownLane(String);
+
+impl FromStr for Lane {
+    type Err = UnknownLane;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "transactional" => Ok(Lane::Transactional),
+            "bulk" => Ok(Lane::Bulk),
+            other => Err(UnknownLane(other.to_owned())),
+        }
+    }
+}
+
+/// One file attached to a message.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    /// File name shown to the recipient.
+    pub filename: String,
+    /// MIME type, e.g. `application/pdf`.
+    pub content_type: String,
+    /// The file's bytes; standard base64 in JSON.
+    #[serde(with = "base64_bytes")]
+    pub content: Vec<u8>,
+}
+
+impl fmt::Debug for Attachment {
+    // Never print the content: it is the sender's data.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attachment")
+            .field("filename", &self.filename)
+            .field("content_type", &self.content_type)
+            .field("len", &self.content.len())
+            .finish()
+    }
+}
+
+/// The email itself.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailMessage {
+    /// Sender mailbox, e.g. `Shop <noreply@shop.example>`.
+    pub from: String,
+    /// Reply-To mailboxes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reply_to: Vec<String>,
+    /// To mailboxes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+    /// Cc mailboxes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cc: Vec<String>,
+    /// Bcc mailboxes: receive the mail, never appear in its headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bcc: Vec<String>,
+    /// Subject line.
+    pub subject: String,
+    /// Plain-text body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// HTML body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+    /// Extra headers, from the allow-list in [`crate::validate`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Attached files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+    /// Free labels for the caller's reporting; never sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Free key/value data for the caller; never sent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl EmailMessage {
+    /// Every envelope recipient: to, cc and bcc.
+    pub fn recipients(&self) -> impl Iterator<Item = &str> {
+        self.to
+            .iter()
+            .chain(&self.cc)
+            .chain(&self.bcc)
+            .map(String::as_str)
+    }
+}
+
+impl fmt::Debug for EmailMessage {
+    // Addresses, subject and bodies are personal data: show only their shape.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmailMessage")
+            .field("recipients", &self.recipients().count())
+            .field("has_text", &self.text.is_some())
+            .field("has_html", &self.html.is_some())
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("attachments", &self.attachments)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a caller asks for: a message and how to send it. The producer turns
+/// it into a [`SendJob`].
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// Sending tenant; the API sets it from the credential and ignores this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Caller's key: the same (tenant, key) is sent at most once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Work lane; `transactional` unless said.
+    #[serde(default)]
+    pub lane: Lane,
+    /// Do not send after this instant (RFC 3339).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
+    /// The email.
+    pub message: EmailMessage,
+}
+
+/// A job as it travels through the queue (inside the seal).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendJob {
+    /// Schema version; [`SCHEMA_VERSION`] for jobs made by this code.
+    pub schema: u16,
+    /// Unique id, also the AMQP `message_id`.
+    pub id: JobId,
+    /// Who sends.
+    pub tenant: String,
+    /// Dedup is on (tenant, key) when set, else on the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// When the producer accepted it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Not sent after this instant.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
+    /// Work lane.
+    pub lane: Lane,
+    /// The email.
+    pub message: EmailMessage,
+}
+
+impl SendJob {
+    /// A new job for `tenant` made from a request, with a fresh id, created now.
+    /// The request's own `tenant` is ignored: the caller decides who sends.
+    pub fn from_request(request: JobRequest, tenant: impl Into<String>) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            id: JobId::new(),
+            tenant: tenant.into(),
+            idempotency_key: request.idempotency_key,
+            created_at: OffsetDateTime::now_utc(),
+            expires_at: request.expires_at,
+            lane: request.lane,
+            message: request.message,
+        }
+    }
+
+    /// The key dedup claims: the idempotency key when given, else the id.
+    pub fn dedup_key(&self) -> String {
+        self.idempotency_key
+            .clone()
+            .unwrap_or_else(|| self.id.to_string())
+    }
+
+    /// Whether the job may no longer be sent at `now`.
+    pub fn is_expired_at(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+/// Serde for `Vec<u8>` as standard base64 text.
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| D::Error::custom(format!("content is not valid base64: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_json() -> &'static str {
+        r#"{
+          "idempotency_key": "order-1042-receipt",
+          "lane": "transactional",
+          "expires_at": "2030-01-01T00:00:00Z",
+          "message": {
+            "from": "Shop <noreply@shop.example>",
+            "to": ["Ada Lovelace <ada@example.org>"],
+            "subject": "Your receipt",
+            "text": "Thanks!",
+            "attachments": [
+              {"filename": "receipt.pdf", "content_type": "application/pdf", "content": "JVBERi0xLjQK"}
+            ]
+          }
+        }"#
+    }
+
+    #[test]
+    fn hand_written_request_parses() {
+        let request: JobRequest = serde_json::from_str(sample_json()).expect("parses");
+        assert_eq!(request.lane, Lane::Transactional);
+        assert_eq!(request.message.attachments[0].content, b"%PDF-1.4\n");
+        assert!(request.expires_at.is_some());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<JobRequest>(
+            r#"{"message": {"from": "a@b.example", "subject": "s", "too": ["x@y.example"]}}"#,
+        )
+        .expect_err("typo must not pass");
+        assert!(err.to_string().contains("too"), "{err}");
+    }
+
+    #[test]
+    fn bad_base64_is_rejected() {
+        let err = serde_json::from_str::<Attachment>(
+            r#"{"filename": "a.txt", "content_type": "text/plain", "content": "***"}"#,
+        )
+        .expect_err("not base64");
+        assert!(err.to_string().contains("base64"), "{err}");
+    }
+
+    #[test]
+    fn job_round_trips_through_json() {
+        let request: JobRequest = serde_json::from_str(sample_json()).expect("parses");
+        let job = SendJob::from_request(request, "acme");
+        let json = serde_json::to_string(&job).expect("serializes");
+        let back: SendJob = serde_json::from_str(&json).expect("parses back");
+        assert_eq!(job, back);
+        assert_eq!(back.id.as_uuid().get_version_num(), 7);
+    }
+
+    #[test]
+    fn debug_hides_personal_data() {
+        let request: JobRequest = serde_json::from_str(sample_json()).expect("parses");
+        let shown = format!("{:?}", SendJob::from_request(request, "acme"));
+        for secret in ["ada@example.org", "Your receipt", "Thanks!", "JVBER"] {
+            assert!(!shown.contains(secret), "{secret} leaked in {shown}");
+        }
+    }
+
+    #[test]
+    fn dedup_key_falls_back_to_id() {
+        let mut job = SendJob::from_request(JobRequest::default(), "acme");
+        assert_eq!(job.dedup_key(), job.id.to_string());
+        job.idempotency_key = Some("k".into());
+        assert_eq!(job.dedup_key(), "k");
+    }
+
+    #[test]
+    fn expiry_is_inclusive() {
+        let mut job = SendJob::from_request(JobRequest::default(), "acme");
+        let now = OffsetDateTime::now_utc();
+        assert!(!job.is_expired_at(now));
+        job.expires_at = Some(now);
+        assert!(job.is_expired_at(now));
+    }
+}
