@@ -2,5 +2,11 @@
 //! stand on.
 //!
 //! - [`job`]: the job schema ([`job::SendJob`], [`job::EmailMessage`]).
+//! - [`seal`]: authenticated encryption of jobs under a rotating keyring.
+//! - [`settings`]: layered settings (defaults, `mailroom.toml`, `MAILROOM__*` environment), secrets redacted.
+//! - [`wire`]: the RabbitMQ wire contract as data: names, headers, queue arguments, retry tiers.
 
 pub mod job;
+pub mod seal;
+pub mod settings;
+pub mod wire;

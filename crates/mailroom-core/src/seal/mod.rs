@@ -1,0 +1,135 @@
+//! Sealing: jobs are encrypted by the producer and opened only by a worker,
+//! so RabbitMQ, its disk and its management UI see only ciphertext.
+//!
+//! XChaCha20-Poly1305 with a fresh 24-byte random nonce per job (random
+//! 96-bit nonces, as in AES-GCM, wear out near 2^32 messages a key). The
+//! associated data binds the ciphertext to the schema version, the key id,
+//! the job id and the tenant, so a body moved to another message or tenant
+//! does not open.
+//!
+//! Body layout: `version (1 byte) | nonce (24) | ciphertext | tag (16)`.
+
+mod keyring;
+
+use chacha20poly1305::XNonce;
+use chacha20poly1305::aead::{Aead as _, Generate as _, Payload};
+use zeroize::Zeroizing;
+
+pub use keyring::{KEY_LEN, Keyring, KeyringError, SealKey};
+
+use crate::job::{JobId, SCHEMA_VERSION, SendJob};
+
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+const HEADER_LEN: usize = 1 + NONCE_LEN;
+
+/// Why a body did not open. Deliberately says no more than which of three
+/// things went wrong: details would help an attacker, not an operator.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SealError {
+    /// The body names a key this keyring does not hold (retired, or never ours).
+    #[error("unknown kid")]
+    UnknownKid,
+    /// The body is not a sealed job of a version we read.
+    #[error("malformed envelope")]
+    Malformed,
+    /// The body, or its context (kid, job id, tenant), was altered.
+    #[error("authentication failed")]
+    Authentication,
+    /// The job could not be encoded for sealing.
+    #[error("job could not be encoded")]
+    Encode,
+}
+
+/// A sealed job: the body and the id of the key that sealed it, which
+/// travels beside it in the `mailroom-kid` header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    /// Id of the sealing key.
+    pub kid: String,
+    /// `version | nonce | ciphertext | tag`.
+    pub body: Vec<u8>,
+}
+
+/// Associated data: what the ciphertext is bound to. Every variable-length
+/// part is length-prefixed, so no two contexts encode alike.
+fn associated_data(version: u8, kid: &str, id: &JobId, tenant: &str) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(32 + kid.len() + tenant.len());
+    ad.extend_from_slice(b"mailroom-seal\0");
+    ad.push(version);
+    for part in [kid.as_bytes(), id.as_uuid().as_bytes(), tenant.as_bytes()] {
+        // Parts are bounded by validation far below u32::MAX.
+        ad.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
+        ad.extend_from_slice(part);
+    }
+    ad
+}
+
+impl Keyring {
+    /// Seals `job` under the active key.
+    pub fn seal(&self, job: &SendJob) -> Result<Sealed, SealError> {
+        let version = u8::try_from(job.schema).map_err(|_| SealError::Encode)?;
+        let key = self.active();
+        let plaintext = Zeroizing::new(serde_json::to_vec(job).map_err(|_| SealError::Encode)?);
+        let nonce = XNonce::generate();
+        let ad = associated_data(version, key.kid(), &job.id, &job.tenant);
+        let ciphertext = key
+            .cipher()
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &plaintext,
+                    aad: &ad,
+                },
+            )
+            .map_err(|_| SealError::Encode)?;
+        let mut body = Vec::with_capacity(HEADER_LEN + ciphertext.len());
+        body.push(version);
+        body.extend_from_slice(nonce.as_slice());
+        body.extend_from_slice(&ciphertext);
+        Ok(Sealed {
+            kid: key.kid().to_owned(),
+            body,
+        })
+    }
+
+    /// Opens a body sealed for job `id` of `tenant` under key `kid`.
+    pub fn open(
+        &self,
+        kid: &str,
+        id: &JobId,
+        tenant: &str,
+        body: &[u8],
+    ) -> Result<SendJob, SealError> {
+        let key = self.get(kid).ok_or(SealError::UnknownKid)?;
+        if body.len() < HEADER_LEN + TAG_LEN {
+            return Err(SealError::Malformed);
+        }
+        let version = body[0];
+        if u16::from(version) != SCHEMA_VERSION {
+            return Err(SealError::Malformed);
+        }
+        let nonce = XNonce::try_from(&body[1..HEADER_LEN]).map_err(|_| SealError::Malformed)?;
+        let ad = associated_data(version, kid, id, tenant);
+        let plaintext = Zeroizing::new(
+            key.cipher()
+                .decrypt(
+                    &nonce,
+                    Payload {
+                        msg: &body[HEADER_LEN..],
+                        aad: &ad,
+                    },
+                )
+                .map_err(|_| SealError::Authentication)?,
+        );
+        let job: SendJob = serde_json::from_slice(&plaintext).map_err(|_| SealError::Malformed)?;
+        // Authenticated, so ours; a mismatch here means a producer bug.
+        if job.id != *id || job.tenant != tenant || job.schema != SCHEMA_VERSION {
+            return Err(SealError::Malformed);
+        }
+        Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests;

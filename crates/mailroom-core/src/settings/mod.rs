@@ -1,0 +1,257 @@
+//! Settings: built-in defaults < `mailroom.toml` (or `--config PATH`) <
+//! `MAILROOM__SECTION__KEY` environment variables. Secrets may be given as
+//! files (`..._FILE`), for mounted Kubernetes Secrets. A bad value stops
+//! start-up with one line that names the setting and what is allowed.
+
+pub(crate) mod duration;
+mod enums;
+mod secret;
+mod sections;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+pub use secret::{Secret, redact_url};
+pub use sections::{
+    AmqpSettings, ApiSettings, OnUncertain, RedisSettings, RetrySettings, SealSettings,
+    SmtpSettings, TlsMode, TransportKind, WorkerSettings,
+};
+
+use crate::seal::{Keyring, KeyringError};
+
+/// The file read when no `--config` is given, if it exists.
+pub const DEFAULT_FILE: &str = "mailroom.toml";
+
+/// Environment variables that configure mailroom start with this.
+pub const ENV_PREFIX: &str = "MAILROOM";
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: [&str; 1] = ["amqp.urls"];
+
+/// All of mailroom's settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The broker.
+    pub amqp: AmqpSettings,
+    /// Redis.
+    pub redis: RedisSettings,
+    /// The SMTP relay.
+    pub smtp: SmtpSettings,
+    /// Sealing keys.
+    pub seal: SealSettings,
+    /// The worker pool.
+    pub worker: WorkerSettings,
+    /// The HTTP API.
+    pub api: ApiSettings,
+}
+
+/// A setting that stops start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A value has the wrong type or form.
+    #[error("bad setting: {0}")]
+    Parse(String),
+    /// A value is out of its allowed range.
+    #[error("bad setting {key}: {allowed}")]
+    Invalid {
+        /// Dotted key, e.g. `worker.concurrency`.
+        key: &'static str,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// A `--config` file or a secret file could not be read.
+    #[error("bad setting {key}: cannot read {path}: {reason}")]
+    File {
+        /// Dotted key of the file setting.
+        key: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The sealing keys.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+}
+
+impl Settings {
+    /// Loads settings from `mailroom.toml` (or `path`, which must exist) and
+    /// the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Loads settings with `env` standing in for the process environment.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(ENV_PREFIX))
+            .collect();
+        let file = match path {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(SettingsError::File {
+                        key: "--config",
+                        path: path.to_owned(),
+                        reason: "no such file".to_owned(),
+                    });
+                }
+                File::from(path).format(FileFormat::Toml).required(true)
+            }
+            None => File::new(DEFAULT_FILE, FileFormat::Toml).required(false),
+        };
+        let mut environment = Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .try_parsing(true)
+            .source(Some(env.into_iter().collect()));
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        let mut settings: Settings = Config::builder()
+            .add_source(file)
+            .add_source(environment)
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| SettingsError::Parse(one_line(&e.to_string())))?;
+        settings.read_secret_files()?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Replaces each secret that has a `*_file` setting with that file's content.
+    fn read_secret_files(&mut self) -> Result<(), SettingsError> {
+        if let Some(path) = &self.amqp.urls_file {
+            let text = read_secret(path, "amqp.urls_file")?;
+            self.amqp.urls = text
+                .expose()
+                .split(['\n', ','])
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(Secret::new)
+                .collect();
+        }
+        if let Some(path) = &self.redis.url_file {
+            self.redis.url = read_secret(path, "redis.url_file")?;
+        }
+        if let Some(path) = &self.smtp.password_file {
+            self.smtp.password = read_secret(path, "smtp.password_file")?;
+        }
+        Ok(())
+    }
+
+    /// Range checks serde cannot express.
+    fn check(&self) -> Result<(), SettingsError> {
+        let invalid = |key, allowed: &str| {
+            Err(SettingsError::Invalid {
+                key,
+                allowed: allowed.to_owned(),
+            })
+        };
+        if self.amqp.urls.is_empty() {
+            return invalid("amqp.urls", "at least one amqp:// or amqps:// URL");
+        }
+        if !self
+            .amqp
+            .urls
+            .iter()
+            .all(|url| has_scheme(url, &["amqp", "amqps"]))
+        {
+            return invalid("amqp.urls", "URLs must start with amqp:// or amqps://");
+        }
+        if !has_scheme(&self.redis.url, &["redis", "rediss"]) {
+            return invalid("redis.url", "a URL starting with redis:// or rediss://");
+        }
+        if !has_scheme(&self.smtp.url, &["smtp", "smtps"]) {
+            return invalid(
+                "smtp.url",
+                "a URL starting with smtp:// (e.g. smtp://relay:587)",
+            );
+        }
+        if !(1..=65_535).contains(&self.amqp.publish_window) {
+            return invalid("amqp.publish_window", "a whole number from 1 to 65535");
+        }
+        if !(1..=64).contains(&self.amqp.channels) {
+            return invalid("amqp.channels", "a whole number from 1 to 64");
+        }
+        if !(1..=1024).contains(&self.smtp.pool_size) {
+            return invalid("smtp.pool_size", "a whole number from 1 to 1024");
+        }
+        if !(1..=4096).contains(&self.worker.concurrency) {
+            return invalid("worker.concurrency", "a whole number from 1 to 4096");
+        }
+        if self.worker.prefetch == Some(0) {
+            return invalid(
+                "worker.prefetch",
+                "a whole number from 1 to 65535, or unset",
+            );
+        }
+        let retry = &self.worker.retry;
+        if !(retry.multiplier.is_finite() && (1.0..=100.0).contains(&retry.multiplier)) {
+            return invalid("worker.retry.multiplier", "a number from 1.0 to 100.0");
+        }
+        if retry.max_attempts == 0 {
+            return invalid("worker.retry.max_attempts", "a whole number of at least 1");
+        }
+        if retry.initial.is_zero() || retry.initial > retry.max_interval {
+            return invalid(
+                "worker.retry.initial",
+                "a duration above zero and not above worker.retry.max_interval",
+            );
+        }
+        if self.redis.key_prefix.chars().any(char::is_whitespace) {
+            return invalid(
+                "redis.key_prefix",
+                "text without spaces, e.g. \"mailroom:\"",
+            );
+        }
+        Ok(())
+    }
+
+    /// The sealing keyring from `[seal]`.
+    pub fn keyring(&self) -> Result<Keyring, SettingsError> {
+        let keys = (!self.seal.keys.is_empty()).then(|| self.seal.keys.expose());
+        Ok(Keyring::load(
+            keys,
+            self.seal.keys_file.as_deref(),
+            self.seal.active.as_deref(),
+        )?)
+    }
+
+    /// Prefetch the worker asks of the broker.
+    pub fn worker_prefetch(&self) -> u16 {
+        self.worker.prefetch.unwrap_or(self.worker.concurrency)
+    }
+}
+
+fn has_scheme(url: &Secret, schemes: &[&str]) -> bool {
+    url.expose()
+        .split_once("://")
+        .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty())
+}
+
+fn read_secret(path: &Path, key: &'static str) -> Result<Secret, SettingsError> {
+    std::fs::read_to_string(path)
+        .map(|text| Secret::new(text.trim_end_matches(['\n', '\r'])))
+        .map_err(|e| SettingsError::File {
+            key,
+            path: path.to_owned(),
+            reason: e.kind().to_string(),
+        })
+}
+
+/// The config crate's messages may span lines; start-up errors are one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,269 @@
+//! The settings sections. Every field has a default that works against a
+//! local RabbitMQ, Redis and SMTP sink.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Secret;
+use crate::setting_enum;
+
+/// `[amqp]`: the broker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Broker URLs (`amqp://` or `amqps://`), tried in order: name every
+    /// node of a cluster. They may hold passwords.
+    pub urls: Vec<Secret>,
+    /// A file with more URLs, one a line (a mounted secret).
+    pub urls_file: Option<PathBuf>,
+    /// How long one connection attempt may take.
+    #[serde(with = "super::duration")]
+    pub connect_timeout: Duration,
+    /// How long to wait for a publisher confirm before calling it failed.
+    #[serde(with = "super::duration")]
+    pub confirm_timeout: Duration,
+    /// Unconfirmed messages a batch publish keeps in flight.
+    pub publish_window: usize,
+    /// Channels a producer keeps open, so concurrent callers don't queue on one.
+    pub channels: usize,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            urls: vec![Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f")],
+            urls_file: None,
+            connect_timeout: Duration::from_secs(5),
+            confirm_timeout: Duration::from_secs(10),
+            publish_window: 256,
+            channels: 4,
+        }
+    }
+}
+
+/// `[redis]`: dedup, status, rate limits, API keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL; may hold a password.
+    pub url: Secret,
+    /// A file holding the URL (a mounted secret).
+    pub url_file: Option<PathBuf>,
+    /// Prefix of every key mailroom writes, so it can share a Redis.
+    pub key_prefix: String,
+    /// How long one command may take.
+    #[serde(with = "super::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("redis://127.0.0.1:6379"),
+            url_file: None,
+            key_prefix: "mailroom:".to_owned(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+setting_enum! {
+    /// How the SMTP connection is protected.
+    TlsMode {
+        /// Plain connect, then STARTTLS, which must succeed.
+        StarttlsRequired = "starttls-required" (default),
+        /// TLS from the first byte (port 465).
+        Implicit = "implicit",
+        /// STARTTLS when offered, plain otherwise.
+        Opportunistic = "opportunistic",
+        /// No TLS: only for a loopback host, or with `allow_plaintext`.
+        None = "none",
+    }
+}
+
+/// `[smtp]`: the relay mail is delivered to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpSettings {
+    /// `smtp://host:port`.
+    pub url: Secret,
+    /// TLS mode.
+    pub tls: TlsMode,
+    /// Allow `tls = "none"` to a host that is not loopback.
+    pub allow_plaintext: bool,
+    /// AUTH user name, if the relay wants one.
+    pub username: Option<String>,
+    /// AUTH password.
+    pub password: Secret,
+    /// A file holding the password (a mounted secret).
+    pub password_file: Option<PathBuf>,
+    /// Name sent in EHLO; the machine's host name when unset.
+    pub hello_name: Option<String>,
+    /// Connections kept open to the relay.
+    pub pool_size: u32,
+    /// How long connecting (and the TLS handshake) may take.
+    #[serde(with = "super::duration")]
+    pub connect_timeout: Duration,
+    /// How long one SMTP command may wait for its reply.
+    #[serde(with = "super::duration")]
+    pub command_timeout: Duration,
+}
+
+impl Default for SmtpSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("smtp://127.0.0.1:2525"),
+            tls: TlsMode::default(),
+            allow_plaintext: false,
+            username: None,
+            password: Secret::default(),
+            password_file: None,
+            hello_name: None,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[seal]`: the keyring. Keys come from the environment or a file, never
+/// from `mailroom.toml` in a repository.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SealSettings {
+    /// `kid:base64` entries, comma separated.
+    pub keys: Secret,
+    /// A file of `kid:base64` lines (a mounted Kubernetes Secret).
+    pub keys_file: Option<PathBuf>,
+    /// The kid that seals new jobs; may be left out when one key is loaded.
+    pub active: Option<String>,
+}
+
+setting_enum! {
+    /// Where a worker delivers mail.
+    TransportKind {
+        /// Write each message as an `.eml` file into `worker.outbox_dir`: lets
+        /// anyone try mailroom with no SMTP server.
+        File = "file" (default),
+        /// Deliver to `[smtp]`.
+        Smtp = "smtp",
+    }
+}
+
+setting_enum! {
+    /// What to do when a send's outcome is unknown (the connection died after
+    /// the end of DATA, before the reply).
+    OnUncertain {
+        /// Send again with the same Message-ID (receivers may collapse it).
+        Retry = "retry" (default),
+        /// Dead-letter with reason `uncertain` for an operator to decide.
+        Park = "park",
+    }
+}
+
+/// `[worker.retry]`: the backoff schedule of transient failures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Delay before the second attempt.
+    #[serde(with = "super::duration")]
+    pub initial: Duration,
+    /// Factor between successive delays.
+    pub multiplier: f32,
+    /// Longest delay.
+    #[serde(with = "super::duration")]
+    pub max_interval: Duration,
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// No retry once a job is this old.
+    #[serde(with = "super::duration")]
+    pub max_age: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(5),
+            multiplier: 3.0,
+            max_interval: Duration::from_hours(1),
+            max_attempts: 8,
+            max_age: Duration::from_hours(24),
+        }
+    }
+}
+
+/// `[worker]`: the pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Jobs processed at once.
+    pub concurrency: u16,
+    /// Unacked deliveries the broker may push; defaults to `concurrency`.
+    pub prefetch: Option<u16>,
+    /// Where mail goes.
+    pub transport: TransportKind,
+    /// Folder of the `file` transport.
+    pub outbox_dir: PathBuf,
+    /// How long a sent key is remembered, so a duplicate is not sent.
+    #[serde(with = "super::duration")]
+    pub dedup_window: Duration,
+    /// How long a claim holds before another worker may take the job over.
+    #[serde(with = "super::duration")]
+    pub dedup_lease: Duration,
+    /// Uncertain outcomes.
+    pub on_uncertain: OnUncertain,
+    /// Time in-flight jobs get to finish on SIGTERM.
+    #[serde(with = "super::duration")]
+    pub shutdown_grace: Duration,
+    /// How long job statuses are kept.
+    #[serde(with = "super::duration")]
+    pub status_retention: Duration,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    pub health_bind: SocketAddr,
+    /// Backoff schedule.
+    pub retry: RetrySettings,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            prefetch: None,
+            transport: TransportKind::default(),
+            outbox_dir: PathBuf::from("mailroom-outbox"),
+            dedup_window: Duration::from_hours(24),
+            dedup_lease: Duration::from_mins(2),
+            on_uncertain: OnUncertain::default(),
+            shutdown_grace: Duration::from_secs(25),
+            status_retention: Duration::from_hours(7 * 24),
+            health_bind: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            retry: RetrySettings::default(),
+        }
+    }
+}
+
+/// `[api]`: the HTTP API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Listen address.
+    pub bind: SocketAddr,
+    /// Largest request body accepted.
+    pub body_limit_bytes: usize,
+    /// Longest a request may take.
+    #[serde(with = "super::duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 16 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,214 @@
+use std::io::Write as _;
+use std::time::Duration;
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn load(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+    Settings::load_with_env(None, env(pairs))
+}
+
+fn toml_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    file.write_all(text.as_bytes()).expect("write");
+    file
+}
+
+#[test]
+fn defaults_work_locally() {
+    let settings = load(&[]).expect("defaults load");
+    assert_eq!(settings, Settings::default());
+    assert_eq!(settings.worker.concurrency, 64);
+    assert_eq!(settings.worker_prefetch(), 64);
+    assert_eq!(
+        settings.amqp.urls[0].expose(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f"
+    );
+}
+
+#[test]
+fn environment_overrides_file_overrides_defaults() {
+    let file = toml_file(
+        "[worker]\nconcurrency = 8\nshutdown_grace = \"10s\"\n[smtp]\ntls = \"implicit\"\n",
+    );
+    let settings = Settings::load_with_env(
+        Some(file.path()),
+        env(&[
+            ("MAILROOM__WORKER__CONCURRENCY", "16"),
+            ("OTHER__WORKER__CONCURRENCY", "2"),
+        ]),
+    )
+    .expect("loads");
+    assert_eq!(settings.worker.concurrency, 16);
+    assert_eq!(settings.worker.shutdown_grace, Duration::from_secs(10));
+    assert_eq!(settings.smtp.tls, TlsMode::Implicit);
+    assert_eq!(settings.worker.retry, RetrySettings::default());
+}
+
+#[test]
+fn nested_sections_and_lists_come_from_the_environment() {
+    let settings = load(&[
+        ("MAILROOM__WORKER__RETRY__MAX_ATTEMPTS", "3"),
+        (
+            "MAILROOM__AMQP__URLS",
+            "amqp://a:1@r1:5672,amqps://a:1@r2:5671",
+        ),
+        ("MAILROOM__SEAL__ACTIVE", "2026"),
+    ])
+    .expect("loads");
+    assert_eq!(settings.worker.retry.max_attempts, 3);
+    assert_eq!(settings.amqp.urls.len(), 2);
+    assert_eq!(settings.seal.active.as_deref(), Some("2026"));
+}
+
+#[test]
+fn secrets_come_from_files() {
+    let password = toml_file("s3cret\n");
+    let urls = toml_file("amqp://u:p@r1\namqp://u:p@r2\n");
+    let settings = load(&[
+        (
+            "MAILROOM__SMTP__PASSWORD_FILE",
+            password.path().to_str().expect("utf-8"),
+        ),
+        (
+            "MAILROOM__AMQP__URLS_FILE",
+            urls.path().to_str().expect("utf-8"),
+        ),
+    ])
+    .expect("loads");
+    assert_eq!(settings.smtp.password.expose(), "s3cret");
+    assert_eq!(settings.amqp.urls.len(), 2);
+}
+
+#[test]
+fn missing_secret_file_names_the_setting() {
+    let err = load(&[("MAILROOM__REDIS__URL_FILE", "/nonexistent/url")]).expect_err("no file");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("redis.url_file") && shown.contains("/nonexistent/url"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    let err = Settings::load_with_env(Some(Path::new("/nonexistent.toml")), env(&[]))
+        .expect_err("no file");
+    assert!(err.to_string().contains("/nonexistent.toml"), "{err}");
+}
+
+/// Each bad value stops start-up with one line naming the key and what is allowed.
+#[test]
+fn bad_values_name_the_setting_and_what_is_allowed() {
+    for (key, value, named, allowed) in [
+        (
+            "MAILROOM__WORKER__CONCURRENCY",
+            "lots",
+            "worker.concurrency",
+            "integer",
+        ),
+        (
+            "MAILROOM__WORKER__CONCURRENCY",
+            "0",
+            "worker.concurrency",
+            "1 to 4096",
+        ),
+        (
+            "MAILROOM__SMTP__TLS",
+            "maybe",
+            "smtp.tls",
+            "starttls-required",
+        ),
+        (
+            "MAILROOM__WORKER__SHUTDOWN_GRACE",
+            "soon",
+            "worker.shutdown_grace",
+            "30s",
+        ),
+        (
+            "MAILROOM__WORKER__RETRY__MULTIPLIER",
+            "0.5",
+            "worker.retry.multiplier",
+            "1.0 to 100.0",
+        ),
+        (
+            "MAILROOM__AMQP__URLS",
+            "http://rabbit",
+            "amqp.urls",
+            "amqp://",
+        ),
+        (
+            "MAILROOM__REDIS__URL",
+            "localhost:6379",
+            "redis.url",
+            "redis://",
+        ),
+        (
+            "MAILROOM__API__BIND",
+            "everywhere",
+            "api.bind",
+            "socket address",
+        ),
+        (
+            "MAILROOM__WORKER__ON_UNCERTAIN",
+            "guess",
+            "worker.on_uncertain",
+            "park",
+        ),
+        ("MAILROOM__WORKER__TYPO", "1", "typo", "expected one of"),
+    ] {
+        let err = load(&[(key, value)]).expect_err(key);
+        let shown = err.to_string();
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.contains(named), "{key}: {shown}");
+        assert!(shown.contains(allowed), "{key}: {shown}");
+    }
+}
+
+#[test]
+fn bad_values_do_not_echo_secrets() {
+    let err = load(&[("MAILROOM__REDIS__URL", "tcp://:hunter2@redis")]).expect_err("bad scheme");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+#[test]
+fn printed_settings_redact_every_secret() {
+    let keys = crate::seal::SealKey::generate("k1").expect("kid").to_line();
+    let settings = load(&[
+        (
+            "MAILROOM__AMQP__URLS",
+            "amqp://app:amqp-pass@rabbit:5672/%2f",
+        ),
+        ("MAILROOM__REDIS__URL", "redis://:redis-pass@redis:6379"),
+        ("MAILROOM__SMTP__PASSWORD", "smtp-pass"),
+        ("MAILROOM__SEAL__KEYS", keys.as_str()),
+    ])
+    .expect("loads");
+    let shown = serde_json::to_string(&settings).expect("json");
+    for secret in ["amqp-pass", "redis-pass", "smtp-pass", &keys[3..]] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(
+        shown.contains("rabbit:5672") && shown.contains("[redacted]"),
+        "{shown}"
+    );
+    assert!(!format!("{settings:?}").contains("smtp-pass"));
+}
+
+#[test]
+fn keyring_comes_from_seal_settings() {
+    let line = crate::seal::SealKey::generate("k1").expect("kid").to_line();
+    let settings = load(&[("MAILROOM__SEAL__KEYS", line.as_str())]).expect("loads");
+    assert_eq!(settings.keyring().expect("keyring").active().kid(), "k1");
+    let err = load(&[]).expect("loads").keyring().expect_err("no keys");
+    assert!(err.to_string().contains("MAILROOM__SEAL__KEYS"), "{err}");
+}
