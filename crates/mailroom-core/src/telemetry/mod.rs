@@ -200,8 +200,10 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
 
 /// Keeps the exporter's own machinery (gRPC, HTTP/2, the SDK) out of the
 /// exported spans: exporting those would make more of them, without end.
+/// Targets match by plain prefix, hence `tower::`: `tower_http`'s request
+/// spans must still be exported.
 fn not_the_exporter() -> Targets {
-    ["opentelemetry", "tonic", "h2", "hyper", "tower"]
+    ["opentelemetry", "tonic", "h2", "hyper", "tower::"]
         .into_iter()
         .fold(
             Targets::new().with_default(LevelFilter::TRACE),
@@ -352,6 +354,28 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn exported_spans_leave_out_the_exporter_only() {
+        let targets = not_the_exporter();
+        let level = tracing::Level::INFO;
+        for quiet in [
+            "opentelemetry_sdk",
+            "tonic::transport",
+            "h2::proto",
+            "hyper_util",
+            "tower::buffer",
+        ] {
+            assert!(!targets.would_enable(quiet, &level), "{quiet}");
+        }
+        for kept in [
+            "mailroom_worker::process",
+            "tower_http::trace",
+            "lapin::channel",
+        ] {
+            assert!(targets.would_enable(kept, &level), "{kept}");
+        }
     }
 
     #[test]
