@@ -21,6 +21,7 @@ pub use sections::{
 };
 
 use crate::seal::{Keyring, KeyringError};
+use crate::telemetry::TelemetrySettings;
 
 /// The file read when no `--config` is given, if it exists.
 pub const DEFAULT_FILE: &str = "mailroom.toml";
@@ -47,6 +48,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// The HTTP API.
     pub api: ApiSettings,
+    /// Logs and traces.
+    pub telemetry: TelemetrySettings,
 }
 
 /// A setting that stops start-up.

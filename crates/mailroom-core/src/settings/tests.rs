@@ -165,6 +165,12 @@ fn bad_values_name_the_setting_and_what_is_allowed() {
             "park",
         ),
         ("MAILROOM__WORKER__TYPO", "1", "typo", "expected one of"),
+        (
+            "MAILROOM__TELEMETRY__LOG_FORMAT",
+            "xml",
+            "telemetry.log_format",
+            "auto, json, pretty",
+        ),
     ] {
         let err = load(&[(key, value)]).expect_err(key);
         let shown = err.to_string();
