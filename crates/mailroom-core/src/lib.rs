@@ -2,15 +2,17 @@
 //! stand on.
 //!
 //! - [`job`]: the job schema ([`job::SendJob`], [`job::EmailMessage`]).
+//! - [`validate`]: the rules a job must pass, each failure with its field path.
 //! - [`seal`]: authenticated encryption of jobs under a rotating keyring.
+//! - [`wire`]: the RabbitMQ wire contract as data: names, headers, queue arguments, retry tiers.
 //! - [`settings`]: layered settings (defaults, `mailroom.toml`, `MAILROOM__*` environment), secrets redacted.
 //! - [`telemetry`]: logging, span export, trace context across the queue
 //!   ([`telemetry::init`], [`telemetry::inject_context`],
 //!   [`telemetry::extract_context`], [`telemetry::mask_email`]).
-//! - [`wire`]: the RabbitMQ wire contract as data: names, headers, queue arguments, retry tiers.
 
 pub mod job;
 pub mod seal;
 pub mod settings;
 pub mod telemetry;
+pub mod validate;
 pub mod wire;

@@ -22,6 +22,7 @@ pub use sections::{
 
 use crate::seal::{Keyring, KeyringError};
 use crate::telemetry::TelemetrySettings;
+use crate::validate::Limits;
 
 /// The file read when no `--config` is given, if it exists.
 pub const DEFAULT_FILE: &str = "mailroom.toml";
@@ -30,7 +31,7 @@ pub const DEFAULT_FILE: &str = "mailroom.toml";
 pub const ENV_PREFIX: &str = "MAILROOM";
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 1] = ["amqp.urls"];
+const LIST_KEYS: [&str; 2] = ["amqp.urls", "limits.blocked_extensions"];
 
 /// All of mailroom's settings.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -50,6 +51,8 @@ pub struct Settings {
     pub api: ApiSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
+    /// What a job may hold.
+    pub limits: Limits,
 }
 
 /// A setting that stops start-up.

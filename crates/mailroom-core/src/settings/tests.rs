@@ -63,8 +63,12 @@ fn nested_sections_and_lists_come_from_the_environment() {
             "amqp://a:1@r1:5672,amqps://a:1@r2:5671",
         ),
         ("MAILROOM__SEAL__ACTIVE", "2026"),
+        ("MAILROOM__LIMITS__BLOCKED_EXTENSIONS", "exe,zip"),
+        ("MAILROOM__LIMITS__MAX_RECIPIENTS", "5"),
     ])
     .expect("loads");
+    assert_eq!(settings.limits.blocked_extensions, ["exe", "zip"]);
+    assert_eq!(settings.limits.max_recipients, 5);
     assert_eq!(settings.worker.retry.max_attempts, 3);
     assert_eq!(settings.amqp.urls.len(), 2);
     assert_eq!(settings.seal.active.as_deref(), Some("2026"));
