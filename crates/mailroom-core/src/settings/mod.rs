@@ -30,6 +30,9 @@ pub const DEFAULT_FILE: &str = "mailroom.toml";
 /// Environment variables that configure mailroom start with this.
 pub const ENV_PREFIX: &str = "MAILROOM";
 
+/// Shortest `redis.hash_key` accepted: below this an HMAC key is guessable.
+const MIN_HASH_KEY_LEN: usize = 16;
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: [&str; 2] = ["amqp.urls", "limits.blocked_extensions"];
 
@@ -148,6 +151,9 @@ impl Settings {
         if let Some(path) = &self.redis.url_file {
             self.redis.url = read_secret(path, "redis.url_file")?;
         }
+        if let Some(path) = &self.redis.hash_key_file {
+            self.redis.hash_key = read_secret(path, "redis.hash_key_file")?;
+        }
         if let Some(path) = &self.smtp.password_file {
             self.smtp.password = read_secret(path, "smtp.password_file")?;
         }
@@ -230,6 +236,21 @@ impl Settings {
             self.seal.keys_file.as_deref(),
             self.seal.active.as_deref(),
         )?)
+    }
+
+    /// The secret keying Redis hashes; roles that store keyed hashes
+    /// (worker dedup, API keys) call this at start and stop when it is unset.
+    pub fn hash_key(&self) -> Result<&[u8], SettingsError> {
+        let key = self.redis.hash_key.expose().as_bytes();
+        if key.len() < MIN_HASH_KEY_LEN {
+            return Err(SettingsError::Invalid {
+                key: "redis.hash_key",
+                allowed: format!(
+                    "a secret of at least {MIN_HASH_KEY_LEN} bytes, the same on every worker and API replica (e.g. from `openssl rand -base64 32`); set MAILROOM__REDIS__HASH_KEY or MAILROOM__REDIS__HASH_KEY_FILE"
+                ),
+            });
+        }
+        Ok(key)
     }
 
     /// Prefetch the worker asks of the broker.

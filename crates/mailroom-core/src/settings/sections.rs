@@ -52,6 +52,12 @@ pub struct RedisSettings {
     pub url: Secret,
     /// A file holding the URL (a mounted secret).
     pub url_file: Option<PathBuf>,
+    /// Secret that keys the HMAC under which idempotency keys and API key
+    /// hashes are stored, so Redis never holds a caller's key (which may
+    /// contain an address). The same on every worker and API replica.
+    pub hash_key: Secret,
+    /// A file holding `hash_key` (a mounted secret).
+    pub hash_key_file: Option<PathBuf>,
     /// Prefix of every key mailroom writes, so it can share a Redis.
     pub key_prefix: String,
     /// How long one command may take.
@@ -64,6 +70,8 @@ impl Default for RedisSettings {
         Self {
             url: Secret::new("redis://127.0.0.1:6379"),
             url_file: None,
+            hash_key: Secret::default(),
+            hash_key_file: None,
             key_prefix: "mailroom:".to_owned(),
             timeout: Duration::from_secs(2),
         }

@@ -222,3 +222,21 @@ fn keyring_comes_from_seal_settings() {
     let err = load(&[]).expect("loads").keyring().expect_err("no keys");
     assert!(err.to_string().contains("MAILROOM__SEAL__KEYS"), "{err}");
 }
+
+#[test]
+fn hash_key_is_required_where_used_and_comes_from_a_file() {
+    let err = load(&[]).expect("loads").hash_key().expect_err("unset");
+    assert!(
+        err.to_string().contains("MAILROOM__REDIS__HASH_KEY"),
+        "{err}"
+    );
+    let short = load(&[("MAILROOM__REDIS__HASH_KEY", "short")]).expect("loads");
+    assert!(short.hash_key().is_err());
+    let file = toml_file("0123456789abcdef0123\n");
+    let settings = load(&[(
+        "MAILROOM__REDIS__HASH_KEY_FILE",
+        file.path().to_str().expect("utf-8"),
+    )])
+    .expect("loads");
+    assert_eq!(settings.hash_key().expect("set"), b"0123456789abcdef0123");
+}
