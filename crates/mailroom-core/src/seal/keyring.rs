@@ -7,7 +7,7 @@ use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
-use chacha20poly1305::{Key, KeyInit as _, XChaCha20Poly1305};
+use chacha20poly1305::{KeyInit as _, XChaCha20Poly1305};
 use zeroize::Zeroizing;
 
 /// Length of a sealing key in bytes.
@@ -58,27 +58,32 @@ pub enum KeyringError {
 pub struct SealKey {
     kid: String,
     bytes: Zeroizing<[u8; KEY_LEN]>,
+    // Built once: no per-job copy of the key; zeroizes itself on drop.
+    cipher: XChaCha20Poly1305,
 }
 
 impl SealKey {
     /// A key from its id and bytes.
     pub fn new(kid: &str, bytes: [u8; KEY_LEN]) -> Result<Self, &'static str> {
+        Self::from_zeroizing(kid, Zeroizing::new(bytes))
+    }
+
+    fn from_zeroizing(kid: &str, bytes: Zeroizing<[u8; KEY_LEN]>) -> Result<Self, &'static str> {
         check_kid(kid)?;
+        let cipher =
+            XChaCha20Poly1305::new_from_slice(&bytes[..]).map_err(|_| "key must be 32 bytes")?;
         Ok(Self {
             kid: kid.to_owned(),
-            bytes: Zeroizing::new(bytes),
+            bytes,
+            cipher,
         })
     }
 
     /// A fresh random key from a CSPRNG seeded by the operating system.
     pub fn generate(kid: &str) -> Result<Self, &'static str> {
-        check_kid(kid)?;
         let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
         rand::fill(&mut bytes[..]);
-        Ok(Self {
-            kid: kid.to_owned(),
-            bytes,
-        })
+        Self::from_zeroizing(kid, bytes)
     }
 
     /// The key's id.
@@ -92,8 +97,8 @@ impl SealKey {
         Zeroizing::new(format!("{}:{}", self.kid, STANDARD.encode(*self.bytes)))
     }
 
-    pub(super) fn cipher(&self) -> XChaCha20Poly1305 {
-        XChaCha20Poly1305::new(&Key::from(*self.bytes))
+    pub(super) fn cipher(&self) -> &XChaCha20Poly1305 {
+        &self.cipher
     }
 }
 
@@ -140,11 +145,12 @@ fn parse_entry(entry: &str) -> Result<SealKey, &'static str> {
             .or_else(|_| STANDARD_NO_PAD.decode(encoded))
             .map_err(|_| "key is not valid base64")?,
     );
-    let bytes: [u8; KEY_LEN] = decoded
-        .as_slice()
-        .try_into()
-        .map_err(|_| "key must decode to exactly 32 bytes")?;
-    SealKey::new(kid.trim(), bytes)
+    let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+    if decoded.len() != KEY_LEN {
+        return Err("key must decode to exactly 32 bytes");
+    }
+    bytes.copy_from_slice(&decoded);
+    SealKey::from_zeroizing(kid.trim(), bytes)
 }
 
 /// The keys that seal and open jobs.
