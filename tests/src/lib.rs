@@ -1,1 +1,14 @@
-//! End-to-end tests for mailroom live under `tests/`; this library holds their shared fixtures.
+//! Fixtures shared by mailroom's tests against real services: each test
+//! gets its own RabbitMQ vhost ([`rabbit`]) and Redis key prefix
+//! ([`redis`]), so tests run in parallel and leave nothing behind.
+//!
+//! A service that is down is a loud failure naming the command that
+//! starts it, never a silent skip.
+
+pub mod rabbit;
+pub mod redis;
+
+/// A name unique to this test run, safe in vhost names and Redis keys.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}

@@ -5,11 +5,13 @@
 //! - [`validate`]: the rules a job must pass, each failure with its field path.
 //! - [`seal`]: authenticated encryption of jobs under a rotating keyring.
 //! - [`wire`]: the RabbitMQ wire contract as data: names, headers, queue arguments, retry tiers.
+//! - [`amqp`]: the broker plumbing both roles use: connect, reconnect, declare, confirmed publish.
 //! - [`settings`]: layered settings (defaults, `mailroom.toml`, `MAILROOM__*` environment), secrets redacted.
 //! - [`telemetry`]: logging, span export, trace context across the queue
 //!   ([`telemetry::init`], [`telemetry::inject_context`],
 //!   [`telemetry::extract_context`], [`telemetry::mask_email`]).
 
+pub mod amqp;
 pub mod job;
 pub mod seal;
 pub mod settings;

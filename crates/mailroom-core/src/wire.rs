@@ -48,6 +48,8 @@ pub mod headers {
     pub const REASON: &str = "mailroom-reason";
     /// The last error, redacted.
     pub const LAST_ERROR: &str = "mailroom-last-error";
+    /// When a message was dead-lettered (RFC 3339), for `dlq list`'s age.
+    pub const DEAD_AT: &str = "mailroom-dead-at";
     /// Sender-selected extra routing keys (RabbitMQ's `CC`); carries the lane
     /// through the retry tiers.
     pub const CC: &str = "CC";

@@ -1,1 +1,13 @@
-//! The mailroom producer: validates, seals and publishes jobs to RabbitMQ with publisher confirms, and serves the HTTP API.
+//! mailroom's producer: turns requests into sealed jobs on the queue.
+//!
+//! [`Producer`] validates a job with core's rules, seals it under the
+//! active key, and publishes it persistent and `mandatory` to
+//! `mailroom.jobs` with the headers of the wire contract. A job id is
+//! returned only once the broker confirmed the message; a nack, a return,
+//! a timeout or a lost connection is an [`EnqueueError`].
+
+mod enqueue;
+mod error;
+
+pub use enqueue::{Producer, prepare};
+pub use error::{EnqueueError, ProducerError};

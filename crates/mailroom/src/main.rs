@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mailroom_core::settings::Settings;
+use mailroom_core::telemetry;
 
 /// mailroom: a queue-backed email sending service.
 #[derive(Debug, Parser)]
@@ -23,6 +25,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Enqueue mail: one message from flags, or many from JSON / NDJSON.
+    Send(Box<cmd::send::SendArgs>),
+    /// Print the RabbitMQ topology; `--declare` declares it.
+    Topology {
+        /// Declare it on the broker (idempotent).
+        #[arg(long)]
+        declare: bool,
+    },
+    /// Measure throughput and latency on this machine.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
     /// Sealing keys.
     #[command(subcommand)]
     Keys(cmd::keys::KeysCommand),
@@ -32,15 +45,38 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Keys(command) => cmd::keys::run(&command),
-        Command::Config => cmd::config::run(cli.config.as_deref()),
-    };
-    match result {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("mailroom: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command {
+        Command::Keys(command) => return cmd::keys::run(&command),
+        Command::Config => return cmd::config::run(cli.config.as_deref()),
+        other => other,
+    };
+    let settings = Settings::load(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let telemetry = telemetry::init("cli", &settings.telemetry)?;
+        let result = match command {
+            Command::Send(args) => cmd::send::run(&settings, *args).await,
+            Command::Topology { declare } => cmd::topology::run(&settings, declare).await,
+            Command::Bench(command) => cmd::bench::run(&settings, command).await,
+            Command::Keys(_) | Command::Config => Ok(()),
+        };
+        // Flush spans even when the command failed: its trace is the one
+        // worth reading.
+        if let Err(err) = telemetry.shutdown() {
+            eprintln!("mailroom: telemetry: {err}");
+        }
+        result
+    })
 }

@@ -1,5 +1,8 @@
-//! One module a subcommand; each parses nothing and decides nothing a
-//! library user would need, it only wires settings to the crates.
+//! One module a subcommand; each only wires settings to the crates and
+//! decides nothing a library user would need.
 
+pub mod bench;
 pub mod config;
 pub mod keys;
+pub mod send;
+pub mod topology;

@@ -1,0 +1,260 @@
+//! The broker plumbing both roles stand on: connecting (and reconnecting)
+//! to the first reachable node of `amqp.urls`, declaring the topology, and
+//! publishing with publisher confirms.
+//!
+//! A [`Broker`] is cheap to clone and safe to share. It holds one
+//! connection and a small pool of confirm-mode channels, picked round-robin
+//! so concurrent publishers do not queue on one. When the connection dies,
+//! the publish that finds out fails with a retryable error and the next one
+//! opens a fresh connection (with `backon`'s jittered exponential backoff);
+//! a message is never reported published unless the broker confirmed it.
+
+mod connect;
+mod declare;
+mod error;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::{Mutex, RwLock};
+
+pub use error::{AmqpError, PublishError};
+
+use crate::settings::AmqpSettings;
+
+/// One message to publish.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// Exchange (`""` for the default exchange).
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Properties and headers.
+    pub properties: BasicProperties,
+    /// Return the message if no queue is bound for it (reported as
+    /// [`PublishError::Unroutable`]).
+    pub mandatory: bool,
+}
+
+/// A connection to the broker with a pool of confirm-mode channels.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: AmqpSettings,
+    name: String,
+    session: RwLock<Arc<Session>>,
+    /// Held while a new session is opened, so one reconnect serves every
+    /// caller that found the old one dead.
+    reconnecting: Mutex<()>,
+    next: AtomicUsize,
+}
+
+/// One connection's life: replaced whole when the connection dies.
+struct Session {
+    connection: Connection,
+    channels: Vec<Channel>,
+    /// Channels replaced after a channel-level error (e.g. publishing to an
+    /// exchange that does not exist closes the channel).
+    replaced: Vec<Mutex<Option<Channel>>>,
+}
+
+impl Session {
+    fn alive(&self) -> bool {
+        self.connection.status().connected()
+    }
+}
+
+impl Broker {
+    /// Connects to the first reachable URL of `settings.urls`.
+    pub async fn connect(settings: &AmqpSettings) -> Result<Self, AmqpError> {
+        Self::connect_as(settings, "mailroom").await
+    }
+
+    /// Connects, naming the connection `name` (shown in the management UI
+    /// and by `rabbitmqctl list_connections`).
+    pub async fn connect_as(settings: &AmqpSettings, name: &str) -> Result<Self, AmqpError> {
+        let session = open_session(settings, name).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                settings: settings.clone(),
+                name: name.to_owned(),
+                session: RwLock::new(Arc::new(session)),
+                reconnecting: Mutex::new(()),
+                next: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The connection's name.
+    pub fn connection_name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Unconfirmed messages a batch publish may keep in flight.
+    pub fn publish_window(&self) -> usize {
+        self.inner.settings.publish_window
+    }
+
+    /// Whether the connection is up now.
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .session
+            .try_read()
+            .map_or(true, |session| session.alive())
+    }
+
+    /// A fresh channel on the current connection, for consumers and other
+    /// work that needs its own (reconnecting first if the connection died).
+    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+        let session = self.session().await?;
+        session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|err| AmqpError::Broker(err.to_string()))
+    }
+
+    /// Messages ready in `queue` (which must exist).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, AmqpError> {
+        let channel = self.channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| AmqpError::Broker(err.to_string()));
+        let _ = channel.close(200, "done".into()).await;
+        Ok(declared?.message_count())
+    }
+
+    /// Publishes one message and waits for the broker's confirm.
+    pub async fn publish(&self, message: Outgoing) -> Result<(), PublishError> {
+        let session = self.session().await?;
+        let slot = self.inner.next.fetch_add(1, Ordering::Relaxed) % session.channels.len();
+        let channel = self.publishing_channel(&session, slot).await?;
+        let options = BasicPublishOptions {
+            mandatory: message.mandatory,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = channel
+            .basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                options,
+                &message.body,
+                message.properties,
+            )
+            .await
+            .map_err(|err| PublishError::Connection(err.to_string()))?;
+        let timeout = self.inner.settings.confirm_timeout;
+        let confirmation = tokio::time::timeout(timeout, confirm)
+            .await
+            .map_err(|_| PublishError::ConfirmTimeout(timeout))?
+            .map_err(|err| PublishError::Connection(err.to_string()))?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+                exchange: message.exchange,
+                routing_key: message.routing_key,
+            }),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+            // Only on a channel without confirms, which ours never are; a
+            // publish nobody confirmed is not reported as done.
+            Confirmation::NotRequested => Err(PublishError::Connection(
+                "channel has no publisher confirms".to_owned(),
+            )),
+        }
+    }
+
+    /// Closes the connection; unacked deliveries return to their queues.
+    pub async fn close(&self) {
+        let session = self.inner.session.read().await.clone();
+        if session.alive()
+            && let Err(err) = session.connection.close(200, "bye".into()).await
+        {
+            tracing::debug!(error = %err, "closing the broker connection");
+        }
+    }
+
+    /// The current session, or a new one if the connection died.
+    async fn session(&self) -> Result<Arc<Session>, AmqpError> {
+        let current = self.inner.session.read().await.clone();
+        if current.alive() {
+            return Ok(current);
+        }
+        let _reconnecting = self.inner.reconnecting.lock().await;
+        // Someone else may have reconnected while we waited.
+        let current = self.inner.session.read().await.clone();
+        if current.alive() {
+            return Ok(current);
+        }
+        tracing::warn!(connection = %self.inner.name, "broker connection lost: reconnecting");
+        let fresh = Arc::new(open_session(&self.inner.settings, &self.inner.name).await?);
+        *self.inner.session.write().await = Arc::clone(&fresh);
+        Ok(fresh)
+    }
+
+    /// The channel of `slot`, replaced by a new confirm-mode one if a
+    /// channel-level error closed it.
+    async fn publishing_channel(
+        &self,
+        session: &Session,
+        slot: usize,
+    ) -> Result<Channel, PublishError> {
+        let original = &session.channels[slot];
+        if original.status().connected() {
+            return Ok(original.clone());
+        }
+        let mut replaced = session.replaced[slot].lock().await;
+        if let Some(channel) = replaced.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let channel = confirm_channel(&session.connection)
+            .await
+            .map_err(|err| PublishError::Connection(err.to_string()))?;
+        *replaced = Some(channel.clone());
+        Ok(channel)
+    }
+}
+
+async fn open_session(settings: &AmqpSettings, name: &str) -> Result<Session, AmqpError> {
+    let connection = connect::connect(settings, name).await?;
+    let mut channels = Vec::with_capacity(settings.channels);
+    for _ in 0..settings.channels.max(1) {
+        channels.push(
+            confirm_channel(&connection)
+                .await
+                .map_err(|err| AmqpError::Broker(err.to_string()))?,
+        );
+    }
+    let replaced = channels.iter().map(|_| Mutex::new(None)).collect();
+    Ok(Session {
+        connection,
+        channels,
+        replaced,
+    })
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}

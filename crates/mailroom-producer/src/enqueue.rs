@@ -1,0 +1,156 @@
+//! Validating, sealing and publishing jobs.
+
+use std::sync::Arc;
+
+use futures_util::{StreamExt as _, stream};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use mailroom_core::amqp::{Broker, Outgoing};
+use mailroom_core::job::{JobId, JobRequest, SendJob};
+use mailroom_core::seal::Keyring;
+use mailroom_core::settings::Settings;
+use mailroom_core::telemetry::inject_span;
+use mailroom_core::validate::{Limits, ValidationErrors, validate_job, validate_request};
+use mailroom_core::wire::{CONTENT_TYPE, JOBS_EXCHANGE, Topology, headers};
+use time::OffsetDateTime;
+use tracing::Instrument as _;
+
+use crate::{EnqueueError, ProducerError};
+
+/// AMQP delivery mode of a message written to disk.
+const PERSISTENT: u8 = 2;
+
+/// Publishes jobs. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    broker: Broker,
+    keyring: Keyring,
+    limits: Limits,
+}
+
+/// Turns a caller's request into a job for `tenant`, checked against
+/// `limits`. Every problem is reported at once; nothing is published.
+pub fn prepare(
+    request: JobRequest,
+    tenant: &str,
+    limits: &Limits,
+) -> Result<SendJob, ValidationErrors> {
+    validate_request(&request, limits, OffsetDateTime::now_utc())?;
+    let job = SendJob::from_request(request, tenant);
+    validate_job(&job, limits)?;
+    Ok(job)
+}
+
+impl Producer {
+    /// Connects to the broker named by `settings`, declares the topology,
+    /// and loads the keyring.
+    pub async fn connect(settings: &Settings) -> Result<Self, ProducerError> {
+        let keyring = settings.keyring()?;
+        let broker = Broker::connect_as(&settings.amqp, "mailroom-producer").await?;
+        broker.declare(&Topology::standard()).await?;
+        Ok(Self::from_parts(broker, keyring, settings.limits.clone()))
+    }
+
+    /// A producer over an existing broker connection (the topology is the
+    /// caller's business).
+    pub fn from_parts(broker: Broker, keyring: Keyring, limits: Limits) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                broker,
+                keyring,
+                limits,
+            }),
+        }
+    }
+
+    /// [`prepare`] with this producer's limits.
+    pub fn prepare(&self, request: JobRequest, tenant: &str) -> Result<SendJob, ValidationErrors> {
+        prepare(request, tenant, &self.inner.limits)
+    }
+
+    /// The broker connection.
+    pub fn broker(&self) -> &Broker {
+        &self.inner.broker
+    }
+
+    /// Validates, seals and publishes `job`; returns its id once the broker
+    /// confirmed it.
+    ///
+    /// After the connection was lost, the call that finds out fails with a
+    /// retryable error and a later one reconnects: a job is never reported
+    /// enqueued when it was not, and an error may be retried as it is (the
+    /// worker's dedup absorbs a job published twice).
+    pub async fn enqueue(&self, job: SendJob) -> Result<JobId, EnqueueError> {
+        let span = tracing::info_span!(
+            "mailroom.enqueue",
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "send",
+            messaging.destination.name = JOBS_EXCHANGE,
+            messaging.rabbitmq.destination.routing_key = job.lane.as_str(),
+            messaging.message.id = %job.id,
+        );
+        let id = job.id;
+        async {
+            validate_job(&job, &self.inner.limits).map_err(EnqueueError::Invalid)?;
+            let sealed = self.inner.keyring.seal(&job)?;
+            let mut table = FieldTable::default();
+            table.insert(
+                ShortString::from(headers::KID),
+                AMQPValue::LongString(LongString::from(sealed.kid.as_bytes())),
+            );
+            table.insert(
+                ShortString::from(headers::ATTEMPT),
+                AMQPValue::LongLongInt(1),
+            );
+            table.insert(
+                ShortString::from(headers::TENANT),
+                AMQPValue::LongString(LongString::from(job.tenant.as_bytes())),
+            );
+            table.insert(
+                ShortString::from(headers::LANE),
+                AMQPValue::LongString(LongString::from(job.lane.as_str().as_bytes())),
+            );
+            inject_span(&tracing::Span::current(), &mut table);
+            let properties = BasicProperties::default()
+                .with_delivery_mode(PERSISTENT)
+                .with_message_id(ShortString::from(id.to_string()))
+                .with_content_type(ShortString::from(CONTENT_TYPE))
+                .with_timestamp(u64::try_from(job.created_at.unix_timestamp()).unwrap_or(0))
+                .with_headers(table);
+            self.inner
+                .broker
+                .publish(Outgoing {
+                    exchange: JOBS_EXCHANGE.to_owned(),
+                    routing_key: job.lane.as_str().to_owned(),
+                    body: sealed.body,
+                    properties,
+                    mandatory: true,
+                })
+                .await?;
+            Ok(id)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Enqueues many jobs, keeping up to `amqp.publish_window` unconfirmed
+    /// at once. One result a job, in order.
+    pub async fn enqueue_many(&self, jobs: Vec<SendJob>) -> Vec<Result<JobId, EnqueueError>> {
+        let window = self.inner.broker.publish_window().max(1);
+        stream::iter(jobs)
+            .map(|job| self.enqueue(job))
+            .buffered(window)
+            .collect()
+            .await
+    }
+
+    /// Closes the broker connection.
+    pub async fn close(&self) {
+        self.inner.broker.close().await;
+    }
+}
