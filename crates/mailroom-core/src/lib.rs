@@ -6,6 +6,8 @@
 //! - [`seal`]: authenticated encryption of jobs under a rotating keyring.
 //! - [`wire`]: the RabbitMQ wire contract as data: names, headers, queue arguments, retry tiers.
 //! - [`amqp`]: the broker plumbing both roles use: connect, reconnect, declare, confirmed publish.
+//! - [`store`]: Redis as both roles use it, and keyed hashes of what must not be stored as given.
+//! - [`status`]: what became of each job, kept in Redis for a retention window.
 //! - [`settings`]: layered settings (defaults, `mailroom.toml`, `MAILROOM__*` environment), secrets redacted.
 //! - [`telemetry`]: logging, span export, trace context across the queue
 //!   ([`telemetry::init`], [`telemetry::inject_context`],
@@ -15,6 +17,8 @@ pub mod amqp;
 pub mod job;
 pub mod seal;
 pub mod settings;
+pub mod status;
+pub mod store;
 pub mod telemetry;
 pub mod validate;
 pub mod wire;

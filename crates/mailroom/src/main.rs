@@ -25,6 +25,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a worker pool: consume, deliver, retry, dead-letter. Stops
+    /// cleanly on SIGTERM/SIGINT.
+    Worker,
+    /// Try the whole path here: a worker in-process, sample jobs through
+    /// the producer, their outcomes in a table.
+    Demo,
     /// Enqueue mail: one message from flags, or many from JSON / NDJSON.
     Send(Box<cmd::send::SendArgs>),
     /// Print the RabbitMQ topology; `--declare` declares it.
@@ -33,6 +39,14 @@ enum Command {
         #[arg(long)]
         declare: bool,
     },
+    /// What became of a job (no body; recipients masked).
+    Status {
+        /// The job id printed by `send`.
+        job_id: String,
+    },
+    /// Dead letters: list, replay, purge.
+    #[command(subcommand)]
+    Dlq(cmd::dlq::DlqCommand),
     /// Measure throughput and latency on this machine.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -65,8 +79,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let telemetry = telemetry::init("cli", &settings.telemetry)?;
+        let role = match command {
+            Command::Worker => "worker",
+            _ => "cli",
+        };
+        let telemetry = telemetry::init(role, &settings.telemetry)?;
         let result = match command {
+            Command::Worker => cmd::worker::run(&settings).await,
+            Command::Demo => cmd::demo::run(&settings).await,
+            Command::Status { job_id } => cmd::status::run(&settings, &job_id).await,
+            Command::Dlq(command) => cmd::dlq::run(&settings, command).await,
             Command::Send(args) => cmd::send::run(&settings, *args).await,
             Command::Topology { declare } => cmd::topology::run(&settings, declare).await,
             Command::Bench(command) => cmd::bench::run(&settings, command).await,

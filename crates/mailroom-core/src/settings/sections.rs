@@ -110,6 +110,9 @@ pub struct SmtpSettings {
     pub password_file: Option<PathBuf>,
     /// Name sent in EHLO; the machine's host name when unset.
     pub hello_name: Option<String>,
+    /// A PEM file of CA certificates trusted for the relay, beside the
+    /// system's (a private CA).
+    pub ca_file: Option<PathBuf>,
     /// Connections kept open to the relay.
     pub pool_size: u32,
     /// How long connecting (and the TLS handshake) may take.
@@ -130,6 +133,7 @@ impl Default for SmtpSettings {
             password: Secret::default(),
             password_file: None,
             hello_name: None,
+            ca_file: None,
             pool_size: 16,
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(30),

@@ -286,6 +286,48 @@ pub fn mask_email(addr: &str) -> String {
     }
 }
 
+/// Longest error text kept in a status, a header or a log field.
+pub const ERROR_TEXT_MAX: usize = 300;
+
+/// An error text fit to keep: every address-like word masked (an SMTP reply
+/// such as `550 <ada@example.org>: no such user` names the recipient), and
+/// cut to [`ERROR_TEXT_MAX`] bytes at a character boundary.
+pub fn redact_error(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(ERROR_TEXT_MAX + 4));
+    for (i, word) in text.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        if word.contains('@') {
+            // Keep the brackets and punctuation around the address.
+            let start = word
+                .find(|c: char| c.is_alphanumeric() || c == '"')
+                .unwrap_or(0);
+            let end = word
+                .rfind(|c: char| c.is_alphanumeric())
+                .map_or(word.len(), |at| at + 1);
+            if start < end {
+                out.push_str(&word[..start]);
+                out.push_str(&mask_email(&word[start..end]));
+                out.push_str(&word[end..]);
+            } else {
+                out.push_str("***");
+            }
+        } else {
+            out.push_str(word);
+        }
+    }
+    if out.len() > ERROR_TEXT_MAX {
+        let mut end = ERROR_TEXT_MAX;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -299,6 +341,19 @@ mod tests {
         assert_eq!(mask_email("@example.org"), "***@example.org");
         assert_eq!(mask_email("élodie@exemple.fr"), "é***@exemple.fr");
         assert_eq!(mask_email("\"a@b\"@example.org"), "\"***@example.org");
+    }
+
+    #[test]
+    fn redact_error_masks_addresses_and_cuts_long_text() {
+        assert_eq!(
+            redact_error("550 5.1.1 <ada@example.org>: no such user"),
+            "550 5.1.1 <a***@example.org>: no such user"
+        );
+        assert_eq!(redact_error("451 busy"), "451 busy");
+        let long = "é".repeat(400);
+        let cut = redact_error(&long);
+        assert!(cut.len() <= ERROR_TEXT_MAX + '…'.len_utf8());
+        assert!(cut.ends_with('…'));
     }
 
     #[test]

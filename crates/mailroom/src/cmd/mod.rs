@@ -3,6 +3,10 @@
 
 pub mod bench;
 pub mod config;
+pub mod demo;
+pub mod dlq;
 pub mod keys;
 pub mod send;
+pub mod status;
 pub mod topology;
+pub mod worker;

@@ -1,0 +1,291 @@
+//! What became of each job, kept in Redis for a retention window and read by
+//! `mailroom status` and the API. A status holds no body and no address in
+//! clear: recipients are masked, errors redacted.
+//!
+//! States move `queued` → `sending` → `sent` | `retrying` | `failed` | `dead`
+//! | `duplicate` | `suppressed` | `expired`; `retrying` goes back to
+//! `sending`. A final state stays, so a late or duplicate delivery of the
+//! same job cannot turn `sent` into `duplicate`; only an operator's replay
+//! moves `failed`, `dead` or `expired` back to `queued`. The check and the
+//! write are one Redis script, so racing workers cannot interleave them.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::Script;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::job::{JobId, SendJob};
+use crate::store::{RedisStore, StoreError};
+use crate::telemetry::{mask_email, redact_error};
+use crate::validate::parse_mailbox;
+
+/// Where a job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Enqueued (or replayed), not yet picked up.
+    Queued,
+    /// A worker claimed it and is delivering it.
+    Sending,
+    /// The relay accepted it.
+    Sent,
+    /// A transient failure; another attempt is scheduled.
+    Retrying,
+    /// Rejected for good, or out of attempts or age.
+    Failed,
+    /// Dead-lettered for a reason other than delivery (seal, invalid,
+    /// uncertain outcome).
+    Dead,
+    /// Its dedup key was already sent: not sent again.
+    Duplicate,
+    /// A recipient is on the suppression list.
+    Suppressed,
+    /// It expired before it could be sent.
+    Expired,
+}
+
+impl JobState {
+    /// The state's name, as stored and printed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Sending => "sending",
+            Self::Sent => "sent",
+            Self::Retrying => "retrying",
+            Self::Failed => "failed",
+            Self::Dead => "dead",
+            Self::Duplicate => "duplicate",
+            Self::Suppressed => "suppressed",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Whether nothing more will happen to the job on its own.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Queued | Self::Sending | Self::Retrying)
+    }
+
+    /// Whether a job in this state may move to `next`.
+    pub fn may_become(self, next: Self) -> bool {
+        if !self.is_final() {
+            return true;
+        }
+        next == Self::Queued && matches!(self, Self::Failed | Self::Dead | Self::Expired)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A job's status as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// The job.
+    pub job_id: JobId,
+    /// Its tenant: only that tenant may read the status through the API.
+    pub tenant: String,
+    /// Where it is.
+    pub state: JobState,
+    /// Attempts made so far (the current one included).
+    pub attempts: u32,
+    /// Recipients, masked (`a***@example.org`).
+    pub recipients: Vec<String>,
+    /// When the job was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When this status was written.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// The last error, addresses masked, cut short.
+    pub last_error: Option<String>,
+    /// Why it was dead-lettered, when it was.
+    pub reason: Option<String>,
+}
+
+/// A change of status, built from the job it concerns.
+#[derive(Clone, Debug)]
+pub struct StatusUpdate {
+    status: JobStatus,
+}
+
+impl StatusUpdate {
+    /// `job` is now in `state`.
+    pub fn new(job: &SendJob, state: JobState) -> Self {
+        let recipients = job
+            .message
+            .recipients()
+            .map(|r| {
+                parse_mailbox(r).map_or_else(|_| "***".to_owned(), |m| mask_email(m.email.as_ref()))
+            })
+            .collect();
+        Self {
+            status: JobStatus {
+                job_id: job.id,
+                tenant: job.tenant.clone(),
+                state,
+                attempts: 0,
+                recipients,
+                created_at: job.created_at,
+                updated_at: OffsetDateTime::now_utc(),
+                last_error: None,
+                reason: None,
+            },
+        }
+    }
+
+    /// Attempts made so far.
+    #[must_use]
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.status.attempts = attempts;
+        self
+    }
+
+    /// The last error (redacted here).
+    #[must_use]
+    pub fn error(mut self, error: &str) -> Self {
+        self.status.last_error = Some(redact_error(error));
+        self
+    }
+
+    /// The dead-letter reason.
+    #[must_use]
+    pub fn reason(mut self, reason: &str) -> Self {
+        self.status.reason = Some(reason.to_owned());
+        self
+    }
+
+    /// The status this update writes.
+    pub fn status(&self) -> &JobStatus {
+        &self.status
+    }
+}
+
+/// Writes a status unless the stored one may not become it. ARGV: the new
+/// status as JSON, its state, the retention in seconds.
+const RECORD: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local old = cjson.decode(current)
+  local final = { sent = true, failed = true, dead = true, duplicate = true,
+                  suppressed = true, expired = true }
+  local replay = ARGV[2] == 'queued'
+    and (old.state == 'failed' or old.state == 'dead' or old.state == 'expired')
+  if final[old.state] and not replay then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+";
+
+/// Job statuses in Redis.
+#[derive(Clone, Debug)]
+pub struct StatusStore {
+    store: RedisStore,
+    retention: Duration,
+    script: std::sync::Arc<Script>,
+}
+
+impl StatusStore {
+    /// Statuses under `store`'s prefix, each kept for `retention` after its
+    /// last change.
+    pub fn new(store: RedisStore, retention: Duration) -> Self {
+        Self {
+            store,
+            retention,
+            script: std::sync::Arc::new(Script::new(RECORD)),
+        }
+    }
+
+    fn key(&self, id: &JobId) -> String {
+        self.store.key(&format!("status:{id}"))
+    }
+
+    /// Records `update`; returns whether it was written (`false` when the
+    /// stored state is final and may not become the new one).
+    pub async fn record(&self, update: &StatusUpdate) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(&update.status)
+            .map_err(|err| StoreError::Malformed(err.to_string()))?;
+        let mut connection = self.store.connection();
+        let written: i64 = self
+            .script
+            .key(self.key(&update.status.job_id))
+            .arg(json)
+            .arg(update.status.state.as_str())
+            .arg(self.retention.as_secs().max(1))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        Ok(written == 1)
+    }
+
+    /// The status of `id`, if one is kept.
+    pub async fn get(&self, id: &JobId) -> Result<Option<JobStatus>, StoreError> {
+        let mut connection = self.store.connection();
+        let json: Option<String> = redis::cmd("GET")
+            .arg(self.key(id))
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        json.map(|json| {
+            serde_json::from_str(&json).map_err(|err| StoreError::Malformed(err.to_string()))
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{EmailMessage, JobRequest};
+
+    #[test]
+    fn final_states_stay_except_for_a_replay() {
+        use JobState::*;
+        assert!(Queued.may_become(Sending));
+        assert!(Sending.may_become(Sent));
+        assert!(Retrying.may_become(Sending));
+        assert!(!Sent.may_become(Duplicate));
+        assert!(!Sent.may_become(Queued));
+        assert!(!Duplicate.may_become(Sent));
+        assert!(Dead.may_become(Queued));
+        assert!(Failed.may_become(Queued));
+        assert!(!Dead.may_become(Sending));
+    }
+
+    #[test]
+    fn an_update_masks_recipients_and_redacts_errors() {
+        let job = SendJob::from_request(
+            JobRequest {
+                message: EmailMessage {
+                    from: "shop@example.com".to_owned(),
+                    to: vec!["Ada Lovelace <ada@example.org>".to_owned()],
+                    bcc: vec!["grace@example.net".to_owned()],
+                    subject: "s".to_owned(),
+                    text: Some("t".to_owned()),
+                    ..EmailMessage::default()
+                },
+                ..JobRequest::default()
+            },
+            "acme",
+        );
+        let update = StatusUpdate::new(&job, JobState::Failed)
+            .attempts(2)
+            .error("550 <ada@example.org> unknown");
+        let status = update.status();
+        assert_eq!(status.recipients, ["a***@example.org", "g***@example.net"]);
+        assert_eq!(
+            status.last_error.as_deref(),
+            Some("550 <a***@example.org> unknown")
+        );
+        let json = serde_json::to_string(status).expect("json");
+        assert!(!json.contains("ada@"), "{json}");
+        assert!(!json.contains("Lovelace"), "{json}");
+        assert!(json.contains("\"state\":\"failed\""), "{json}");
+    }
+}

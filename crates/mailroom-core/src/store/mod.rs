@@ -1,0 +1,150 @@
+//! Redis, as both roles use it: one multiplexed connection that reconnects
+//! on its own, every key under `redis.key_prefix`, and errors that say
+//! whether Redis was unreachable (try later, never act blind) or refused a
+//! command.
+
+mod hash;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable as _};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::settings::{RedisSettings, redact_url};
+
+pub use hash::KeyedHash;
+
+/// Why Redis did not answer as asked. Messages never hold the URL's
+/// password.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `redis.url` is not a Redis URL.
+    #[error("redis.url {url} is not a valid Redis URL: {reason}")]
+    InvalidUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Redis could not be reached, or did not answer in time.
+    #[error("Redis at {url} is unreachable: {reason}")]
+    Unavailable {
+        /// The URL, password redacted.
+        url: String,
+        /// What the connection said.
+        reason: String,
+    },
+    /// Redis answered with an error.
+    #[error("Redis refused a command: {0}")]
+    Command(String),
+    /// A stored value could not be read back.
+    #[error("a stored value is malformed: {0}")]
+    Malformed(String),
+}
+
+impl StoreError {
+    /// Whether Redis was out of reach (as opposed to refusing a command):
+    /// the caller should wait and try again, never act as if it had answered.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// A Redis connection shared by every task of a process, and the key prefix.
+#[derive(Clone)]
+pub struct RedisStore {
+    manager: ConnectionManager,
+    prefix: Arc<str>,
+    url: Arc<str>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to `settings.url`, retrying a few times with jittered
+    /// backoff so a Redis that is still starting is waited for. Once
+    /// connected, a lost connection is re-established on the next command.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let raw = settings.url.expose();
+        let url: Arc<str> = redact_url(raw).unwrap_or_else(|| raw.to_owned()).into();
+        let client = redis::Client::open(raw).map_err(|err| StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason: err.to_string(),
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|err| classify(&url, &err))?;
+        let store = Self {
+            manager,
+            prefix: settings.key_prefix.as_str().into(),
+            url,
+        };
+        (|| store.ping())
+            .retry(
+                ExponentialBuilder::new()
+                    .with_min_delay(Duration::from_millis(250))
+                    .with_max_delay(Duration::from_secs(4))
+                    .with_max_times(5)
+                    .with_jitter(),
+            )
+            .when(StoreError::is_unavailable)
+            .notify(|err, wait| {
+                tracing::warn!(error = %err, retry_in = ?wait, "Redis not reachable yet");
+            })
+            .await?;
+        Ok(store)
+    }
+
+    /// `PING`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.manager.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map(drop)
+            .map_err(|err| self.error(&err))
+    }
+
+    /// The full key for `name`, under the prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// The connection, for commands and scripts (cheap to clone).
+    pub fn connection(&self) -> ConnectionManager {
+        self.manager.clone()
+    }
+
+    /// `err` as a [`StoreError`] naming this store's (redacted) URL.
+    pub fn error(&self, err: &redis::RedisError) -> StoreError {
+        classify(&self.url, err)
+    }
+}
+
+fn classify(url: &str, err: &redis::RedisError) -> StoreError {
+    if err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_unrecoverable_error()
+    {
+        StoreError::Unavailable {
+            url: url.to_owned(),
+            reason: err.to_string(),
+        }
+    } else {
+        StoreError::Command(err.to_string())
+    }
+}

@@ -1,0 +1,114 @@
+//! Republishing a delivery elsewhere before it is acked: to a retry tier
+//! (later, maybe with the next attempt number) or to the dead-letter queue.
+//!
+//! Every republish waits for the broker's confirm: the original is acked
+//! only once its successor is safe, so a crash between the two can double a
+//! message in the queue (dedup absorbs that) but never lose one.
+
+use std::time::Duration;
+
+use lapin::types::AMQPValue;
+use mailroom_core::amqp::{Broker, Outgoing, PublishError};
+use mailroom_core::wire::{self, DEAD_QUEUE, RETRY_EXCHANGE, RetryTier, headers};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::incoming::{Incoming, long_string};
+use crate::verdict::DeadReason;
+
+/// Longest `mailroom-last-error` kept: enough for an SMTP reply line.
+const LAST_ERROR_MAX: usize = 300;
+
+/// Republishes deliveries through the worker's broker connection.
+#[derive(Clone)]
+pub struct Forwarder {
+    broker: Broker,
+}
+
+impl Forwarder {
+    /// A forwarder publishing through `broker`.
+    pub fn new(broker: Broker) -> Self {
+        Self { broker }
+    }
+
+    /// Sends `incoming` back to its lane after at least `delay`, as attempt
+    /// `attempt`. Returns the tier it waits in.
+    pub async fn later(
+        &self,
+        incoming: &Incoming,
+        attempt: u32,
+        delay: Duration,
+        last_error: Option<&str>,
+    ) -> Result<&'static RetryTier, PublishError> {
+        let tier = wire::tier_for(delay);
+        let mut changes = vec![
+            (headers::ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt))),
+            (headers::CC, wire::retry_cc(incoming.lane)),
+        ];
+        if let Some(error) = last_error {
+            changes.push((headers::LAST_ERROR, long_string(&truncate(error))));
+        }
+        self.broker
+            .publish(Outgoing {
+                exchange: RETRY_EXCHANGE.to_owned(),
+                routing_key: tier.name.to_owned(),
+                body: incoming.body.clone(),
+                properties: incoming.republish_properties(&changes),
+                mandatory: true,
+            })
+            .await?;
+        Ok(tier)
+    }
+
+    /// Moves `incoming` to the dead-letter queue with why, after how many
+    /// attempts, and the last error.
+    pub async fn dead_letter(
+        &self,
+        incoming: &Incoming,
+        reason: DeadReason,
+        detail: &str,
+    ) -> Result<(), PublishError> {
+        let now = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .unwrap_or_default();
+        let changes = [
+            (headers::REASON, long_string(reason.as_str())),
+            (headers::LAST_ERROR, long_string(&truncate(detail))),
+            (headers::DEAD_AT, long_string(&now)),
+        ];
+        self.broker
+            .publish(Outgoing {
+                exchange: String::new(),
+                routing_key: DEAD_QUEUE.to_owned(),
+                body: incoming.body.clone(),
+                properties: incoming.republish_properties(&changes),
+                mandatory: true,
+            })
+            .await
+    }
+}
+
+fn truncate(text: &str) -> String {
+    if text.len() <= LAST_ERROR_MAX {
+        return text.to_owned();
+    }
+    let mut end = LAST_ERROR_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate;
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(400);
+        let cut = truncate(&long);
+        assert!(cut.len() <= super::LAST_ERROR_MAX + '…'.len_utf8());
+        assert!(cut.ends_with('…'));
+        assert_eq!(truncate("451 busy"), "451 busy");
+    }
+}

@@ -1,0 +1,77 @@
+//! The worker's small HTTP listener: `/healthz` (the process answers),
+//! `/readyz` (broker and Redis reachable) and `/metrics` (Prometheus text).
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use mailroom_core::amqp::Broker;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use mailroom_core::store::RedisStore;
+
+#[derive(Clone)]
+struct Probe {
+    broker: Broker,
+    store: RedisStore,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Serves the health endpoints on `bind` until `shutdown`. Returns the
+/// address bound (port 0 picks a free one).
+pub async fn serve(
+    bind: SocketAddr,
+    broker: Broker,
+    store: RedisStore,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(render))
+        .with_state(Probe {
+            broker,
+            store,
+            metrics,
+        });
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "health listener stopped");
+        }
+    });
+    Ok(local)
+}
+
+async fn ready(State(probe): State<Probe>) -> (StatusCode, String) {
+    let broker = probe.broker.is_connected();
+    let redis = probe.store.ping().await.is_ok();
+    let status = if broker && redis {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = |up| if up { "up" } else { "down" };
+    (
+        status,
+        format!("broker {}\nredis {}\n", word(broker), word(redis)),
+    )
+}
+
+async fn render(State(probe): State<Probe>) -> (StatusCode, String) {
+    match &probe.metrics {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics recorder not installed\n".to_owned(),
+        ),
+    }
+}

@@ -1,0 +1,187 @@
+//! A delivery as the pipeline sees it: the sealed body and the few headers
+//! it needs, read once from the AMQP properties.
+//!
+//! Keeping lapin's `Delivery` at the pool's edge lets every step be driven in
+//! a test without a broker. Nothing here is trusted: a header that is
+//! missing or of the wrong type is `None`, and the open step decides.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use mailroom_core::job::Lane;
+use mailroom_core::wire::headers;
+
+/// One message taken from a work queue.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// AMQP `message_id`: the job id, as the producer wrote it.
+    pub message_id: Option<String>,
+    /// `mailroom-kid`: the key that sealed the body.
+    pub kid: Option<String>,
+    /// `mailroom-tenant`.
+    pub tenant: Option<String>,
+    /// The lane the job travels on (`mailroom-lane`; transactional if absent).
+    pub lane: Lane,
+    /// `mailroom-attempt`: this delivery's attempt, from 1.
+    pub attempt: u32,
+    /// Times the broker handed this message out before (quorum queues'
+    /// `x-delivery-count`), when it says.
+    pub delivery_count: Option<i64>,
+    /// The sealed body.
+    pub body: Vec<u8>,
+    /// The properties as received, kept to republish the message unchanged
+    /// but for the headers a retry or dead letter adds.
+    pub properties: BasicProperties,
+}
+
+impl Incoming {
+    /// Reads the headers of a delivery.
+    pub fn new(properties: BasicProperties, body: Vec<u8>) -> Self {
+        let empty = FieldTable::default();
+        let table = properties.headers().as_ref().unwrap_or(&empty);
+        let lane = text(table, headers::LANE)
+            .and_then(|lane| lane.parse().ok())
+            .unwrap_or_default();
+        let attempt = integer(table, headers::ATTEMPT)
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n >= 1)
+            .unwrap_or(1);
+        Self {
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned()),
+            kid: text(table, headers::KID),
+            tenant: text(table, headers::TENANT),
+            lane,
+            attempt,
+            delivery_count: integer(table, "x-delivery-count"),
+            body,
+            properties,
+        }
+    }
+
+    /// The header table, empty if the message had none.
+    pub fn headers(&self) -> FieldTable {
+        self.properties.headers().clone().unwrap_or_default()
+    }
+
+    /// The properties to republish with: the received ones with `changes`
+    /// applied to the headers. Broker-added headers (`x-delivery-count`,
+    /// `x-death`, `x-first-death-*`) are dropped: they describe the old
+    /// message's life and a retry tier would otherwise grow `x-death` forever.
+    pub fn republish_properties(&self, changes: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut table: FieldTable = self
+            .headers()
+            .inner()
+            .iter()
+            .filter(|(name, _)| !name.as_str().starts_with("x-"))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into();
+        for (name, value) in changes {
+            table.insert(ShortString::from(*name), value.clone());
+        }
+        self.properties.clone().with_headers(table)
+    }
+}
+
+/// A header as text, accepting the string types clients write.
+pub(crate) fn text(table: &FieldTable, name: &str) -> Option<String> {
+    match table.inner().get(name)? {
+        AMQPValue::LongString(value) => String::from_utf8(value.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(value) => Some(value.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A header as an integer, accepting every integer type.
+pub(crate) fn integer(table: &FieldTable, name: &str) -> Option<i64> {
+    match table.inner().get(name)? {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// A header value holding `text`.
+pub(crate) fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_headers(entries: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut table = FieldTable::default();
+        for (name, value) in entries {
+            table.insert(ShortString::from(*name), value.clone());
+        }
+        BasicProperties::default()
+            .with_headers(table)
+            .with_message_id(ShortString::from("0190b7c4-0000-7000-8000-000000000001"))
+    }
+
+    #[test]
+    fn reads_the_headers_it_needs() {
+        let incoming = Incoming::new(
+            with_headers(&[
+                (headers::KID, long_string("k1")),
+                (headers::TENANT, AMQPValue::ShortString("acme".into())),
+                (headers::LANE, long_string("bulk")),
+                (headers::ATTEMPT, AMQPValue::LongLongInt(3)),
+                ("x-delivery-count", AMQPValue::LongInt(2)),
+            ]),
+            b"sealed".to_vec(),
+        );
+        assert_eq!(incoming.kid.as_deref(), Some("k1"));
+        assert_eq!(incoming.tenant.as_deref(), Some("acme"));
+        assert_eq!(incoming.lane, Lane::Bulk);
+        assert_eq!(incoming.attempt, 3);
+        assert_eq!(incoming.delivery_count, Some(2));
+        assert_eq!(
+            incoming.message_id.as_deref(),
+            Some("0190b7c4-0000-7000-8000-000000000001")
+        );
+    }
+
+    #[test]
+    fn missing_or_odd_headers_fall_back_safely() {
+        let incoming = Incoming::new(
+            with_headers(&[
+                (headers::ATTEMPT, AMQPValue::LongLongInt(-4)),
+                (headers::LANE, long_string("carrier-pigeon")),
+                (headers::KID, AMQPValue::Boolean(true)),
+            ]),
+            Vec::new(),
+        );
+        assert_eq!(incoming.attempt, 1);
+        assert_eq!(incoming.lane, Lane::Transactional);
+        assert_eq!(incoming.kid, None);
+        assert_eq!(incoming.tenant, None);
+    }
+
+    #[test]
+    fn republishing_replaces_headers_and_drops_broker_ones() {
+        let incoming = Incoming::new(
+            with_headers(&[
+                (headers::ATTEMPT, AMQPValue::LongLongInt(1)),
+                (headers::KID, long_string("k1")),
+                ("x-death", AMQPValue::Void),
+            ]),
+            Vec::new(),
+        );
+        let properties =
+            incoming.republish_properties(&[(headers::ATTEMPT, AMQPValue::LongLongInt(2))]);
+        let table = properties.headers().clone().unwrap_or_default();
+        assert_eq!(integer(&table, headers::ATTEMPT), Some(2));
+        assert_eq!(text(&table, headers::KID).as_deref(), Some("k1"));
+        assert!(!table.inner().contains_key("x-death"));
+        assert_eq!(properties.message_id(), incoming.properties.message_id());
+    }
+}

@@ -1,0 +1,84 @@
+//! The worker's Prometheus metrics, named once here so the pipeline and the
+//! dashboards agree.
+//!
+//! Recorded through the `metrics` facade; [`install`] sets up the
+//! Prometheus recorder that `/metrics` renders. Labels never carry a
+//! tenant, recipient or job id: they would be personal data and would make
+//! the series count unbounded.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Jobs finished, by outcome (`sent`, `retry`, `deferred`, `duplicate`, `dead`).
+pub const JOBS: &str = "mailroom_jobs_total";
+/// Seconds from `created_at` to the relay's acceptance.
+pub const END_TO_END: &str = "mailroom_end_to_end_seconds";
+/// Seconds one SMTP transaction took.
+pub const SMTP: &str = "mailroom_smtp_seconds";
+/// Retries scheduled, by tier.
+pub const RETRIES: &str = "mailroom_retries_total";
+/// Dead letters, by reason.
+pub const DEAD_LETTERS: &str = "mailroom_dead_letters_total";
+/// Deliveries being processed now.
+pub const IN_FLIGHT: &str = "mailroom_in_flight";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process; later calls return
+/// the same handle). `None` if another recorder was installed first.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                900.0, 3600.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &seconds)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// Counts a finished job.
+pub fn job(outcome: &'static str) {
+    counter!(JOBS, "outcome" => outcome).increment(1);
+}
+
+/// Records a delivered job's latencies.
+pub fn delivered(end_to_end: Duration, smtp: Duration) {
+    histogram!(END_TO_END).record(end_to_end.as_secs_f64());
+    histogram!(SMTP).record(smtp.as_secs_f64());
+}
+
+/// Counts a retry through `tier`.
+pub fn retry(tier: &'static str) {
+    counter!(RETRIES, "tier" => tier).increment(1);
+}
+
+/// Counts a dead letter.
+pub fn dead_letter(reason: &'static str) {
+    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
+}
+
+/// Tracks one delivery in flight for as long as the guard lives.
+pub struct InFlight(());
+
+impl InFlight {
+    /// Counts a delivery in.
+    pub fn enter() -> Self {
+        gauge!(IN_FLIGHT).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}

@@ -1,0 +1,233 @@
+//! The steps of DESIGN.md's worker pipeline, in order, for one delivery:
+//!
+//! 1. extract the trace context; `mailroom.process` span (consumer kind)
+//! 2. [`open`](crate::steps::open) the seal
+//! 3. [`check`](crate::steps::check): validate, expiry
+//! 4. suppression list (comes with the next issue)
+//! 5. [`dedup`](crate::steps::dedup) claim
+//! 6. rate limits (comes with the next issue)
+//! 7. [`send`](crate::steps::send)
+//! 8. [`outcome`](crate::steps::outcome): make the verdict durable, then
+//!    say whether to ack.
+//!
+//! Each step returns either its result or a [`Verdict`] that ends the trip;
+//! the outcome step then publishes, marks and records what the verdict
+//! needs before the pool acks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mailroom_core::job::SendJob;
+use mailroom_core::seal::Keyring;
+use mailroom_core::settings::OnUncertain;
+use mailroom_core::telemetry::extract_context;
+use mailroom_core::validate::Limits;
+use mailroom_core::wire;
+use time::OffsetDateTime;
+use tracing::{Instrument as _, field, info_span};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::forward::Forwarder;
+use crate::incoming::Incoming;
+use crate::retry::RetryPolicy;
+use crate::steps::dedup::{Claim, ClaimToken, Dedup};
+use crate::steps::{check, open, outcome, send};
+use crate::transport::Transport;
+use crate::verdict::Verdict;
+use mailroom_core::status::{JobState, StatusStore, StatusUpdate};
+
+/// How long a job waits when Redis cannot be asked whether it was sent:
+/// never send blind.
+pub const REDIS_DOWN_DELAY: Duration = Duration::from_secs(5);
+
+/// Longest a job held by another worker waits before it looks again. The
+/// holder usually finishes in milliseconds; a killed holder's lease runs
+/// out in `worker.dedup_lease`, and the job is then claimed here.
+pub const HELD_RECHECK: Duration = Duration::from_secs(1);
+
+/// What the pool does with a delivery once the pipeline is done with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// The outcome is durable: ack.
+    Ack,
+    /// The outcome could not be made durable (the broker refused the
+    /// republish): requeue, so the job is not lost. Quorum queues count
+    /// these, so a job that never settles ends in the dead-letter queue.
+    Requeue,
+}
+
+/// Everything the steps need, shared by every delivery of a pool.
+pub struct Pipeline {
+    pub(crate) keyring: Keyring,
+    pub(crate) limits: Limits,
+    pub(crate) dedup: Dedup,
+    pub(crate) status: StatusStore,
+    pub(crate) transport: Transport,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) on_uncertain: OnUncertain,
+    pub(crate) forward: Forwarder,
+    /// Unique to this process, so a claim left by a killed worker is never
+    /// mistaken for ours.
+    pub(crate) worker_id: String,
+    deliveries: AtomicU64,
+}
+
+/// A trip through the steps: the job if it opened, the claim if one was
+/// taken, and how it ended.
+pub struct Trip {
+    /// The opened job.
+    pub job: Option<SendJob>,
+    /// Our claim on the job's dedup key, if taken.
+    pub claim: Option<ClaimToken>,
+    /// How it ended.
+    pub verdict: Verdict,
+    /// Time spent in SMTP, when a send was made.
+    pub smtp: Option<Duration>,
+}
+
+impl Pipeline {
+    /// Assembles a pipeline.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        keyring: Keyring,
+        limits: Limits,
+        dedup: Dedup,
+        status: StatusStore,
+        transport: Transport,
+        retry: RetryPolicy,
+        on_uncertain: OnUncertain,
+        forward: Forwarder,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            keyring,
+            limits,
+            dedup,
+            status,
+            transport,
+            retry,
+            on_uncertain,
+            forward,
+            worker_id: format!("worker-{}", uuid::Uuid::now_v7()),
+            deliveries: AtomicU64::new(0),
+        })
+    }
+
+    /// The transport deliveries go through.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Runs one delivery through every step and makes its outcome durable.
+    pub async fn process(&self, incoming: Incoming) -> Disposition {
+        let span = info_span!(
+            "mailroom.process",
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %wire::work_queue(incoming.lane),
+            messaging.message.id = incoming.message_id.as_deref().unwrap_or(""),
+            mailroom.attempt = incoming.attempt,
+            mailroom.outcome = field::Empty,
+        );
+        // Fails only when no OpenTelemetry layer is installed: nothing to link.
+        let _ = span.set_parent(extract_context(&incoming.headers()));
+        async {
+            let trip = self.run(&incoming).await;
+            outcome::settle(self, &incoming, trip).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run(&self, incoming: &Incoming) -> Trip {
+        let end = |job, claim, verdict| Trip {
+            job,
+            claim,
+            verdict,
+            smtp: None,
+        };
+        let job = match info_span!("mailroom.open").in_scope(|| open::open(&self.keyring, incoming))
+        {
+            Ok(job) => job,
+            Err(verdict) => return end(None, None, verdict),
+        };
+        if let Err(verdict) = check::check(&job, &self.limits, OffsetDateTime::now_utc()) {
+            return end(Some(job), None, verdict);
+        }
+        // Step 4, the suppression list, comes with the next issue.
+        let token = ClaimToken::new(&self.delivery_owner(), &job.id);
+        let claim = self
+            .dedup
+            .claim(&job, &token)
+            .instrument(info_span!("mailroom.dedup"))
+            .await;
+        match claim {
+            Ok(Claim::Acquired) => {}
+            Ok(Claim::AlreadySent { job_id }) => {
+                return end(Some(job), None, Verdict::Duplicate { first: job_id });
+            }
+            Ok(Claim::HeldByOther { retry_after }) => {
+                let verdict = Verdict::Defer {
+                    delay: retry_after.min(HELD_RECHECK),
+                    why: "claimed by another worker",
+                };
+                return end(Some(job), None, verdict);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "Redis unavailable: job deferred, not sent blind");
+                let verdict = Verdict::Defer {
+                    delay: REDIS_DOWN_DELAY,
+                    why: "redis unavailable",
+                };
+                return end(Some(job), None, verdict);
+            }
+        }
+        self.record(StatusUpdate::new(&job, JobState::Sending).attempts(incoming.attempt))
+            .await;
+        // Step 6, rate limits, comes with the next issue.
+        let sent = self.send_holding_claim(&job, &token).await;
+        Trip {
+            job: Some(job),
+            claim: Some(token),
+            verdict: sent.verdict,
+            smtp: Some(sent.elapsed),
+        }
+    }
+
+    /// Sends while renewing the claim's lease, so a slow relay does not let
+    /// another worker take the job over mid-send.
+    async fn send_holding_claim(&self, job: &SendJob, token: &ClaimToken) -> send::Sent {
+        let sending = send::send(&self.transport, job, self.on_uncertain)
+            .instrument(info_span!("mailroom.smtp", otel.kind = "client"));
+        tokio::pin!(sending);
+        let mut renew = tokio::time::interval(self.dedup.lease() / 3);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                sent = &mut sending => return sent,
+                _ = renew.tick() => {
+                    if let Err(err) = self.dedup.renew(job, token).await {
+                        tracing::warn!(error = %err, "claim lease not renewed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A claim owner unique to this delivery: a redelivery of a job this
+    /// process is still sending (after a broker reconnect) must not
+    /// re-acquire the claim and send a second time.
+    fn delivery_owner(&self) -> String {
+        let n = self.deliveries.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{n}", self.worker_id)
+    }
+
+    /// Records a status change; a failure is logged, never fatal: statuses
+    /// inform, the queue and the dedup key are what must be durable.
+    pub(crate) async fn record(&self, update: StatusUpdate) {
+        if let Err(err) = self.status.record(&update).await {
+            tracing::warn!(error = %err, "job status not recorded");
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The pool: consumers for both lanes, bounded concurrency, reconnection,
+//! and the drain on shutdown.
+//!
+//! **Lanes.** Each lane has its own consumer and channel prefetch. Every
+//! delivery takes a permit of the pool's `concurrency`; a `bulk` delivery
+//! must also take one of a smaller `bulk` allowance (three quarters of it),
+//! so a newsletter backlog can never occupy the permits a password reset
+//! needs: at least a quarter of the pool is always free for
+//! `transactional`.
+//!
+//! **Connection loss.** A consumer whose channel or connection dies starts
+//! again on a fresh one after a jittered backoff; the broker requeues what
+//! it had not seen acked, and the dedup claim keeps a job from being sent
+//! twice when it comes back.
+//!
+//! **Shutdown.** On cancel the consumers are cancelled, in-flight jobs get
+//! `worker.shutdown_grace` to finish, and whatever is left unacked returns
+//! to the queue when the connection closes.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use futures_util::{FutureExt as _, StreamExt as _};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, options::BasicCancelOptions};
+use mailroom_core::amqp::Broker;
+use mailroom_core::job::Lane;
+use mailroom_core::wire;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::incoming::Incoming;
+use crate::metrics;
+use crate::pipeline::{Disposition, Pipeline};
+
+/// How the pool is sized.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSize {
+    /// Jobs processed at once.
+    pub concurrency: usize,
+    /// Channel prefetch of the transactional lane.
+    pub prefetch: u16,
+    /// Time in-flight jobs get on shutdown.
+    pub grace: Duration,
+}
+
+/// Consumes both lanes through a pipeline until cancelled.
+pub struct Pool {
+    broker: Broker,
+    pipeline: Arc<Pipeline>,
+    size: PoolSize,
+    all: Arc<Semaphore>,
+    bulk: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+/// How a pool run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained {
+    /// Whether every in-flight job finished within the grace period.
+    pub clean: bool,
+}
+
+impl Pool {
+    /// A pool consuming through `broker` into `pipeline`.
+    pub fn new(broker: Broker, pipeline: Arc<Pipeline>, size: PoolSize) -> Self {
+        let concurrency = size.concurrency.max(1);
+        Self {
+            broker,
+            pipeline,
+            size,
+            all: Arc::new(Semaphore::new(concurrency)),
+            bulk: Arc::new(Semaphore::new(bulk_share(concurrency))),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> Drained {
+        let this = Arc::new(self);
+        let consumers: Vec<_> = Lane::ALL
+            .into_iter()
+            .map(|lane| tokio::spawn(Arc::clone(&this).consume(lane, shutdown.clone())))
+            .collect();
+        for consumer in consumers {
+            if let Err(err) = consumer.await {
+                tracing::error!(error = %err, "a lane consumer stopped abnormally");
+            }
+        }
+        this.tracker.close();
+        let in_flight = this.tracker.len();
+        tracing::info!(in_flight, grace = ?this.size.grace, "draining");
+        let clean = tokio::time::timeout(this.size.grace, this.tracker.wait())
+            .await
+            .is_ok();
+        if !clean {
+            tracing::warn!(
+                left = this.tracker.len(),
+                "grace period over: unfinished jobs return to the queue"
+            );
+        }
+        Drained { clean }
+    }
+
+    /// Keeps one lane consumed, starting again after a lost channel.
+    async fn consume(self: Arc<Self>, lane: Lane, shutdown: CancellationToken) {
+        let reconnect = || {
+            ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(10))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut delays = reconnect();
+        while !shutdown.is_cancelled() {
+            match self.consume_once(lane, &shutdown).await {
+                Ok(Ended::Shutdown) => return,
+                Ok(Ended::Consumed) => delays = reconnect(),
+                Err(err) => tracing::warn!(%lane, error = %err, "consumer lost"),
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(10));
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn consume_once(
+        &self,
+        lane: Lane,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>> {
+        let channel = self.broker.channel().await?;
+        let prefetch = match lane {
+            Lane::Transactional => self.size.prefetch,
+            Lane::Bulk => u16::try_from(bulk_share(usize::from(self.size.prefetch)))
+                .unwrap_or(self.size.prefetch),
+        };
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                wire::work_queue(lane).into(),
+                format!("{}/{lane}", self.pipeline.worker_id).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(%lane, prefetch, "consuming");
+        let mut received_any = false;
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    stop(&channel, consumer.tag()).await;
+                    return Ok(Ended::Shutdown);
+                }
+                next = consumer.next() => next,
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(err)) => return Err(err.into()),
+                None if received_any => return Ok(Ended::Consumed),
+                None => return Err("consumer closed".into()),
+            };
+            received_any = true;
+            let permits = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    requeue(&delivery).await;
+                    stop(&channel, consumer.tag()).await;
+                    return Ok(Ended::Shutdown);
+                }
+                permits = self.permits(lane) => permits,
+            };
+            let Some(permits) = permits else {
+                requeue(&delivery).await;
+                return Ok(Ended::Shutdown);
+            };
+            let pipeline = Arc::clone(&self.pipeline);
+            self.tracker
+                .spawn(handle(pipeline, delivery, permits, channel.clone()));
+        }
+    }
+
+    async fn permits(&self, lane: Lane) -> Option<Vec<OwnedSemaphorePermit>> {
+        let mut permits = Vec::with_capacity(2);
+        if lane == Lane::Bulk {
+            permits.push(Arc::clone(&self.bulk).acquire_owned().await.ok()?);
+        }
+        permits.push(Arc::clone(&self.all).acquire_owned().await.ok()?);
+        Some(permits)
+    }
+}
+
+/// Why a consumer loop returned without an error.
+enum Ended {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The broker cancelled the consumer after it had delivered (e.g. the
+    /// queue was deleted); start again.
+    Consumed,
+}
+
+/// The share of the pool bulk may hold.
+fn bulk_share(n: usize) -> usize {
+    (n * 3 / 4).max(1)
+}
+
+async fn stop(channel: &Channel, tag: lapin::types::ShortString) {
+    if let Err(err) = channel
+        .basic_cancel(tag, BasicCancelOptions::default())
+        .await
+    {
+        tracing::debug!(error = %err, "consumer cancel failed; closing the channel requeues");
+    }
+}
+
+async fn requeue(delivery: &Delivery) {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(err) = delivery.acker.nack(options).await {
+        tracing::debug!(error = %err, "requeue failed; the broker requeues on close");
+    }
+}
+
+/// Runs one delivery and acks or requeues it. The channel is held so it
+/// stays open until the ack is sent.
+async fn handle(
+    pipeline: Arc<Pipeline>,
+    delivery: Delivery,
+    _permits: Vec<OwnedSemaphorePermit>,
+    _channel: Channel,
+) {
+    let _in_flight = metrics::InFlight::enter();
+    let Delivery {
+        acker,
+        properties,
+        data,
+        ..
+    } = delivery;
+    let incoming = Incoming::new(properties, data);
+    let disposition = AssertUnwindSafe(pipeline.process(incoming))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            // Requeued, the broker's delivery limit dead-letters a job
+            // that keeps doing this.
+            tracing::error!("the pipeline panicked on a delivery: requeued");
+            Disposition::Requeue
+        });
+    let acked = match disposition {
+        Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
+        Disposition::Requeue => {
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(err) = acked {
+        tracing::warn!(error = %err, "ack not sent: the broker will redeliver, dedup absorbs it");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bulk_share;
+
+    #[test]
+    fn bulk_never_takes_the_whole_pool() {
+        assert_eq!(bulk_share(64), 48);
+        assert_eq!(bulk_share(4), 3);
+        assert_eq!(bulk_share(1), 1);
+    }
+}

@@ -1,0 +1,256 @@
+//! Step 5: the dedup claim, which makes sending exactly-once in effect.
+//!
+//! One key per (tenant, idempotency key or job id), stored as an HMAC under
+//! `redis.hash_key` (the idempotency key may hold an address). Each script
+//! below reads and writes it atomically:
+//!
+//! - absent (or released, or its lease ran out) → `sending`, owned by this
+//!   delivery, for `worker.dedup_lease`;
+//! - `sending` by another delivery → held: look again later;
+//! - `sent` → a duplicate: ack without sending.
+//!
+//! After a 2xx the key becomes `sent` for `worker.dedup_window`; after a
+//! failure it is released so the retry can claim it. A worker killed
+//! mid-send leaves `sending` behind until its lease runs out; then the
+//! redelivered job is claimed and sent, once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailroom_core::job::{JobId, SendJob};
+use mailroom_core::store::{KeyedHash, RedisStore, StoreError};
+use redis::Script;
+
+/// ARGV: owner, job id, lease (ms). Returns `{outcome, detail}`.
+const CLAIM: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'sent' then
+  return { 'sent', redis.call('HGET', KEYS[1], 'job') or '' }
+end
+if state == 'sending' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return { 'held', tostring(redis.call('PTTL', KEYS[1])) }
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'sending', 'owner', ARGV[1], 'job', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return { 'acquired', '' }
+";
+
+/// ARGV: owner, lease (ms). Returns 1 if the lease was ours and renewed.
+const RENEW: &str = r"
+if redis.call('HGET', KEYS[1], 'state') == 'sending'
+   and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// ARGV: owner, job id, window (ms). The mail has gone: the key becomes
+/// `sent` whatever it held, so nobody sends it again; the reply says
+/// whether the claim was still ours.
+const MARK_SENT: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'sent' then
+  return 'already'
+end
+local ours = state == 'sending' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'sent', 'job', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ours then return 'marked' end
+return 'lost'
+";
+
+/// ARGV: owner. Deletes the claim if it is ours and still `sending`.
+const RELEASE: &str = r"
+if redis.call('HGET', KEYS[1], 'state') == 'sending'
+   and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// What a claim found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours: send.
+    Acquired,
+    /// Already sent, by the job named: do not send.
+    AlreadySent {
+        /// The job that was sent (may be this one, redelivered).
+        job_id: String,
+    },
+    /// Another delivery is sending it now.
+    HeldByOther {
+        /// When its lease runs out, at the latest.
+        retry_after: Duration,
+    },
+}
+
+/// What marking a job sent found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarkOutcome {
+    /// The claim was ours; it is now `sent`.
+    Marked,
+    /// Our lease had run out (and maybe another delivery claimed it); the
+    /// key is `sent` now all the same.
+    LeaseLost,
+    /// It was already `sent`.
+    AlreadySent,
+}
+
+/// Who holds a claim: one delivery of one job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimToken {
+    owner: String,
+    job_id: String,
+}
+
+impl ClaimToken {
+    /// A token for `owner` (unique to one delivery) sending `job_id`.
+    pub fn new(owner: &str, job_id: &JobId) -> Self {
+        Self {
+            owner: owner.to_owned(),
+            job_id: job_id.to_string(),
+        }
+    }
+}
+
+struct Scripts {
+    claim: Script,
+    renew: Script,
+    mark_sent: Script,
+    release: Script,
+}
+
+/// Dedup claims in Redis.
+#[derive(Clone)]
+pub struct Dedup {
+    store: RedisStore,
+    hash: KeyedHash,
+    window: Duration,
+    lease: Duration,
+    scripts: Arc<Scripts>,
+}
+
+impl Dedup {
+    /// Claims under `store`'s prefix; keys hashed under `hash_key`; `sent`
+    /// kept for `window`; a claim held for `lease` unless renewed.
+    pub fn new(store: RedisStore, hash_key: &[u8], window: Duration, lease: Duration) -> Self {
+        Self {
+            store,
+            hash: KeyedHash::new(hash_key),
+            window,
+            lease,
+            scripts: Arc::new(Scripts {
+                claim: Script::new(CLAIM),
+                renew: Script::new(RENEW),
+                mark_sent: Script::new(MARK_SENT),
+                release: Script::new(RELEASE),
+            }),
+        }
+    }
+
+    /// How long a claim holds unless renewed.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The Redis key of `job`'s dedup key.
+    fn key(&self, job: &SendJob) -> String {
+        let digest = self
+            .hash
+            .hex(&[b"dedup", job.tenant.as_bytes(), job.dedup_key().as_bytes()]);
+        self.store.key(&format!("dedup:{digest}"))
+    }
+
+    /// Claims `job` for `token`.
+    pub async fn claim(&self, job: &SendJob, token: &ClaimToken) -> Result<Claim, StoreError> {
+        let (outcome, detail): (String, String) = self
+            .invoke(
+                &self.scripts.claim,
+                job,
+                &[&token.owner, &token.job_id, &millis(self.lease)],
+            )
+            .await?;
+        match outcome.as_str() {
+            "acquired" => Ok(Claim::Acquired),
+            "sent" => Ok(Claim::AlreadySent { job_id: detail }),
+            "held" => {
+                // PTTL is -1 for a key without expiry, which the scripts
+                // never leave; treat it as a full lease.
+                let ms = detail
+                    .parse::<u64>()
+                    .map_or(self.lease, Duration::from_millis);
+                Ok(Claim::HeldByOther { retry_after: ms })
+            }
+            other => Err(StoreError::Malformed(format!(
+                "dedup claim answered {other:?}"
+            ))),
+        }
+    }
+
+    /// Extends our claim's lease; `false` if it is no longer ours.
+    pub async fn renew(&self, job: &SendJob, token: &ClaimToken) -> Result<bool, StoreError> {
+        let renewed: i64 = self
+            .invoke(
+                &self.scripts.renew,
+                job,
+                &[&token.owner, &millis(self.lease)],
+            )
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Marks `job` sent for the dedup window.
+    pub async fn mark_sent(
+        &self,
+        job: &SendJob,
+        token: &ClaimToken,
+    ) -> Result<MarkOutcome, StoreError> {
+        let outcome: String = self
+            .invoke(
+                &self.scripts.mark_sent,
+                job,
+                &[&token.owner, &token.job_id, &millis(self.window)],
+            )
+            .await?;
+        match outcome.as_str() {
+            "marked" => Ok(MarkOutcome::Marked),
+            "lost" => Ok(MarkOutcome::LeaseLost),
+            "already" => Ok(MarkOutcome::AlreadySent),
+            other => Err(StoreError::Malformed(format!(
+                "dedup mark answered {other:?}"
+            ))),
+        }
+    }
+
+    /// Releases our claim, so a retry can take it at once.
+    pub async fn release(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
+        let _: i64 = self
+            .invoke(&self.scripts.release, job, &[&token.owner])
+            .await?;
+        Ok(())
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        job: &SendJob,
+        args: &[&str],
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.key(self.key(job));
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut connection = self.store.connection();
+        invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().max(1).to_string()
+}

@@ -1,0 +1,211 @@
+//! Step 8: make the verdict durable, then tell the pool whether to ack.
+//!
+//! - sent: mark the dedup key `sent` (kept for the dedup window), ack;
+//! - duplicate: ack, status `duplicate`;
+//! - retry: release the claim, republish to the retry tier ≥ the backoff
+//!   delay with the next attempt number (confirmed), ack; out of attempts
+//!   or age: dead-letter;
+//! - defer: republish to a tier with the same attempt number, ack;
+//! - dead letter: release the claim, publish to `mailroom.dead` with the
+//!   reason (confirmed), ack.
+//!
+//! A republish the broker does not confirm means no ack: the delivery is
+//! requeued and tried again, so nothing is lost.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable as _};
+use mailroom_core::job::SendJob;
+use time::OffsetDateTime;
+
+use crate::incoming::Incoming;
+use crate::metrics;
+use crate::pipeline::{Disposition, Pipeline, Trip};
+use crate::retry::NextStep;
+use crate::steps::dedup::{ClaimToken, MarkOutcome};
+use crate::verdict::{DeadReason, Verdict};
+use mailroom_core::status::{JobState, StatusUpdate};
+
+/// Makes `trip`'s verdict durable.
+pub async fn settle(pipeline: &Pipeline, incoming: &Incoming, trip: Trip) -> Disposition {
+    let Trip {
+        job,
+        claim,
+        verdict,
+        smtp,
+    } = trip;
+    let span = tracing::Span::current();
+    match verdict {
+        Verdict::Sent { code } => {
+            span.record("mailroom.outcome", "sent");
+            if let (Some(job), Some(token)) = (&job, &claim) {
+                mark_sent(pipeline, job, token).await;
+                let end_to_end = (OffsetDateTime::now_utc() - job.created_at)
+                    .try_into()
+                    .unwrap_or(Duration::ZERO);
+                metrics::delivered(end_to_end, smtp.unwrap_or_default());
+                pipeline
+                    .record(StatusUpdate::new(job, JobState::Sent).attempts(incoming.attempt))
+                    .await;
+            }
+            tracing::info!(code, attempt = incoming.attempt, "sent");
+            metrics::job("sent");
+            Disposition::Ack
+        }
+        Verdict::Duplicate { first } => {
+            span.record("mailroom.outcome", "duplicate");
+            if let Some(job) = &job {
+                pipeline
+                    .record(StatusUpdate::new(job, JobState::Duplicate).attempts(incoming.attempt))
+                    .await;
+            }
+            tracing::info!(first_job = %first, "duplicate: not sent again");
+            metrics::job("duplicate");
+            Disposition::Ack
+        }
+        Verdict::Retry { error } => {
+            release(pipeline, job.as_ref(), claim.as_ref()).await;
+            let Some(job) = job else {
+                // A retry needs an opened job; no step decides one without.
+                return dead_letter(pipeline, incoming, None, DeadReason::Seal, &error).await;
+            };
+            let now = OffsetDateTime::now_utc();
+            match pipeline.retry.next(incoming.attempt, job.created_at, now) {
+                NextStep::RetryAfter(delay) => retry(pipeline, incoming, &job, delay, &error).await,
+                NextStep::GiveUp(why) => {
+                    let reason = match why {
+                        crate::retry::GiveUpReason::Attempts => DeadReason::MaxAttempts,
+                        crate::retry::GiveUpReason::Age => DeadReason::MaxAge,
+                    };
+                    dead_letter(pipeline, incoming, Some(&job), reason, &error).await
+                }
+            }
+        }
+        Verdict::Defer { delay, why } => {
+            span.record("mailroom.outcome", "deferred");
+            match pipeline
+                .forward
+                .later(incoming, incoming.attempt, delay, None)
+                .await
+            {
+                Ok(tier) => {
+                    tracing::info!(why, tier = tier.name, "deferred");
+                    metrics::job("deferred");
+                    Disposition::Ack
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, why, "defer not confirmed: requeued");
+                    Disposition::Requeue
+                }
+            }
+        }
+        Verdict::DeadLetter { reason, detail } => {
+            release(pipeline, job.as_ref(), claim.as_ref()).await;
+            dead_letter(pipeline, incoming, job.as_ref(), reason, &detail).await
+        }
+    }
+}
+
+async fn retry(
+    pipeline: &Pipeline,
+    incoming: &Incoming,
+    job: &SendJob,
+    delay: Duration,
+    error: &str,
+) -> Disposition {
+    tracing::Span::current().record("mailroom.outcome", "retry");
+    let next = incoming.attempt + 1;
+    match pipeline
+        .forward
+        .later(incoming, next, delay, Some(error))
+        .await
+    {
+        Ok(tier) => {
+            tracing::info!(
+                error,
+                next_attempt = next,
+                tier = tier.name,
+                "retry scheduled"
+            );
+            metrics::retry(tier.name);
+            metrics::job("retry");
+            pipeline
+                .record(
+                    StatusUpdate::new(job, JobState::Retrying)
+                        .attempts(incoming.attempt)
+                        .error(error),
+                )
+                .await;
+            Disposition::Ack
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "retry not confirmed: requeued");
+            Disposition::Requeue
+        }
+    }
+}
+
+async fn dead_letter(
+    pipeline: &Pipeline,
+    incoming: &Incoming,
+    job: Option<&SendJob>,
+    reason: DeadReason,
+    detail: &str,
+) -> Disposition {
+    tracing::Span::current().record("mailroom.outcome", "dead");
+    if let Err(err) = pipeline.forward.dead_letter(incoming, reason, detail).await {
+        tracing::warn!(error = %err, %reason, "dead letter not confirmed: requeued");
+        return Disposition::Requeue;
+    }
+    tracing::warn!(%reason, detail, attempt = incoming.attempt, "dead-lettered");
+    metrics::dead_letter(reason.as_str());
+    metrics::job("dead");
+    if let Some(job) = job {
+        let state = match reason {
+            DeadReason::Expired => JobState::Expired,
+            DeadReason::Rejected | DeadReason::MaxAttempts | DeadReason::MaxAge => JobState::Failed,
+            DeadReason::Seal | DeadReason::Invalid | DeadReason::Uncertain => JobState::Dead,
+        };
+        pipeline
+            .record(
+                StatusUpdate::new(job, state)
+                    .attempts(incoming.attempt)
+                    .error(detail)
+                    .reason(reason.as_str()),
+            )
+            .await;
+    }
+    Disposition::Ack
+}
+
+/// Marks the job sent, trying a few times: the mail has gone, so the one
+/// thing that must not happen is another send because Redis blinked. If it
+/// still fails, the delivery is acked anyway (resending would be worse) and
+/// the claim's lease keeps duplicates out until it runs out.
+async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken) {
+    let attempt = || pipeline.dedup.mark_sent(job, token);
+    let result = attempt
+        .retry(
+            ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(6)
+                .with_jitter(),
+        )
+        .await;
+    match result {
+        Ok(MarkOutcome::Marked) => {}
+        Ok(other) => tracing::warn!(outcome = ?other, "sent, but the claim had changed hands"),
+        Err(err) => tracing::error!(error = %err, "sent, but not marked sent in Redis"),
+    }
+}
+
+/// Releases our claim so the retry (or an operator's replay) can take it.
+async fn release(pipeline: &Pipeline, job: Option<&SendJob>, claim: Option<&ClaimToken>) {
+    if let (Some(job), Some(token)) = (job, claim)
+        && let Err(err) = pipeline.dedup.release(job, token).await
+    {
+        // The lease runs out on its own; until then the retry is deferred.
+        tracing::warn!(error = %err, "claim not released");
+    }
+}

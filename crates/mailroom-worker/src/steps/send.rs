@@ -1,0 +1,72 @@
+//! Step 7: build the MIME message and hand it to the transport; turn the
+//! reply into a verdict.
+//!
+//! 2xx is sent; 4xx, connection and TLS errors and timeouts are retried;
+//! 5xx is rejected for good. An *uncertain* outcome (the connection died
+//! after the end of DATA, before the reply) follows `worker.on_uncertain`:
+//! retried with the same Message-ID, or parked in the dead-letter queue for
+//! an operator.
+
+use std::time::{Duration, Instant};
+
+use mailroom_core::job::SendJob;
+use mailroom_core::settings::OnUncertain;
+
+use crate::message::build_message;
+use crate::transport::{SendError, Transport};
+use crate::verdict::{DeadReason, Verdict};
+
+/// What a send came to, and how long the SMTP part took.
+#[derive(Debug)]
+pub struct Sent {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Time spent in the transport.
+    pub elapsed: Duration,
+}
+
+/// Sends `job` through `transport`.
+pub async fn send(transport: &Transport, job: &SendJob, on_uncertain: OnUncertain) -> Sent {
+    let message = match build_message(job) {
+        Ok(message) => message,
+        Err(err) => {
+            return Sent {
+                verdict: Verdict::DeadLetter {
+                    reason: DeadReason::Invalid,
+                    detail: format!("message could not be built: {err}"),
+                },
+                elapsed: Duration::ZERO,
+            };
+        }
+    };
+    let start = Instant::now();
+    let result = transport.send(&job.id, &message).await;
+    let elapsed = start.elapsed();
+    Sent {
+        verdict: verdict_of(result.map(|delivered| delivered.code), on_uncertain),
+        elapsed,
+    }
+}
+
+/// The verdict for a transport result.
+pub fn verdict_of(result: Result<u16, SendError>, on_uncertain: OnUncertain) -> Verdict {
+    match result {
+        Ok(code) => Verdict::Sent { code },
+        Err(err @ SendError::Transient { .. }) => Verdict::Retry {
+            error: err.to_string(),
+        },
+        Err(err @ SendError::Permanent { .. }) => Verdict::DeadLetter {
+            reason: DeadReason::Rejected,
+            detail: err.to_string(),
+        },
+        Err(err @ SendError::Uncertain { .. }) => match on_uncertain {
+            OnUncertain::Retry => Verdict::Retry {
+                error: err.to_string(),
+            },
+            OnUncertain::Park => Verdict::DeadLetter {
+                reason: DeadReason::Uncertain,
+                detail: err.to_string(),
+            },
+        },
+    }
+}

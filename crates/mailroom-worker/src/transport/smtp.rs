@@ -1,0 +1,485 @@
+//! The `smtp` transport: a pool of lettre `AsyncSmtpConnection`s to one
+//! relay.
+//!
+//! lettre's pooled `AsyncSmtpTransport` reports a failure without saying
+//! at which step it happened; mailroom needs to know, because a connection
+//! lost after the end of DATA is *uncertain* (the relay may have taken the
+//! message) while one lost before it is plainly transient. So the MAIL,
+//! RCPT, DATA steps are driven here, over lettre's connection type, with a
+//! timeout on each command.
+//!
+//! TLS: `starttls-required` (default) refuses a relay that does not offer
+//! STARTTLS; `implicit` speaks TLS from the first byte; `opportunistic`
+//! upgrades when offered; `none` is allowed only to a loopback host unless
+//! `smtp.allow_plaintext` is set. Certificates are checked against the
+//! system's roots and `smtp.ca_file`.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lettre::address::Envelope;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
+use mailroom_core::settings::{SmtpSettings, TlsMode};
+use tokio::sync::Semaphore;
+
+use super::{Delivered, SendError, TransportError};
+use crate::message::OutgoingMessage;
+
+/// An idle connection older than this is closed rather than reused: relays
+/// drop idle clients after a while, and a stale one costs a round trip.
+const MAX_IDLE: Duration = Duration::from_secs(30);
+
+/// Where and how to reach the relay.
+struct Relay {
+    host: String,
+    port: u16,
+    tls: TlsMode,
+    tls_parameters: Option<TlsParameters>,
+    hello: ClientId,
+    credentials: Option<Credentials>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+struct Idle {
+    connection: AsyncSmtpConnection,
+    since: Instant,
+}
+
+/// A pool of connections to one SMTP relay.
+pub struct SmtpTransport {
+    relay: Relay,
+    idle: Mutex<Vec<Idle>>,
+    permits: Semaphore,
+    pool_size: usize,
+}
+
+/// Which step a failure happened at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Before the message was handed over.
+    Before,
+    /// After the end of DATA was written, waiting for the reply.
+    AfterData,
+}
+
+impl SmtpTransport {
+    /// A pool for the relay `settings` name.
+    pub fn new(settings: &SmtpSettings) -> Result<Self, TransportError> {
+        let (host, port) = host_and_port(settings.url.expose(), settings.tls)?;
+        let mut tls = settings.tls;
+        if settings.url.expose().starts_with("smtps://") {
+            tls = TlsMode::Implicit;
+        }
+        if tls == TlsMode::None && !settings.allow_plaintext && !is_loopback(&host) {
+            return Err(TransportError::PlaintextRefused { host });
+        }
+        let tls_parameters = match tls {
+            TlsMode::None => None,
+            _ => Some(tls_parameters(&host, settings)?),
+        };
+        let hello = settings
+            .hello_name
+            .clone()
+            .map_or_else(ClientId::default, ClientId::Domain);
+        let credentials = settings
+            .username
+            .as_ref()
+            .map(|user| Credentials::new(user.clone(), settings.password.expose().to_owned()));
+        let pool_size = usize::try_from(settings.pool_size).unwrap_or(1).max(1);
+        Ok(Self {
+            relay: Relay {
+                host,
+                port,
+                tls,
+                tls_parameters,
+                hello,
+                credentials,
+                connect_timeout: settings.connect_timeout,
+                command_timeout: settings.command_timeout,
+            },
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(pool_size),
+            pool_size,
+        })
+    }
+
+    /// One line for the start-up log; no credentials.
+    pub fn describe(&self) -> String {
+        format!(
+            "smtp transport: relay {}:{} (tls {}{}, pool {})",
+            self.relay.host,
+            self.relay.port,
+            self.relay.tls.as_str(),
+            if self.relay.credentials.is_some() {
+                ", AUTH"
+            } else {
+                ""
+            },
+            self.pool_size
+        )
+    }
+
+    /// Sends `message` over a pooled connection.
+    pub async fn send(&self, message: &OutgoingMessage) -> Result<Delivered, SendError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| SendError::transient(None, "transport shut down"))?;
+        if let Some(mut connection) = self.take_idle() {
+            match self.transact(&mut connection, message).await {
+                Ok(response) => return Ok(self.keep(connection, &response)),
+                // A pooled connection the relay dropped while idle fails at
+                // MAIL with a network error: nothing was sent, so try once
+                // more on a fresh connection instead of spending an attempt.
+                Err((Step::Before, err)) if err.is_network() => {
+                    connection.abort().await;
+                }
+                Err((step, err)) => {
+                    connection.abort().await;
+                    return Err(err.into_send_error(step));
+                }
+            }
+        }
+        let mut connection = self.connect().await?;
+        match self.transact(&mut connection, message).await {
+            Ok(response) => Ok(self.keep(connection, &response)),
+            Err((step, err)) => {
+                connection.abort().await;
+                Err(err.into_send_error(step))
+            }
+        }
+    }
+
+    /// Sends QUIT on every idle connection.
+    pub async fn shutdown(&self) {
+        self.permits.close();
+        let idle: Vec<Idle> = self.lock_idle().drain(..).collect();
+        for mut idle in idle {
+            let _ = tokio::time::timeout(self.relay.command_timeout, idle.connection.quit()).await;
+        }
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+        let mut idle = self.lock_idle();
+        while let Some(candidate) = idle.pop() {
+            if candidate.since.elapsed() < MAX_IDLE && !candidate.connection.has_broken() {
+                return Some(candidate.connection);
+            }
+        }
+        None
+    }
+
+    fn keep(&self, connection: AsyncSmtpConnection, response: &Response) -> Delivered {
+        let mut idle = self.lock_idle();
+        if idle.len() < self.pool_size {
+            idle.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
+        }
+        Delivered {
+            code: u16::from(response.code()),
+        }
+    }
+
+    /// Connects, greets, upgrades to TLS and authenticates, within
+    /// `smtp.connect_timeout`.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let relay = &self.relay;
+        let connecting = async {
+            let implicit = match relay.tls {
+                TlsMode::Implicit => relay.tls_parameters.clone(),
+                _ => None,
+            };
+            let mut connection = AsyncSmtpConnection::connect_tokio1(
+                (relay.host.as_str(), relay.port),
+                Some(relay.connect_timeout),
+                &relay.hello,
+                implicit,
+                None,
+            )
+            .await
+            .map_err(|err| connect_error("connecting", &err))?;
+            let upgrade = match relay.tls {
+                TlsMode::StarttlsRequired => {
+                    if !connection.can_starttls() {
+                        connection.abort().await;
+                        return Err(SendError::transient(
+                            None,
+                            "the relay does not offer STARTTLS and smtp.tls is starttls-required",
+                        ));
+                    }
+                    true
+                }
+                TlsMode::Opportunistic => connection.can_starttls(),
+                TlsMode::Implicit | TlsMode::None => false,
+            };
+            if upgrade && let Some(parameters) = relay.tls_parameters.clone() {
+                connection
+                    .starttls(parameters, &relay.hello)
+                    .await
+                    .map_err(|err| connect_error("STARTTLS", &err))?;
+            }
+            if let Some(credentials) = &relay.credentials {
+                // A refused login is the operator's to fix, not the
+                // message's fault: transient, so nothing is dead-lettered
+                // for a wrong password.
+                connection
+                    .auth(&[Mechanism::Plain, Mechanism::Login], credentials)
+                    .await
+                    .map_err(|err| {
+                        SendError::transient(err.status().map(u16::from), &format!("AUTH: {err}"))
+                    })?;
+            }
+            Ok(connection)
+        };
+        tokio::time::timeout(relay.connect_timeout, connecting)
+            .await
+            .unwrap_or_else(|_| {
+                Err(SendError::transient(
+                    None,
+                    &format!(
+                        "no SMTP session within smtp.connect_timeout ({:?})",
+                        relay.connect_timeout
+                    ),
+                ))
+            })
+    }
+
+    /// MAIL, RCPT for each recipient, DATA, the message; each command within
+    /// `smtp.command_timeout`.
+    async fn transact(
+        &self,
+        connection: &mut AsyncSmtpConnection,
+        message: &OutgoingMessage,
+    ) -> Result<Response, (Step, Failure)> {
+        let before = |failure| (Step::Before, failure);
+        let mail = Mail::new(
+            message.envelope.from().cloned(),
+            mail_parameters(connection, &message.envelope, &message.raw).map_err(before)?,
+        );
+        self.command(connection, mail).await.map_err(before)?;
+        for recipient in message.envelope.to() {
+            self.command(connection, Rcpt::new(recipient.clone(), Vec::new()))
+                .await
+                .map_err(before)?;
+        }
+        self.command(connection, Data).await.map_err(before)?;
+        tokio::time::timeout(self.relay.command_timeout, connection.message(&message.raw))
+            .await
+            .map_err(|_| {
+                (
+                    Step::AfterData,
+                    Failure::Timeout(self.relay.command_timeout),
+                )
+            })?
+            .map_err(|err| (Step::AfterData, Failure::Smtp(err)))
+    }
+
+    async fn command<C: std::fmt::Display>(
+        &self,
+        connection: &mut AsyncSmtpConnection,
+        command: C,
+    ) -> Result<Response, Failure> {
+        tokio::time::timeout(self.relay.command_timeout, connection.command(command))
+            .await
+            .map_err(|_| Failure::Timeout(self.relay.command_timeout))?
+            .map_err(Failure::Smtp)
+    }
+}
+
+/// What went wrong in a transaction.
+enum Failure {
+    /// lettre's error: a reply code, or a connection problem.
+    Smtp(lettre::transport::smtp::Error),
+    /// No reply within the command timeout.
+    Timeout(Duration),
+    /// The message needs an extension the relay lacks.
+    Unsupported(&'static str),
+}
+
+impl Failure {
+    fn is_network(&self) -> bool {
+        match self {
+            Self::Smtp(err) => err.status().is_none() && !err.is_client(),
+            Self::Timeout(_) | Self::Unsupported(_) => false,
+        }
+    }
+
+    fn into_send_error(self, step: Step) -> SendError {
+        match self {
+            Self::Smtp(err) => match err.status().map(u16::from) {
+                Some(code) if (500..600).contains(&code) => {
+                    SendError::permanent(code, &err.to_string())
+                }
+                Some(code) => SendError::transient(Some(code), &err.to_string()),
+                None if step == Step::AfterData => SendError::uncertain(&format!(
+                    "connection lost after the end of DATA, before the reply: {err}"
+                )),
+                None => SendError::transient(None, &err.to_string()),
+            },
+            Self::Timeout(timeout) if step == Step::AfterData => SendError::uncertain(&format!(
+                "no reply to the end of DATA within smtp.command_timeout ({timeout:?})"
+            )),
+            Self::Timeout(timeout) => SendError::transient(
+                None,
+                &format!("no reply within smtp.command_timeout ({timeout:?})"),
+            ),
+            Self::Unsupported(what) => SendError::permanent(555, what),
+        }
+    }
+}
+
+/// MAIL parameters the message needs (as lettre's own `send` picks them).
+fn mail_parameters(
+    connection: &AsyncSmtpConnection,
+    envelope: &Envelope,
+    raw: &[u8],
+) -> Result<Vec<MailParameter>, Failure> {
+    let mut parameters = Vec::new();
+    let info = connection.server_info();
+    let non_ascii = envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .any(|address| !AsRef::<str>::as_ref(address).is_ascii());
+    if non_ascii {
+        if !info.supports_feature(Extension::SmtpUtfEight) {
+            return Err(Failure::Unsupported(
+                "an address is not ASCII and the relay lacks SMTPUTF8",
+            ));
+        }
+        parameters.push(MailParameter::SmtpUtfEight);
+    }
+    if !raw.is_ascii() {
+        if !info.supports_feature(Extension::EightBitMime) {
+            return Err(Failure::Unsupported(
+                "the message is not 7-bit and the relay lacks 8BITMIME",
+            ));
+        }
+        parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    Ok(parameters)
+}
+
+fn connect_error(step: &str, err: &lettre::transport::smtp::Error) -> SendError {
+    SendError::transient(err.status().map(u16::from), &format!("{step}: {err}"))
+}
+
+fn tls_parameters(host: &str, settings: &SmtpSettings) -> Result<TlsParameters, TransportError> {
+    let mut builder = TlsParameters::builder(host.to_owned());
+    if let Some(path) = &settings.ca_file {
+        let ca_error = |reason: String| TransportError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|err| ca_error(err.to_string()))?;
+        let certificate = Certificate::from_pem(&pem).map_err(|err| ca_error(err.to_string()))?;
+        builder = builder.add_root_certificate(certificate);
+    }
+    builder
+        .build_rustls()
+        .map_err(|err| TransportError::Tls(err.to_string()))
+}
+
+/// `host` and `port` of `smtp://host[:port]` or `smtps://host[:port]`;
+/// the port defaults to 465 for implicit TLS, 587 otherwise.
+fn host_and_port(url: &str, tls: TlsMode) -> Result<(String, u16), TransportError> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| TransportError::Url("expected smtp://host:port".to_owned()))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(TransportError::Url(
+            "credentials go in smtp.username and smtp.password, not the URL".to_owned(),
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => {
+            let port = port
+                .parse()
+                .map_err(|_| TransportError::Url(format!("port {port:?} is not a number")))?;
+            (host, Some(port))
+        }
+        _ => (authority, None),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(TransportError::Url("no host".to_owned()));
+    }
+    let implicit = scheme == "smtps" || tls == TlsMode::Implicit;
+    Ok((
+        host.to_owned(),
+        port.unwrap_or(if implicit { 465 } else { 587 }),
+    ))
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use mailroom_core::settings::Secret;
+
+    use super::*;
+
+    #[test]
+    fn urls_give_host_and_port() {
+        let hp = |url, tls| host_and_port(url, tls).expect("parses");
+        assert_eq!(
+            hp("smtp://relay:2525", TlsMode::None),
+            ("relay".to_owned(), 2525)
+        );
+        assert_eq!(hp("smtp://relay", TlsMode::StarttlsRequired).1, 587);
+        assert_eq!(hp("smtps://relay", TlsMode::StarttlsRequired).1, 465);
+        assert_eq!(hp("smtp://[::1]:25", TlsMode::None), ("::1".to_owned(), 25));
+        assert!(host_and_port("smtp://u:p@relay:25", TlsMode::None).is_err());
+        assert!(host_and_port("smtp://relay:x", TlsMode::None).is_err());
+    }
+
+    #[test]
+    fn plaintext_is_refused_off_loopback() {
+        let settings = |url: &str, allow| SmtpSettings {
+            url: Secret::new(url),
+            tls: TlsMode::None,
+            allow_plaintext: allow,
+            ..SmtpSettings::default()
+        };
+        assert!(matches!(
+            SmtpTransport::new(&settings("smtp://relay.example:25", false)),
+            Err(TransportError::PlaintextRefused { .. })
+        ));
+        assert!(SmtpTransport::new(&settings("smtp://relay.example:25", true)).is_ok());
+        assert!(SmtpTransport::new(&settings("smtp://127.0.0.1:25", false)).is_ok());
+        assert!(SmtpTransport::new(&settings("smtp://localhost:25", false)).is_ok());
+    }
+
+    #[test]
+    fn codes_pick_the_way() {
+        let timeout = Failure::Timeout(Duration::from_secs(1));
+        assert!(matches!(
+            timeout.into_send_error(Step::AfterData),
+            SendError::Uncertain { .. }
+        ));
+        let timeout = Failure::Timeout(Duration::from_secs(1));
+        assert!(matches!(
+            timeout.into_send_error(Step::Before),
+            SendError::Transient { .. }
+        ));
+    }
+}
