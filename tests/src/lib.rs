@@ -1,12 +1,15 @@
 //! Fixtures shared by mailroom's tests against real services: each test
 //! gets its own RabbitMQ vhost ([`rabbit`]) and Redis key prefix
-//! ([`redis`]), so tests run in parallel and leave nothing behind.
+//! ([`redis`]), so tests run in parallel and leave nothing behind; [`smtp`]
+//! starts a real SMTP server (aiosmtpd) per test, and [`stack`] joins them.
 //!
 //! A service that is down is a loud failure naming the command that
 //! starts it, never a silent skip.
 
 pub mod rabbit;
 pub mod redis;
+pub mod smtp;
+pub mod stack;
 
 /// A name unique to this test run, safe in vhost names and Redis keys.
 pub fn unique(prefix: &str) -> String {

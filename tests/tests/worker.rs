@@ -1,0 +1,385 @@
+//! The worker end to end, in process: a real RabbitMQ vhost, a real Redis
+//! prefix and a real SMTP server (aiosmtpd) per test.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use lapin::options::BasicGetOptions;
+use mailroom_core::amqp::Outgoing;
+use mailroom_core::job::{Attachment, EmailMessage, JobId, JobRequest, Lane, SendJob};
+use mailroom_core::settings::{OnUncertain, Settings};
+use mailroom_core::status::{JobState, JobStatus, StatusStore};
+use mailroom_core::store::RedisStore;
+use mailroom_core::wire;
+use mailroom_producer::Producer;
+use mailroom_tests::smtp::SmtpOptions;
+use mailroom_tests::stack::Stack;
+use mailroom_worker::Worker;
+use mailroom_worker::dlq;
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Long enough for any of these tests' jobs to settle on a loaded machine;
+/// reached only when something is broken.
+const PATIENCE: Duration = Duration::from_mins(1);
+
+/// An attachment that is not text, so it must travel base64-encoded.
+const RECEIPT: &[u8] = b"%PDF-1.4\n\x00\x01\x02\xff\xfe binary receipt";
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("worker task");
+    }
+}
+
+async fn start_worker(settings: &Settings) -> Running {
+    let worker = Worker::connect(settings).await.expect("worker connects");
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let drained = worker.run(token).await;
+        assert!(drained.clean, "worker drained cleanly");
+    });
+    Running { shutdown, task }
+}
+
+fn job(subject: &str) -> SendJob {
+    SendJob::from_request(
+        JobRequest {
+            message: EmailMessage {
+                from: "Shop <shop@example.com>".to_owned(),
+                to: vec!["Ada <ada@example.org>".to_owned()],
+                subject: subject.to_owned(),
+                text: Some(format!("Body of {subject}")),
+                ..EmailMessage::default()
+            },
+            ..JobRequest::default()
+        },
+        "acme",
+    )
+}
+
+async fn statuses(settings: &Settings) -> StatusStore {
+    let store = RedisStore::connect(&settings.redis).await.expect("redis");
+    StatusStore::new(store, Duration::from_mins(10))
+}
+
+/// Waits until `id`'s status is final.
+async fn settled(store: &StatusStore, id: &JobId) -> JobStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = store.get(id).await.expect("status")
+            && status.state.is_final()
+        {
+            return status;
+        }
+        assert!(start.elapsed() < PATIENCE, "job {id} did not settle");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn dead_letters(producer: &Producer) -> Vec<dlq::DeadLetter> {
+    dlq::list(producer.broker(), 100).await.expect("dlq list")
+}
+
+#[tokio::test]
+async fn a_message_arrives_intact_over_starttls_with_auth() {
+    let stack = Stack::new(
+        "intact",
+        &SmtpOptions {
+            auth: Some(("mailer", "s3cret-pass")),
+            ..SmtpOptions::default()
+        },
+    );
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let mut job = job("Your receipt");
+    job.message.html = Some("<p>Thanks for <b>your order</b></p>".to_owned());
+    job.message.cc = vec!["grace@example.net".to_owned()];
+    job.message.bcc = vec!["audit@example.com".to_owned()];
+    job.message
+        .headers
+        .insert("X-Campaign".to_owned(), "spring-sale".to_owned());
+    job.message.attachments = vec![Attachment {
+        filename: "receipt.pdf".to_owned(),
+        content_type: "application/pdf".to_owned(),
+        content: RECEIPT.to_vec(),
+    }];
+    let id = producer.enqueue(job).await.expect("enqueued");
+    let status = settled(&statuses(&stack.settings).await, &id).await;
+    assert_eq!(status.state, JobState::Sent);
+    assert_eq!(status.attempts, 1);
+
+    let accepted = stack.smtp.wait_accepted(1, PATIENCE);
+    assert_eq!(accepted.len(), 1);
+    let seen = &accepted[0];
+    assert!(seen.tls, "STARTTLS was used");
+    assert_eq!(seen.auth.as_deref(), Some("mailer"));
+    assert_eq!(seen.mail_from, "shop@example.com");
+    assert_eq!(
+        seen.rcpt_tos,
+        ["ada@example.org", "grace@example.net", "audit@example.com"]
+    );
+    assert_eq!(
+        seen.message_id.as_deref(),
+        Some(format!("<{id}@example.com>").as_str())
+    );
+    let raw = String::from_utf8(seen.raw.clone().expect("raw")).expect("utf-8");
+    for needle in [
+        "Subject: Your receipt",
+        "X-Campaign: spring-sale",
+        "Body of Your receipt",
+        "your order",
+        "filename=\"receipt.pdf\"",
+        "Content-Type: application/pdf",
+        "Cc: grace@example.net",
+    ] {
+        assert!(raw.contains(needle), "{needle:?} missing from\n{raw}");
+    }
+    assert!(
+        !raw.contains("audit@example.com"),
+        "Bcc leaked into headers"
+    );
+    // Binary content travels base64-encoded, byte for byte.
+    let encoded = base64::engine::general_purpose::STANDARD.encode(RECEIPT);
+    assert!(raw.contains(&encoded), "{raw}");
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn an_untrusted_relay_is_never_sent_to() {
+    // STARTTLS is required and the relay's certificate is not trusted: the
+    // handshake fails, the job waits for a retry, nothing goes out in clear.
+    let stack = Stack::new("plain", &SmtpOptions::default());
+    let mut settings = stack.settings.clone();
+    settings.smtp.ca_file = None; // the relay's certificate is not trusted
+    let producer = Producer::connect(&settings).await.expect("producer");
+    let worker = start_worker(&settings).await;
+    let id = producer.enqueue(job("untrusted")).await.expect("enqueued");
+    let store = statuses(&settings).await;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = store.get(&id).await.expect("status")
+            && status.state == JobState::Retrying
+        {
+            break status;
+        }
+        assert!(start.elapsed() < PATIENCE, "no retry recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error = status.last_error.unwrap_or_default();
+    assert!(
+        error.contains("STARTTLS") || error.contains("tls"),
+        "{error}"
+    );
+    assert!(stack.smtp.seen().is_empty(), "nothing reached DATA");
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_three_times_is_delivered_once() {
+    let stack = Stack::new("idem", &SmtpOptions::default());
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut job = job("Order 42 confirmed");
+        job.idempotency_key = Some("order-42".to_owned());
+        ids.push(producer.enqueue(job).await.expect("enqueued"));
+    }
+    let store = statuses(&stack.settings).await;
+    let mut states = Vec::new();
+    for id in &ids {
+        states.push(settled(&store, id).await.state);
+    }
+    states.sort_by_key(|s| s.as_str());
+    assert_eq!(
+        states,
+        [JobState::Duplicate, JobState::Duplicate, JobState::Sent]
+    );
+    assert_eq!(stack.smtp.accepted().len(), 1);
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn two_transient_failures_then_delivered_once_on_attempt_three() {
+    let stack = Stack::new(
+        "retry",
+        &SmtpOptions {
+            replies: vec!["451", "451", "250"],
+            ..SmtpOptions::default()
+        },
+    );
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let id = producer.enqueue(job("retry me")).await.expect("enqueued");
+    let status = settled(&statuses(&stack.settings).await, &id).await;
+    assert_eq!(status.state, JobState::Sent);
+    assert_eq!(status.attempts, 3);
+    let seen = stack.smtp.seen();
+    let replies: Vec<_> = seen.iter().map(|s| s.reply.as_str()).collect();
+    assert_eq!(replies, ["451", "451", "250"]);
+    let message_id = format!("<{id}@example.com>");
+    assert!(
+        seen.iter()
+            .all(|s| s.message_id.as_deref() == Some(message_id.as_str())),
+        "every attempt carries the same Message-ID"
+    );
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn a_permanent_rejection_is_dead_lettered_after_one_attempt() {
+    let stack = Stack::new(
+        "reject",
+        &SmtpOptions {
+            replies: vec!["550"],
+            ..SmtpOptions::default()
+        },
+    );
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let id = producer.enqueue(job("bounce")).await.expect("enqueued");
+    let status = settled(&statuses(&stack.settings).await, &id).await;
+    assert_eq!(status.state, JobState::Failed);
+    assert_eq!(status.attempts, 1);
+    assert_eq!(status.reason.as_deref(), Some("rejected"));
+    assert_eq!(stack.smtp.seen().len(), 1);
+    let letters = dead_letters(&producer).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, id.to_string());
+    assert_eq!(letters[0].reason, "rejected");
+    assert!(letters[0].last_error.contains("550"), "{:?}", letters[0]);
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn a_tampered_body_is_dead_lettered_and_the_worker_goes_on() {
+    let stack = Stack::new("tamper", &SmtpOptions::default());
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let bad = producer.enqueue(job("tampered")).await.expect("enqueued");
+    // Take it off the queue, flip one bit, put it back.
+    let channel = producer.broker().channel().await.expect("channel");
+    let message = channel
+        .basic_get(
+            wire::work_queue(Lane::Transactional).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+        .expect("the job");
+    let mut body = message.delivery.data.clone();
+    let middle = body.len() / 2;
+    body[middle] ^= 0x01;
+    producer
+        .broker()
+        .publish(Outgoing {
+            exchange: wire::JOBS_EXCHANGE.to_owned(),
+            routing_key: Lane::Transactional.as_str().to_owned(),
+            body,
+            properties: message.delivery.properties.clone(),
+            mandatory: true,
+        })
+        .await
+        .expect("republished");
+    let good = producer.enqueue(job("intact")).await.expect("enqueued");
+
+    let worker = start_worker(&stack.settings).await;
+    let status = settled(&statuses(&stack.settings).await, &good).await;
+    assert_eq!(status.state, JobState::Sent);
+    let start = Instant::now();
+    let letters = loop {
+        let letters = dead_letters(&producer).await;
+        if !letters.is_empty() || start.elapsed() > PATIENCE {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, bad.to_string());
+    assert_eq!(letters[0].reason, "seal");
+    assert_eq!(
+        stack.smtp.accepted().len(),
+        1,
+        "only the intact job went out"
+    );
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn an_expired_job_is_not_sent() {
+    let stack = Stack::new("expired", &SmtpOptions::default());
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let mut job = job("too late");
+    job.expires_at = Some(OffsetDateTime::now_utc() + Duration::from_millis(500));
+    let id = producer.enqueue(job).await.expect("enqueued");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let worker = start_worker(&stack.settings).await;
+    let status = settled(&statuses(&stack.settings).await, &id).await;
+    assert_eq!(status.state, JobState::Expired);
+    assert!(stack.smtp.seen().is_empty());
+    let letters = dead_letters(&producer).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "expired");
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn a_connection_lost_after_data_is_parked_when_asked() {
+    let stack = Stack::new(
+        "uncertain",
+        &SmtpOptions {
+            replies: vec!["drop"],
+            ..SmtpOptions::default()
+        },
+    );
+    let mut settings = stack.settings.clone();
+    settings.worker.on_uncertain = OnUncertain::Park;
+    let producer = Producer::connect(&settings).await.expect("producer");
+    let worker = start_worker(&settings).await;
+    let id = producer.enqueue(job("maybe sent")).await.expect("enqueued");
+    let status = settled(&statuses(&settings).await, &id).await;
+    assert_eq!(status.state, JobState::Dead);
+    assert_eq!(status.reason.as_deref(), Some("uncertain"));
+    let letters = dead_letters(&producer).await;
+    assert_eq!(letters[0].reason, "uncertain");
+    assert_eq!(stack.smtp.seen().len(), 1, "not sent again");
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn a_connection_lost_after_data_is_retried_with_the_same_message_id_by_default() {
+    let stack = Stack::new(
+        "uncertain-retry",
+        &SmtpOptions {
+            replies: vec!["drop"],
+            ..SmtpOptions::default()
+        },
+    );
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let id = producer.enqueue(job("maybe sent")).await.expect("enqueued");
+    let status = settled(&statuses(&stack.settings).await, &id).await;
+    assert_eq!(status.state, JobState::Sent);
+    assert_eq!(status.attempts, 2);
+    let seen = stack.smtp.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].message_id, seen[1].message_id);
+    worker.stop().await;
+    producer.close().await;
+}
