@@ -20,6 +20,8 @@ pub struct SmtpOptions {
     pub auth: Option<(&'static str, &'static str)>,
     /// Offer STARTTLS but do not insist on it (the client must).
     pub tls_optional: bool,
+    /// Wait this long before answering each end of DATA (a slow relay).
+    pub delay: Duration,
 }
 
 /// One message the server saw.
@@ -71,6 +73,11 @@ impl SmtpServer {
             .arg(options.replies.join(","))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if !options.delay.is_zero() {
+            command
+                .arg("--delay-ms")
+                .arg(options.delay.as_millis().to_string());
+        }
         if !options.tls_optional {
             command.arg("--require-tls");
         }
