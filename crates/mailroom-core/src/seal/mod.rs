@@ -12,8 +12,8 @@
 mod keyring;
 
 use chacha20poly1305::XNonce;
-use chacha20poly1305::aead::{Aead as _, Generate as _, Payload};
-use zeroize::Zeroizing;
+use chacha20poly1305::aead::{Aead as _, AeadInOut as _, Generate as _, Payload};
+use zeroize::{Zeroize as _, Zeroizing};
 
 pub use keyring::{KEY_LEN, Keyring, KeyringError, SealKey};
 
@@ -65,28 +65,43 @@ fn associated_data(version: u8, kid: &str, id: &JobId, tenant: &str) -> Vec<u8> 
     ad
 }
 
+/// Roughly the JSON size of `job`, so the body is allocated once.
+fn encoded_len_hint(job: &SendJob) -> usize {
+    let message = &job.message;
+    let text =
+        message.text.as_ref().map_or(0, String::len) + message.html.as_ref().map_or(0, String::len);
+    let attachments: usize = message
+        .attachments
+        .iter()
+        .map(|a| a.content.len() / 3 * 4 + a.filename.len() + 64)
+        .sum();
+    // Escapes (quotes, newlines) grow text a little; the rest is small.
+    text + text / 8 + attachments + 1024
+}
+
 impl Keyring {
     /// Seals `job` under the active key.
     pub fn seal(&self, job: &SendJob) -> Result<Sealed, SealError> {
         let version = u8::try_from(job.schema).map_err(|_| SealError::Encode)?;
         let key = self.active();
-        let plaintext = Zeroizing::new(serde_json::to_vec(job).map_err(|_| SealError::Encode)?);
         let nonce = XNonce::generate();
         let ad = associated_data(version, key.kid(), &job.id, &job.tenant);
-        let ciphertext = key
-            .cipher()
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: &plaintext,
-                    aad: &ad,
-                },
-            )
-            .map_err(|_| SealError::Encode)?;
-        let mut body = Vec::with_capacity(HEADER_LEN + ciphertext.len());
+        // The job is encoded straight into the body and encrypted where it
+        // lies: one buffer, and no plaintext copy left behind once sealed.
+        let mut body = Vec::with_capacity(HEADER_LEN + encoded_len_hint(job) + TAG_LEN);
         body.push(version);
         body.extend_from_slice(nonce.as_slice());
-        body.extend_from_slice(&ciphertext);
+        let encoded = serde_json::to_writer(&mut body, job);
+        let tag = encoded.ok().and_then(|()| {
+            key.cipher()
+                .encrypt_inout_detached(&nonce, &ad, (&mut body[HEADER_LEN..]).into())
+                .ok()
+        });
+        let Some(tag) = tag else {
+            body.zeroize();
+            return Err(SealError::Encode);
+        };
+        body.extend_from_slice(tag.as_slice());
         Ok(Sealed {
             kid: key.kid().to_owned(),
             body,

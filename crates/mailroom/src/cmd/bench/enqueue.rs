@@ -14,18 +14,18 @@ use anyhow::Context as _;
 use clap::Args;
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use mailroom_core::amqp::Broker;
 use mailroom_core::job::{EmailMessage, JobRequest, Lane, SendJob};
 use mailroom_core::seal::{Keyring, SealKey};
 use mailroom_core::settings::{Secret, Settings};
-use mailroom_core::wire::{Topology, work_queue};
+use mailroom_core::wire::{self, Topology, work_queue};
 use mailroom_producer::Producer;
 
-use super::measure::{Run, parse_size, peak_rss_kib, reset_peak_rss};
+use super::measure::{Run, cpu_time, cpu_used_since, parse_size, peak_rss_kib, reset_peak_rss};
 
 /// Jobs published before timing starts, to open channels and warm caches.
 const WARM_UP: usize = 1_000;
@@ -86,22 +86,79 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     run_mailroom(&producer, &body, WARM_UP, window).await?;
     purge_work_queues(&broker).await?;
     reset_peak_rss();
+    let cpu = cpu_time();
     let mut ours = run_mailroom(&producer, &body, args.count, window).await?;
     ours.peak_rss_kib = peak_rss_kib();
+    ours.cpu = cpu_used_since(cpu);
     purge_work_queues(&broker).await?;
-    producer.close().await;
 
-    reset_peak_rss();
-    let mut plain = run_plain(&url, sealed_len, args.count, window, settings.amqp.channels).await?;
-    plain.peak_rss_kib = peak_rss_kib();
+    let contract = Shape {
+        label: "plain lapin, same headers",
+        exchange: wire::JOBS_EXCHANGE,
+        routing_key: Lane::Transactional.as_str(),
+        properties: sample_properties(&producer, &broker, &body).await?,
+    };
+    producer.close().await;
+    let bare = Shape {
+        label: "plain lapin, bare",
+        exchange: "",
+        routing_key: PLAIN_QUEUE,
+        properties: BasicProperties::default().with_delivery_mode(2),
+    };
+    let mut ceilings = Vec::new();
+    for shape in [contract, bare] {
+        reset_peak_rss();
+        let cpu = cpu_time();
+        let mut run = run_plain(
+            &url,
+            &shape,
+            sealed_len,
+            args.count,
+            window,
+            settings.amqp.channels,
+        )
+        .await?;
+        run.peak_rss_kib = peak_rss_kib();
+        run.cpu = cpu_used_since(cpu);
+        purge_work_queues(&broker).await?;
+        ceilings.push(run);
+    }
+    broker.close().await;
 
     println!("{}", ours.report());
-    println!("{}", plain.report());
     println!(
-        "ratio mailroom / plain lapin: {:.2} (target >= 0.85); sealed body {sealed_len} B",
-        ours.rate() / plain.rate()
+        "  of which validate + seal (no broker, one core): {:.1} us/job",
+        local_work(&keyring, &settings.limits, &body)?.as_secs_f64() * 1e6
     );
+    for ceiling in &mut ceilings {
+        println!("{}", ceiling.report());
+    }
+    for ceiling in &ceilings {
+        println!(
+            "ratio mailroom / {}: {:.2} (target >= 0.85)",
+            ceiling.label,
+            ours.rate() / ceiling.rate()
+        );
+    }
+    println!("sealed body {sealed_len} B; plain runs publish unsealed bodies of that size");
     Ok(())
+}
+
+/// Time per job of the work mailroom adds before publishing: building,
+/// validating and sealing, on one core.
+fn local_work(
+    keyring: &Keyring,
+    limits: &mailroom_core::validate::Limits,
+    body: &str,
+) -> anyhow::Result<Duration> {
+    const ROUNDS: u32 = 5_000;
+    let start = Instant::now();
+    for _ in 0..ROUNDS {
+        let job = job(body);
+        mailroom_core::validate::validate_job(&job, limits)?;
+        std::hint::black_box(keyring.seal(&job)?);
+    }
+    Ok(start.elapsed() / ROUNDS)
 }
 
 /// `url` with its vhost replaced.
@@ -183,19 +240,51 @@ async fn run_mailroom(
         latencies,
         elapsed,
         peak_rss_kib: None,
+        cpu: None,
     })
 }
 
+/// Where and how a plain run publishes.
+struct Shape {
+    label: &'static str,
+    exchange: &'static str,
+    routing_key: &'static str,
+    properties: BasicProperties,
+}
+
+/// Queue of the bare plain run, declared like a work queue.
+const PLAIN_QUEUE: &str = "mailroom.bench.plain";
+
+/// The properties and headers mailroom gives a job: one job enqueued and
+/// fetched back.
+async fn sample_properties(
+    producer: &Producer,
+    broker: &Broker,
+    body: &str,
+) -> anyhow::Result<BasicProperties> {
+    producer.enqueue(job(body)).await?;
+    let channel = broker.channel().await?;
+    let message = channel
+        .basic_get(
+            work_queue(Lane::Transactional).as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await?
+        .context("the sample job did not arrive")?;
+    let _ = channel.close(200, "sampled".into()).await;
+    Ok(message.delivery.properties.clone())
+}
+
 /// A plain lapin publisher: confirms, the same window and channel count,
-/// bodies of the sealed size, a quorum queue declared like a work queue.
+/// bodies of the sealed size, nothing validated or sealed.
 async fn run_plain(
     url: &str,
+    shape: &Shape,
     body_len: usize,
     count: usize,
     window: usize,
     channels: usize,
 ) -> anyhow::Result<Run> {
-    let queue = "mailroom.bench.plain";
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let mut pool = Vec::new();
     for _ in 0..channels.max(1) {
@@ -212,7 +301,7 @@ async fn run_plain(
         .context("topology has no transactional queue")?;
     pool[0]
         .queue_declare(
-            queue.into(),
+            PLAIN_QUEUE.into(),
             QueueDeclareOptions {
                 durable: true,
                 ..QueueDeclareOptions::default()
@@ -221,7 +310,7 @@ async fn run_plain(
         )
         .await?;
     pool[0]
-        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .queue_purge(PLAIN_QUEUE.into(), QueuePurgeOptions::default())
         .await?;
     let body = vec![b'x'; body_len];
     let next = AtomicUsize::new(0);
@@ -234,18 +323,21 @@ async fn run_plain(
                 let start = Instant::now();
                 let confirm = channel
                     .basic_publish(
-                        "".into(),
-                        queue.into(),
+                        shape.exchange.into(),
+                        shape.routing_key.into(),
                         BasicPublishOptions {
                             mandatory: true,
                             ..BasicPublishOptions::default()
                         },
                         body,
-                        BasicProperties::default().with_delivery_mode(2),
+                        shape.properties.clone(),
                     )
                     .await?
                     .await?;
-                anyhow::ensure!(confirm.is_ack(), "plain publish not acked");
+                anyhow::ensure!(
+                    matches!(confirm, lapin::Confirmation::Ack(None)),
+                    "plain publish not acked"
+                );
                 Ok(start.elapsed())
             }
         })
@@ -254,14 +346,15 @@ async fn run_plain(
         .await;
     let elapsed = started.elapsed();
     pool[0]
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .queue_delete(PLAIN_QUEUE.into(), QueueDeleteOptions::default())
         .await?;
     let _ = connection.close(200, "bench done".into()).await;
     Ok(Run {
-        label: "plain lapin (unsealed)",
+        label: shape.label,
         latencies: results.into_iter().collect::<Result<_, _>>()?,
         elapsed,
         peak_rss_kib: None,
+        cpu: None,
     })
 }
 

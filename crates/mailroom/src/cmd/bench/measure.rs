@@ -16,6 +16,8 @@ pub struct Run {
     pub latencies: Vec<Duration>,
     pub elapsed: Duration,
     pub peak_rss_kib: Option<u64>,
+    /// CPU time (user + system) this process spent during the run.
+    pub cpu: Option<Duration>,
 }
 
 impl Run {
@@ -38,10 +40,19 @@ impl Run {
             || "n/a".to_owned(),
             |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
         );
+        let cpu = self.cpu.map_or_else(
+            || "n/a".to_owned(),
+            |cpu| {
+                format!(
+                    "{:.1} us/job",
+                    cpu.as_secs_f64() * 1e6 / self.latencies.len().max(1) as f64
+                )
+            },
+        );
         let p50 = self.percentile(50.0).as_secs_f64() * 1e3;
         let p99 = self.percentile(99.0).as_secs_f64() * 1e3;
         format!(
-            "{:<28} {:>9.0} /s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   peak RSS {rss}",
+            "{:<28} {:>9.0} /s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   peak RSS {rss}   client CPU {cpu}",
             self.label,
             self.rate(),
         )
@@ -61,6 +72,24 @@ pub fn peak_rss_kib() -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time (user + system) this process has used so far (Linux).
+pub fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: utime and stime are the 12th and 13th of them, in clock ticks.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// CPU time used since `start` (a [`cpu_time`] reading).
+pub fn cpu_used_since(start: Option<Duration>) -> Option<Duration> {
+    Some(cpu_time()?.saturating_sub(start?))
 }
 
 /// Parses sizes like `2KiB`, `512`, `1MiB`, `4kB`.
@@ -105,6 +134,7 @@ mod tests {
             latencies: (1..=100).map(Duration::from_millis).collect(),
             elapsed: Duration::from_secs(1),
             peak_rss_kib: None,
+            cpu: None,
         };
         assert_eq!(run.percentile(50.0), Duration::from_millis(51));
         assert_eq!(run.percentile(99.0), Duration::from_millis(99));
