@@ -22,6 +22,10 @@ pub struct SmtpOptions {
     pub tls_optional: bool,
     /// Wait this long before answering each end of DATA (a slow relay).
     pub delay: Duration,
+    /// Do not advertise PIPELINING (commands then go one by one).
+    pub no_pipelining: bool,
+    /// Answer 550 to `RCPT TO` this address.
+    pub reject_rcpt: Option<&'static str>,
 }
 
 /// One message the server saw.
@@ -77,6 +81,12 @@ impl SmtpServer {
             command
                 .arg("--delay-ms")
                 .arg(options.delay.as_millis().to_string());
+        }
+        if options.no_pipelining {
+            command.arg("--no-pipelining");
+        }
+        if let Some(address) = options.reject_rcpt {
+            command.arg("--reject-rcpt").arg(address);
         }
         if !options.tls_optional {
             command.arg("--require-tls");

@@ -245,6 +245,8 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_attempt() {
         "reject",
         &SmtpOptions {
             replies: vec!["550"],
+            // Commands one by one here; the other tests pipeline them.
+            no_pipelining: true,
             ..SmtpOptions::default()
         },
     );
@@ -380,6 +382,31 @@ async fn a_connection_lost_after_data_is_retried_with_the_same_message_id_by_def
     let seen = stack.smtp.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].message_id, seen[1].message_id);
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn a_refused_recipient_in_a_pipelined_group_sends_no_body() {
+    let stack = Stack::new(
+        "rcpt",
+        &SmtpOptions {
+            reject_rcpt: Some("nobody@example.org"),
+            ..SmtpOptions::default()
+        },
+    );
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let mut job = job("two recipients");
+    job.message.to.push("nobody@example.org".to_owned());
+    let id = producer.enqueue(job).await.expect("enqueued");
+    let status = settled(&statuses(&stack.settings).await, &id).await;
+    assert_eq!(status.state, JobState::Failed);
+    assert_eq!(status.reason.as_deref(), Some("rejected"));
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("550"), "{error}");
+    assert!(!error.contains("nobody@"), "address not masked: {error}");
+    assert!(stack.smtp.seen().is_empty(), "no message body was sent");
     worker.stop().await;
     producer.close().await;
 }

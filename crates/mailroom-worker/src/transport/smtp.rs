@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use mailroom_core::settings::{SmtpSettings, TlsMode};
@@ -46,8 +46,15 @@ struct Relay {
     command_timeout: Duration,
 }
 
+/// A connection and what its relay offers.
+struct Session {
+    smtp: AsyncSmtpConnection,
+    /// RFC 2920: MAIL, RCPT and DATA go out in one write.
+    pipelining: bool,
+}
+
 struct Idle {
-    connection: AsyncSmtpConnection,
+    session: Session,
     since: Instant,
 }
 
@@ -132,26 +139,26 @@ impl SmtpTransport {
             .acquire()
             .await
             .map_err(|_| SendError::transient(None, "transport shut down"))?;
-        if let Some(mut connection) = self.take_idle() {
-            match self.transact(&mut connection, message).await {
-                Ok(response) => return Ok(self.keep(connection, &response)),
+        if let Some(mut session) = self.take_idle() {
+            match self.transact(&mut session, message).await {
+                Ok(response) => return Ok(self.keep(session, &response)),
                 // A pooled connection the relay dropped while idle fails at
                 // MAIL with a network error: nothing was sent, so try once
                 // more on a fresh connection instead of spending an attempt.
                 Err((Step::Before, err)) if err.is_network() => {
-                    connection.abort().await;
+                    session.smtp.abort().await;
                 }
                 Err((step, err)) => {
-                    connection.abort().await;
+                    session.smtp.abort().await;
                     return Err(err.into_send_error(step));
                 }
             }
         }
-        let mut connection = self.connect().await?;
-        match self.transact(&mut connection, message).await {
-            Ok(response) => Ok(self.keep(connection, &response)),
+        let mut session = self.connect().await?;
+        match self.transact(&mut session, message).await {
+            Ok(response) => Ok(self.keep(session, &response)),
             Err((step, err)) => {
-                connection.abort().await;
+                session.smtp.abort().await;
                 Err(err.into_send_error(step))
             }
         }
@@ -162,7 +169,8 @@ impl SmtpTransport {
         self.permits.close();
         let idle: Vec<Idle> = self.lock_idle().drain(..).collect();
         for mut idle in idle {
-            let _ = tokio::time::timeout(self.relay.command_timeout, idle.connection.quit()).await;
+            let _ =
+                tokio::time::timeout(self.relay.command_timeout, idle.session.smtp.quit()).await;
         }
     }
 
@@ -172,21 +180,21 @@ impl SmtpTransport {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+    fn take_idle(&self) -> Option<Session> {
         let mut idle = self.lock_idle();
         while let Some(candidate) = idle.pop() {
-            if candidate.since.elapsed() < MAX_IDLE && !candidate.connection.has_broken() {
-                return Some(candidate.connection);
+            if candidate.since.elapsed() < MAX_IDLE && !candidate.session.smtp.has_broken() {
+                return Some(candidate.session);
             }
         }
         None
     }
 
-    fn keep(&self, connection: AsyncSmtpConnection, response: &Response) -> Delivered {
+    fn keep(&self, session: Session, response: &Response) -> Delivered {
         let mut idle = self.lock_idle();
         if idle.len() < self.pool_size {
             idle.push(Idle {
-                connection,
+                session,
                 since: Instant::now(),
             });
         }
@@ -197,22 +205,34 @@ impl SmtpTransport {
 
     /// Connects, greets, upgrades to TLS and authenticates, within
     /// `smtp.connect_timeout`.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+    async fn connect(&self) -> Result<Session, SendError> {
         let relay = &self.relay;
         let connecting = async {
-            let implicit = match relay.tls {
-                TlsMode::Implicit => relay.tls_parameters.clone(),
-                _ => None,
+            let mut connection = if let (TlsMode::Implicit, Some(parameters)) =
+                (relay.tls, relay.tls_parameters.clone())
+            {
+                AsyncSmtpConnection::connect_tokio1(
+                    (relay.host.as_str(), relay.port),
+                    Some(relay.connect_timeout),
+                    &relay.hello,
+                    Some(parameters),
+                    None,
+                )
+                .await
+                .map_err(|err| connect_error("connecting", &err))?
+            } else {
+                let tcp = tokio::net::TcpStream::connect((relay.host.as_str(), relay.port))
+                    .await
+                    .map_err(|err| SendError::transient(None, &format!("connecting: {err}")))?;
+                // The end of DATA is a small write right after the body:
+                // with Nagle on, it waits for the relay's delayed ACK
+                // (~40 ms a message).
+                tcp.set_nodelay(true)
+                    .map_err(|err| SendError::transient(None, &format!("connecting: {err}")))?;
+                AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &relay.hello)
+                    .await
+                    .map_err(|err| connect_error("greeting", &err))?
             };
-            let mut connection = AsyncSmtpConnection::connect_tokio1(
-                (relay.host.as_str(), relay.port),
-                Some(relay.connect_timeout),
-                &relay.hello,
-                implicit,
-                None,
-            )
-            .await
-            .map_err(|err| connect_error("connecting", &err))?;
             let upgrade = match relay.tls {
                 TlsMode::StarttlsRequired => {
                     if !connection.can_starttls() {
@@ -244,7 +264,19 @@ impl SmtpTransport {
                         SendError::transient(err.status().map(u16::from), &format!("AUTH: {err}"))
                     })?;
             }
-            Ok(connection)
+            // lettre keeps only the EHLO keywords it knows; ask again to
+            // learn whether the relay takes pipelined commands.
+            let ehlo = connection
+                .command(Ehlo::new(relay.hello.clone()))
+                .await
+                .map_err(|err| connect_error("EHLO", &err))?;
+            let pipelining = ehlo
+                .message()
+                .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
+            Ok(Session {
+                smtp: connection,
+                pipelining,
+            })
         };
         tokio::time::timeout(relay.connect_timeout, connecting)
             .await
@@ -259,25 +291,45 @@ impl SmtpTransport {
             })
     }
 
-    /// MAIL, RCPT for each recipient, DATA, the message; each command within
+    /// MAIL, RCPT for each recipient, DATA (in one write when the relay
+    /// pipelines), then the message; each reply within
     /// `smtp.command_timeout`.
     async fn transact(
         &self,
-        connection: &mut AsyncSmtpConnection,
+        session: &mut Session,
         message: &OutgoingMessage,
     ) -> Result<Response, (Step, Failure)> {
         let before = |failure| (Step::Before, failure);
+        let connection = &mut session.smtp;
         let mail = Mail::new(
             message.envelope.from().cloned(),
             mail_parameters(connection, &message.envelope, &message.raw).map_err(before)?,
         );
-        self.command(connection, mail).await.map_err(before)?;
-        for recipient in message.envelope.to() {
-            self.command(connection, Rcpt::new(recipient.clone(), Vec::new()))
-                .await
-                .map_err(before)?;
+        let recipients = message
+            .envelope
+            .to()
+            .iter()
+            .map(|recipient| Rcpt::new(recipient.clone(), Vec::new()));
+        if session.pipelining {
+            let mut group = mail.to_string();
+            for rcpt in recipients {
+                group.push_str(&rcpt.to_string());
+            }
+            group.push_str(&Data.to_string());
+            // The first reply answers MAIL; one more a recipient, one for
+            // DATA. A refusal ends the session (it is aborted), so no body
+            // follows a DATA that a refused RCPT made fail.
+            self.command(connection, group).await.map_err(before)?;
+            for _ in 0..=message.envelope.to().len() {
+                self.reply(connection).await.map_err(before)?;
+            }
+        } else {
+            self.command(connection, mail).await.map_err(before)?;
+            for rcpt in recipients {
+                self.command(connection, rcpt).await.map_err(before)?;
+            }
+            self.command(connection, Data).await.map_err(before)?;
         }
-        self.command(connection, Data).await.map_err(before)?;
         tokio::time::timeout(self.relay.command_timeout, connection.message(&message.raw))
             .await
             .map_err(|_| {
@@ -287,6 +339,13 @@ impl SmtpTransport {
                 )
             })?
             .map_err(|err| (Step::AfterData, Failure::Smtp(err)))
+    }
+
+    async fn reply(&self, connection: &mut AsyncSmtpConnection) -> Result<Response, Failure> {
+        tokio::time::timeout(self.relay.command_timeout, connection.read_response())
+            .await
+            .map_err(|_| Failure::Timeout(self.relay.command_timeout))?
+            .map_err(Failure::Smtp)
     }
 
     async fn command<C: std::fmt::Display>(

@@ -7,25 +7,23 @@
 //! every job; the plain run publishes bodies of the sealed size as they are.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
 use futures_util::StreamExt as _;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
-};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
+use lapin::options::BasicGetOptions;
 use mailroom_core::amqp::Broker;
-use mailroom_core::job::{EmailMessage, JobRequest, Lane, SendJob};
+use mailroom_core::job::Lane;
 use mailroom_core::seal::{Keyring, SealKey};
-use mailroom_core::settings::{Secret, Settings};
-use mailroom_core::wire::{self, Topology, work_queue};
+use mailroom_core::settings::Settings;
+use mailroom_core::wire::{self, work_queue};
 use mailroom_producer::Producer;
 
 use super::measure::{Run, cpu_time, cpu_used_since, parse_size, peak_rss_kib, reset_peak_rss};
+use super::plain::{PLAIN_QUEUE, Plain, Shape};
+use super::setup::{bench_broker, body_text, job, purge_work_queues};
 
 /// Jobs published before timing starts, to open channels and warm caches.
 const WARM_UP: usize = 1_000;
@@ -49,32 +47,14 @@ pub struct EnqueueArgs {
 
 /// Runs the benchmark and prints its figures.
 pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
-    let mut settings = settings.clone();
+    let (mut settings, url, broker) = bench_broker(settings, &args.vhost).await?;
     let window = args.window.unwrap_or(settings.amqp.publish_window).max(1);
     settings.amqp.publish_window = window;
-    let url = settings
-        .amqp
-        .urls
-        .first()
-        .context("amqp.urls is empty")?
-        .expose()
-        .to_owned();
-    let url = with_vhost(&url, &args.vhost);
-    settings.amqp.urls = vec![Secret::new(url.clone())];
-
-    let broker = Broker::connect(&settings.amqp).await.with_context(|| {
-        format!(
-            "connecting to vhost {0:?}; create it with: rabbitmqctl add_vhost {0} && rabbitmqctl set_permissions -p {0} guest '.*' '.*' '.*'",
-            args.vhost
-        )
-    })?;
     let keyring = Keyring::new(
         [SealKey::generate("bench").map_err(anyhow::Error::msg)?],
         None,
     )?;
-    broker.declare(&Topology::standard()).await?;
     let producer = Producer::from_parts(broker.clone(), keyring.clone(), settings.limits.clone());
-    purge_work_queues(&broker).await?;
 
     println!(
         "mailroom bench enqueue: {} jobs, {} B text body, window {window}, {} channels, vhost {}",
@@ -105,32 +85,28 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         routing_key: PLAIN_QUEUE,
         properties: BasicProperties::default().with_delivery_mode(2),
     };
+    let plain = Plain::open(&url, settings.amqp.channels).await?;
     let mut ceilings = Vec::new();
     for shape in [contract, bare] {
         reset_peak_rss();
         let cpu = cpu_time();
-        let mut run = run_plain(
-            &url,
-            &shape,
-            sealed_len,
-            args.count,
-            window,
-            settings.amqp.channels,
-        )
-        .await?;
+        let mut run = plain
+            .publish(&shape, sealed_len, args.count, window)
+            .await?;
         run.peak_rss_kib = peak_rss_kib();
         run.cpu = cpu_used_since(cpu);
         purge_work_queues(&broker).await?;
         ceilings.push(run);
     }
+    plain.close().await?;
     broker.close().await;
 
     println!("{}", ours.report());
     println!(
-        "  of which validate + seal (no broker, one core): {:.1} us/job",
+        "  of which build + validate + seal (no broker, one core): {:.1} us/job",
         local_work(&keyring, &settings.limits, &body)?.as_secs_f64() * 1e6
     );
-    for ceiling in &mut ceilings {
+    for ceiling in &ceilings {
         println!("{}", ceiling.report());
     }
     for ceiling in &ceilings {
@@ -161,60 +137,6 @@ fn local_work(
     Ok(start.elapsed() / ROUNDS)
 }
 
-/// `url` with its vhost replaced.
-fn with_vhost(url: &str, vhost: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url));
-    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
-    let query = rest.find('?').map_or("", |at| &rest[at..]);
-    let encoded: String = vhost
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    format!("{scheme}://{authority}/{encoded}{query}")
-}
-
-fn body_text(size: usize) -> String {
-    const WORDS: &str = "the quick brown fox jumps over the lazy dog; ";
-    WORDS.chars().cycle().take(size).collect()
-}
-
-fn job(body: &str) -> SendJob {
-    SendJob::from_request(
-        JobRequest {
-            lane: Lane::Transactional,
-            message: EmailMessage {
-                from: "Bench <bench@mailroom.example>".to_owned(),
-                to: vec!["Reader <reader@example.org>".to_owned()],
-                subject: "mailroom bench".to_owned(),
-                text: Some(body.to_owned()),
-                ..EmailMessage::default()
-            },
-            ..JobRequest::default()
-        },
-        "bench",
-    )
-}
-
-async fn purge_work_queues(broker: &Broker) -> anyhow::Result<()> {
-    let channel = broker.channel().await?;
-    for lane in Lane::ALL {
-        channel
-            .queue_purge(
-                work_queue(lane).as_str().into(),
-                QueuePurgeOptions::default(),
-            )
-            .await?;
-    }
-    let _ = channel.close(200, "bench done".into()).await;
-    Ok(())
-}
-
 async fn run_mailroom(
     producer: &Producer,
     body: &Arc<str>,
@@ -235,25 +157,8 @@ async fn run_mailroom(
         .await;
     let elapsed = started.elapsed();
     let latencies = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-    Ok(Run {
-        label: "mailroom enqueue (sealed)",
-        latencies,
-        elapsed,
-        peak_rss_kib: None,
-        cpu: None,
-    })
+    Ok(Run::new("mailroom enqueue (sealed)", latencies, elapsed))
 }
-
-/// Where and how a plain run publishes.
-struct Shape {
-    label: &'static str,
-    exchange: &'static str,
-    routing_key: &'static str,
-    properties: BasicProperties,
-}
-
-/// Queue of the bare plain run, declared like a work queue.
-const PLAIN_QUEUE: &str = "mailroom.bench.plain";
 
 /// The properties and headers mailroom gives a job: one job enqueued and
 /// fetched back.
@@ -273,105 +178,4 @@ async fn sample_properties(
         .context("the sample job did not arrive")?;
     let _ = channel.close(200, "sampled".into()).await;
     Ok(message.delivery.properties.clone())
-}
-
-/// A plain lapin publisher: confirms, the same window and channel count,
-/// bodies of the sealed size, nothing validated or sealed.
-async fn run_plain(
-    url: &str,
-    shape: &Shape,
-    body_len: usize,
-    count: usize,
-    window: usize,
-    channels: usize,
-) -> anyhow::Result<Run> {
-    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    let mut pool = Vec::new();
-    for _ in 0..channels.max(1) {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        pool.push(channel);
-    }
-    let spec = Topology::standard()
-        .queues
-        .into_iter()
-        .find(|spec| spec.name == work_queue(Lane::Transactional))
-        .context("topology has no transactional queue")?;
-    pool[0]
-        .queue_declare(
-            PLAIN_QUEUE.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            spec.argument_table(),
-        )
-        .await?;
-    pool[0]
-        .queue_purge(PLAIN_QUEUE.into(), QueuePurgeOptions::default())
-        .await?;
-    let body = vec![b'x'; body_len];
-    let next = AtomicUsize::new(0);
-    let started = Instant::now();
-    let results: Vec<Result<Duration, anyhow::Error>> = futures_util::stream::iter(0..count)
-        .map(|_| {
-            let channel = &pool[next.fetch_add(1, Ordering::Relaxed) % pool.len()];
-            let body = &body;
-            async move {
-                let start = Instant::now();
-                let confirm = channel
-                    .basic_publish(
-                        shape.exchange.into(),
-                        shape.routing_key.into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        body,
-                        shape.properties.clone(),
-                    )
-                    .await?
-                    .await?;
-                anyhow::ensure!(
-                    matches!(confirm, lapin::Confirmation::Ack(None)),
-                    "plain publish not acked"
-                );
-                Ok(start.elapsed())
-            }
-        })
-        .buffer_unordered(window)
-        .collect()
-        .await;
-    let elapsed = started.elapsed();
-    pool[0]
-        .queue_delete(PLAIN_QUEUE.into(), QueueDeleteOptions::default())
-        .await?;
-    let _ = connection.close(200, "bench done".into()).await;
-    Ok(Run {
-        label: shape.label,
-        latencies: results.into_iter().collect::<Result<_, _>>()?,
-        elapsed,
-        peak_rss_kib: None,
-        cpu: None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vhost_is_replaced_and_encoded() {
-        assert_eq!(
-            with_vhost("amqp://guest:guest@127.0.0.1:5672/%2f", "mailroom-bench"),
-            "amqp://guest:guest@127.0.0.1:5672/mailroom-bench"
-        );
-        assert_eq!(with_vhost("amqps://h", "a b"), "amqps://h/a%20b");
-        assert_eq!(
-            with_vhost("amqp://h:1/x?heartbeat=5", "v"),
-            "amqp://h:1/v?heartbeat=5"
-        );
-    }
 }

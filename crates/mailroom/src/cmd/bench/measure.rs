@@ -1,61 +1,77 @@
 //! What every benchmark reports: rate, latency percentiles, peak memory.
 
-// Counts and ranks here are far below 2^52; float arithmetic on them is exact
-// enough for figures printed with two decimals.
-#![allow(
-    clippy::cast_precision_loss,
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss
-)]
-
 use std::time::Duration;
 
 /// Latencies of one run and how long it took.
 pub struct Run {
+    /// Printed name.
     pub label: &'static str,
+    /// One latency per message, when measured.
     pub latencies: Vec<Duration>,
+    /// Messages handled.
+    pub count: usize,
+    /// Wall time of the run.
     pub elapsed: Duration,
+    /// Peak resident memory, when measured.
     pub peak_rss_kib: Option<u64>,
     /// CPU time (user + system) this process spent during the run.
     pub cpu: Option<Duration>,
 }
 
 impl Run {
-    pub fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
-    }
-
-    /// The `p`th percentile (0..=100) latency.
-    pub fn percentile(&mut self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
+    /// A run of `latencies.len()` messages.
+    pub fn new(label: &'static str, mut latencies: Vec<Duration>, elapsed: Duration) -> Self {
+        latencies.sort_unstable();
+        Self {
+            label,
+            count: latencies.len(),
+            latencies,
+            elapsed,
+            peak_rss_kib: None,
+            cpu: None,
         }
-        self.latencies.sort_unstable();
-        let rank = (p / 100.0 * (self.latencies.len() - 1) as f64).round() as usize;
-        self.latencies[rank.min(self.latencies.len() - 1)]
     }
 
-    pub fn report(&mut self) -> String {
-        let rss = self.peak_rss_kib.map_or_else(
-            || "n/a".to_owned(),
-            |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
-        );
-        let cpu = self.cpu.map_or_else(
-            || "n/a".to_owned(),
-            |cpu| {
-                format!(
-                    "{:.1} us/job",
-                    cpu.as_secs_f64() * 1e6 / self.latencies.len().max(1) as f64
-                )
-            },
-        );
-        let p50 = self.percentile(50.0).as_secs_f64() * 1e3;
-        let p99 = self.percentile(99.0).as_secs_f64() * 1e3;
-        format!(
-            "{:<28} {:>9.0} /s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   peak RSS {rss}   client CPU {cpu}",
+    /// Messages a second.
+    pub fn rate(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The `p`th percentile (0..=100) latency, if latencies were measured.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let rank = (p / 100.0 * (self.latencies.len() - 1) as f64).round() as usize;
+        Some(self.latencies[rank.min(self.latencies.len() - 1)])
+    }
+
+    /// One line: rate, percentiles, memory, CPU.
+    pub fn report(&self) -> String {
+        let ms = |p| {
+            self.percentile(p).map_or_else(
+                || "      -".to_owned(),
+                |d: Duration| format!("{:>7.2}", d.as_secs_f64() * 1e3),
+            )
+        };
+        let mut line = format!(
+            "{:<34} {:>9.0} /s   p50 {} ms   p95 {} ms   p99 {} ms",
             self.label,
             self.rate(),
-        )
+            ms(50.0),
+            ms(95.0),
+            ms(99.0)
+        );
+        if let Some(kib) = self.peak_rss_kib {
+            line.push_str(&format!("   peak RSS {:.1} MiB", kib as f64 / 1024.0));
+        }
+        if let Some(cpu) = self.cpu {
+            line.push_str(&format!(
+                "   client CPU {:.1} us/msg",
+                cpu.as_secs_f64() * 1e6 / self.count.max(1) as f64
+            ));
+        }
+        line
     }
 }
 
@@ -67,7 +83,12 @@ pub fn reset_peak_rss() {
 
 /// Peak resident set size of this process since the last reset (Linux).
 pub fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    peak_rss_kib_of("self")
+}
+
+/// Peak resident set size of process `pid` (`"self"` for this one).
+pub fn peak_rss_kib_of(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:"))
@@ -129,15 +150,13 @@ mod tests {
 
     #[test]
     fn percentiles_pick_ranks() {
-        let mut run = Run {
-            label: "t",
-            latencies: (1..=100).map(Duration::from_millis).collect(),
-            elapsed: Duration::from_secs(1),
-            peak_rss_kib: None,
-            cpu: None,
-        };
-        assert_eq!(run.percentile(50.0), Duration::from_millis(51));
-        assert_eq!(run.percentile(99.0), Duration::from_millis(99));
+        let run = Run::new(
+            "t",
+            (1..=100).rev().map(Duration::from_millis).collect(),
+            Duration::from_secs(1),
+        );
+        assert_eq!(run.percentile(50.0), Some(Duration::from_millis(51)));
+        assert_eq!(run.percentile(99.0), Some(Duration::from_millis(99)));
         assert!((run.rate() - 100.0).abs() < 1e-9);
     }
 }

@@ -1,0 +1,444 @@
+//! `mailroom bench e2e`: the whole path (enqueue, a `mailroom worker`
+//! process, an SMTP sink on loopback) against two ceilings measured in the
+//! same run: the broker's (a plain lapin consumer acking messages of the
+//! same size) and the sink's (the same messages over the same concurrency,
+//! connections reused, no queue).
+//!
+//! Two mailroom phases: as fast as it goes (throughput), then paced at half
+//! that rate (latency from a job's creation to the relay's acceptance, as
+//! its status records it). The worker runs as its own process, so its peak
+//! RSS is its own.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use lapin::BasicProperties;
+use mailroom_core::job::{JobId, SendJob};
+use mailroom_core::seal::SealKey;
+use mailroom_core::settings::{Secret, Settings, TlsMode, TransportKind};
+use mailroom_core::status::{JobState, StatusStore};
+use mailroom_core::store::RedisStore;
+use mailroom_producer::Producer;
+use mailroom_worker::message::build_message;
+use mailroom_worker::transport::SmtpTransport;
+
+use super::measure::{Run, parse_size, peak_rss_kib_of};
+use super::plain::{PLAIN_QUEUE, Plain, Shape};
+use super::setup::{bench_broker, body_text, job, purge_work_queues};
+
+/// No progress for this long means something is broken: stop and say so.
+const STALL: Duration = Duration::from_secs(30);
+
+/// `mailroom bench e2e`
+#[derive(Debug, Args)]
+pub struct E2eArgs {
+    /// Jobs in the throughput phase (and messages in each ceiling).
+    #[arg(short = 'n', long, default_value_t = 50_000)]
+    count: usize,
+    /// Worker concurrency, consumer prefetch and SMTP connections.
+    #[arg(long, default_value_t = 256)]
+    concurrency: u16,
+    /// Size of each job's text body, e.g. 2KiB.
+    #[arg(long, default_value = "2KiB", value_parser = parse_size)]
+    size: usize,
+    /// The SMTP sink (plain SMTP on loopback), e.g. postfix's `smtp-sink`.
+    #[arg(long, default_value = "smtp://127.0.0.1:2525")]
+    smtp: String,
+    /// Length of the paced (latency) phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    paced: Duration,
+    /// Vhost the benchmark uses (made with `rabbitmqctl add_vhost`).
+    #[arg(long, default_value = "mailroom-bench")]
+    vhost: String,
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
+    let (mut settings, url, broker) = bench_broker(settings, &args.vhost).await?;
+    let seal_line = configure(&mut settings, &args)?;
+    check_sink(&args.smtp)?;
+    let keyring = settings.keyring()?;
+    let body = body_text(args.size);
+    let sealed_len = keyring.seal(&job(&body))?.body.len();
+    println!(
+        "mailroom bench e2e: {} jobs, {} B text body ({sealed_len} B sealed), concurrency {}, sink {}, vhost {}",
+        args.count, args.size, args.concurrency, args.smtp, args.vhost
+    );
+
+    let sink = sink_ceiling(&settings, &job(&body), args.count, args.concurrency).await?;
+    println!("{}", sink.report());
+    let plain = Plain::open(&url, settings.amqp.channels).await?;
+    let bare = Shape {
+        label: "plain publish",
+        exchange: "",
+        routing_key: PLAIN_QUEUE,
+        properties: BasicProperties::default().with_delivery_mode(2),
+    };
+    plain
+        .publish(&bare, sealed_len, args.count, settings.amqp.publish_window)
+        .await?;
+    let consumer = plain.consume(args.count, args.concurrency).await?;
+    plain.close().await?;
+    println!("{}", consumer.report());
+
+    let store = RedisStore::connect(&settings.redis).await?;
+    let producer = Producer::from_parts(broker.clone(), keyring, settings.limits.clone());
+    // The backlog is enqueued before the worker starts, so the flat-out
+    // phase measures the worker alone, like the two ceilings.
+    for result in producer
+        .enqueue_many((0..args.count).map(|_| job(&body)).collect())
+        .await
+    {
+        result?;
+    }
+    let mut worker = WorkerProcess::spawn(&settings, &seal_line)?;
+    let outcome = measure(&settings, &args, &producer, &body, &mut worker, &store).await;
+    let rss = worker.peak_rss_kib();
+    worker.stop();
+    clean_up(&store, &settings.redis.key_prefix).await;
+    purge_work_queues(&broker).await?;
+    broker.close().await;
+    let (throughput, paced) = outcome?;
+
+    let lower = sink.rate().min(consumer.rate());
+    println!("{}", throughput.report());
+    println!("{}", paced.report());
+    let rss_mib = rss.map(|kib| kib as f64 / 1024.0);
+    println!(
+        "worker peak RSS: {}",
+        rss_mib.map_or_else(|| "n/a".to_owned(), |mib| format!("{mib:.1} MiB"))
+    );
+    println!(
+        "ratio mailroom / lower ceiling ({:.0} /s): {:.2} (target >= 0.6)",
+        lower,
+        throughput.rate() / lower
+    );
+    println!(
+        "p99 at half rate: {} (target < 100 ms); worker RSS target < 64 MiB",
+        paced.percentile(99.0).map_or_else(
+            || "n/a".to_owned(),
+            |p| format!("{:.1} ms", p.as_secs_f64() * 1e3)
+        )
+    );
+    Ok(())
+}
+
+/// Points the settings at the sink, a key prefix of this run's own and a
+/// fresh sealing key. Returns the key's line for the worker process.
+fn configure(settings: &mut Settings, args: &E2eArgs) -> anyhow::Result<String> {
+    settings.worker.transport = TransportKind::Smtp;
+    settings.worker.concurrency = args.concurrency;
+    settings.worker.prefetch = None;
+    settings.smtp.url = Secret::new(args.smtp.clone());
+    settings.smtp.tls = TlsMode::None;
+    settings.smtp.username = None;
+    settings.smtp.pool_size = u32::from(args.concurrency);
+    settings.redis.key_prefix = format!("mailroom-bench-{}:", uuid_simple());
+    let key = SealKey::generate("bench").map_err(anyhow::Error::msg)?;
+    let line = key.to_line().to_string();
+    settings.seal.keys = Secret::new(line.clone());
+    settings.seal.keys_file = None;
+    settings.seal.active = Some("bench".to_owned());
+    if settings.hash_key().is_err() {
+        let key = SealKey::generate("hash").map_err(anyhow::Error::msg)?;
+        settings.redis.hash_key = Secret::new(key.to_line().as_str());
+    }
+    Ok(line)
+}
+
+fn uuid_simple() -> String {
+    JobId::new().to_string().replace('-', "")
+}
+
+/// Fails early, with the command that starts one, when no sink listens.
+fn check_sink(url: &str) -> anyhow::Result<()> {
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .trim_end_matches('/');
+    let address: SocketAddr = authority
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .with_context(|| format!("--smtp {url}: expected smtp://host:port"))?;
+    TcpStream::connect_timeout(&address, Duration::from_secs(2)).with_context(|| {
+        format!(
+            "no SMTP sink at {address}: start one with `/usr/sbin/smtp-sink -u postfix {address} 1024 &` (Debian package postfix)"
+        )
+    })?;
+    Ok(())
+}
+
+/// The sink's ceiling: `count` messages over `concurrency` reused
+/// connections, straight from memory.
+async fn sink_ceiling(
+    settings: &Settings,
+    sample: &SendJob,
+    count: usize,
+    concurrency: u16,
+) -> anyhow::Result<Run> {
+    let transport = SmtpTransport::new(&settings.smtp)?;
+    let message = build_message(sample)?;
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Duration>> = futures_util::stream::iter(0..count)
+        .map(|_| async {
+            let start = Instant::now();
+            transport.send(&message).await?;
+            Ok(start.elapsed())
+        })
+        .buffer_unordered(usize::from(concurrency))
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+    transport.shutdown().await;
+    Ok(Run::new(
+        "sink ceiling: SMTP, no queue",
+        results.into_iter().collect::<Result<_, _>>()?,
+        elapsed,
+    ))
+}
+
+/// The two mailroom phases.
+async fn measure(
+    settings: &Settings,
+    args: &E2eArgs,
+    producer: &Producer,
+    body: &str,
+    worker: &mut WorkerProcess,
+    store: &RedisStore,
+) -> anyhow::Result<(Run, Run)> {
+    worker.wait_ready()?;
+    let started = Instant::now();
+    worker.wait_sent(args.count)?;
+    let mut throughput = Run::new(
+        "mailroom worker, backlog drained",
+        Vec::new(),
+        started.elapsed(),
+    );
+    throughput.count = args.count;
+
+    let rate = throughput.rate() / 2.0;
+    let ids = paced(producer, body, rate, args.paced).await?;
+    worker.wait_sent(args.count + ids.len())?;
+    let statuses = StatusStore::new(store.clone(), settings.worker.status_retention);
+    let mut latencies = Vec::with_capacity(ids.len());
+    for id in &ids {
+        let status = statuses
+            .get(id)
+            .await?
+            .with_context(|| format!("no status for job {id}"))?;
+        if status.state == JobState::Sent {
+            latencies.push(
+                (status.updated_at - status.created_at)
+                    .try_into()
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    let mut run = Run::new("mailroom at half that rate", latencies, args.paced);
+    run.count = ids.len();
+    Ok((throughput, run))
+}
+
+/// Enqueues at `rate` jobs a second for `length`; returns their ids.
+async fn paced(
+    producer: &Producer,
+    body: &str,
+    rate: f64,
+    length: Duration,
+) -> anyhow::Result<Vec<JobId>> {
+    const TICK: Duration = Duration::from_millis(10);
+    let mut ticker = tokio::time::interval(TICK);
+    let started = Instant::now();
+    let mut sent = 0_usize;
+    let mut pending = FuturesUnordered::new();
+    let mut ids = Vec::new();
+    while started.elapsed() < length {
+        ticker.tick().await;
+        let due = rate * started.elapsed().as_secs_f64();
+        while (sent as f64) < due {
+            let job = job(body);
+            pending.push(producer.enqueue(job));
+            sent += 1;
+        }
+        while let Some(Some(result)) = futures_util::FutureExt::now_or_never(pending.next()) {
+            ids.push(result?);
+        }
+    }
+    while let Some(result) = pending.next().await {
+        ids.push(result?);
+    }
+    Ok(ids)
+}
+
+/// A `mailroom worker` child process with a health port of its own.
+struct WorkerProcess {
+    child: Child,
+    health: SocketAddr,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    fn spawn(settings: &Settings, seal_line: &str) -> anyhow::Result<Self> {
+        let health = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let log =
+            std::env::temp_dir().join(format!("mailroom-bench-worker-{}.log", std::process::id()));
+        let file = std::fs::File::create(&log)?;
+        let s = settings;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("worker")
+            .env("MAILROOM__AMQP__URLS", s.amqp.urls[0].expose())
+            .env("MAILROOM__REDIS__URL", s.redis.url.expose())
+            .env("MAILROOM__REDIS__KEY_PREFIX", &s.redis.key_prefix)
+            .env("MAILROOM__REDIS__HASH_KEY", s.redis.hash_key.expose())
+            .env("MAILROOM__SEAL__KEYS", seal_line)
+            .env_remove("MAILROOM__SEAL__KEYS_FILE")
+            .env("MAILROOM__SEAL__ACTIVE", "bench")
+            .env("MAILROOM__SMTP__URL", s.smtp.url.expose())
+            .env("MAILROOM__SMTP__TLS", "none")
+            .env("MAILROOM__SMTP__POOL_SIZE", s.smtp.pool_size.to_string())
+            .env("MAILROOM__WORKER__TRANSPORT", "smtp")
+            .env(
+                "MAILROOM__WORKER__CONCURRENCY",
+                s.worker.concurrency.to_string(),
+            )
+            .env("MAILROOM__WORKER__HEALTH_BIND", health.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .context("starting `mailroom worker`")?;
+        Ok(Self { child, health, log })
+    }
+
+    fn http_get(&self, path: &str) -> Option<String> {
+        let mut stream = TcpStream::connect_timeout(&self.health, Duration::from_secs(1)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let ok = response
+            .lines()
+            .next()
+            .is_some_and(|status| status.contains(" 200 "));
+        ok.then_some(response)
+    }
+
+    fn alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "the worker exited ({status}); its log:\n{}",
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while self.http_get("/readyz").is_none() {
+            self.alive()?;
+            if start.elapsed() > STALL {
+                bail!(
+                    "the worker did not become ready; its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Jobs the worker counted as sent so far.
+    fn sent(&self) -> Option<usize> {
+        let metrics = self.http_get("/metrics")?;
+        let line = metrics
+            .lines()
+            .find(|line| line.starts_with("mailroom_jobs_total{outcome=\"sent\"}"));
+        Some(
+            line.and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .map_or(0, |v| v as usize),
+        )
+    }
+
+    fn wait_sent(&mut self, count: usize) -> anyhow::Result<()> {
+        let mut last = (0, Instant::now());
+        loop {
+            self.alive()?;
+            let sent = self.sent().unwrap_or(last.0);
+            if sent >= count {
+                return Ok(());
+            }
+            if sent > last.0 {
+                last = (sent, Instant::now());
+            } else if last.1.elapsed() > STALL {
+                bail!(
+                    "stalled at {sent} of {count} sent; the worker's log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn peak_rss_kib(&self) -> Option<u64> {
+        peak_rss_kib_of(&self.child.id().to_string())
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deletes this run's keys.
+async fn clean_up(store: &RedisStore, prefix: &str) {
+    let mut connection = store.connection();
+    let mut cursor: u64 = 0;
+    loop {
+        let scanned: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut connection)
+            .await;
+        let Ok((next, keys)) = scanned else { return };
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut connection)
+                .await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
