@@ -410,3 +410,45 @@ async fn a_refused_recipient_in_a_pipelined_group_sends_no_body() {
     worker.stop().await;
     producer.close().await;
 }
+
+#[tokio::test]
+async fn a_replayed_dead_letter_is_delivered_and_its_status_follows() {
+    let stack = Stack::new(
+        "replay",
+        &SmtpOptions {
+            replies: vec!["550"],
+            ..SmtpOptions::default()
+        },
+    );
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let id = producer
+        .enqueue(job("second chance"))
+        .await
+        .expect("enqueued");
+    let store = statuses(&stack.settings).await;
+    assert_eq!(settled(&store, &id).await.state, JobState::Failed);
+
+    let replayed = dlq::replay(producer.broker(), &dlq::Selection::Id(id.to_string()))
+        .await
+        .expect("replay");
+    assert_eq!(replayed.len(), 1);
+    assert!(store.requeue(&id).await.expect("requeue"));
+    let start = Instant::now();
+    let status = loop {
+        let status = store.get(&id).await.expect("status").expect("kept");
+        if status.state == JobState::Sent {
+            break status;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "replay not delivered: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.attempts, 1, "attempts were reset");
+    assert_eq!(stack.smtp.accepted().len(), 1);
+    assert!(dead_letters(&producer).await.is_empty());
+    worker.stop().await;
+    producer.close().await;
+}

@@ -183,6 +183,22 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 ";
 
+/// Moves a final failed/dead/expired status back to `queued` (a replay).
+/// ARGV: the time of the change (RFC 3339).
+const REQUEUE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local status = cjson.decode(current)
+if status.state ~= 'failed' and status.state ~= 'dead' and status.state ~= 'expired' then
+  return 0
+end
+status.state = 'queued'
+status.updated_at = ARGV[1]
+status.attempts = 0
+redis.call('SET', KEYS[1], cjson.encode(status), 'KEEPTTL')
+return 1
+";
+
 /// Job statuses in Redis.
 #[derive(Clone, Debug)]
 pub struct StatusStore {
@@ -222,6 +238,22 @@ impl StatusStore {
             .await
             .map_err(|err| self.store.error(&err))?;
         Ok(written == 1)
+    }
+
+    /// Marks `id` queued again after an operator replayed its dead letter;
+    /// `false` if it has no failed, dead or expired status.
+    pub async fn requeue(&self, id: &JobId) -> Result<bool, StoreError> {
+        let now = OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|err| StoreError::Malformed(err.to_string()))?;
+        let mut connection = self.store.connection();
+        let changed: i64 = Script::new(REQUEUE)
+            .key(self.key(id))
+            .arg(now)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        Ok(changed == 1)
     }
 
     /// The status of `id`, if one is kept.

@@ -3,7 +3,10 @@
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use mailroom_core::amqp::Broker;
+use mailroom_core::job::JobId;
 use mailroom_core::settings::Settings;
+use mailroom_core::status::StatusStore;
+use mailroom_core::store::RedisStore;
 use mailroom_worker::dlq::{self, DeadLetter, Selection};
 use time::OffsetDateTime;
 
@@ -57,9 +60,14 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
                 (None, Some(reason)) => Selection::Reason(reason),
                 (None, None) => Selection::All,
             };
-            dlq::replay(&broker, &selection).await.map(|replayed| {
-                eprintln!("mailroom: replayed {} dead letter(s)", replayed.len());
-            })
+            match dlq::replay(&broker, &selection).await {
+                Ok(replayed) => {
+                    requeue_statuses(settings, &replayed).await;
+                    eprintln!("mailroom: replayed {} dead letter(s)", replayed.len());
+                    Ok(())
+                }
+                Err(err) => Err(err),
+            }
         }
         DlqCommand::Purge { yes } => {
             if !yes {
@@ -73,6 +81,30 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
     };
     broker.close().await;
     Ok(result?)
+}
+
+/// Logs each replayed job and marks its status `queued` again, so the
+/// worker may record what happens next. Statuses only inform: a Redis
+/// problem here is a warning, the replay itself has happened.
+async fn requeue_statuses(settings: &Settings, replayed: &[DeadLetter]) {
+    for letter in replayed {
+        tracing::info!(job_id = %letter.id, reason = %letter.reason, attempts = letter.attempts, "dead letter replayed");
+    }
+    let store = match RedisStore::connect(&settings.redis).await {
+        Ok(store) => StatusStore::new(store, settings.worker.status_retention),
+        Err(err) => {
+            tracing::warn!(error = %err, "statuses not updated after the replay");
+            return;
+        }
+    };
+    for letter in replayed {
+        let Ok(id) = letter.id.parse::<JobId>() else {
+            continue;
+        };
+        if let Err(err) = store.requeue(&id).await {
+            tracing::warn!(error = %err, job_id = %letter.id, "status not updated after the replay");
+        }
+    }
 }
 
 fn table(letters: &[DeadLetter], now: OffsetDateTime) -> String {
