@@ -85,7 +85,7 @@ impl Producer {
     /// enqueued when it was not, and an error may be retried as it is (the
     /// worker's dedup absorbs a job published twice).
     pub async fn enqueue(&self, job: SendJob) -> Result<JobId, EnqueueError> {
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "mailroom.enqueue",
             otel.kind = "producer",
             messaging.system = "rabbitmq",

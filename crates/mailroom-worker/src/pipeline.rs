@@ -25,7 +25,7 @@ use mailroom_core::telemetry::extract_context;
 use mailroom_core::validate::Limits;
 use mailroom_core::wire;
 use time::OffsetDateTime;
-use tracing::{Instrument as _, field, info_span};
+use tracing::{Instrument as _, debug_span, field, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::forward::Forwarder;
@@ -147,11 +147,11 @@ impl Pipeline {
             verdict,
             smtp: None,
         };
-        let job = match info_span!("mailroom.open").in_scope(|| open::open(&self.keyring, incoming))
-        {
-            Ok(job) => job,
-            Err(verdict) => return end(None, None, verdict),
-        };
+        let job =
+            match debug_span!("mailroom.open").in_scope(|| open::open(&self.keyring, incoming)) {
+                Ok(job) => job,
+                Err(verdict) => return end(None, None, verdict),
+            };
         if let Err(verdict) = check::check(&job, &self.limits, OffsetDateTime::now_utc()) {
             return end(Some(job), None, verdict);
         }
@@ -160,7 +160,7 @@ impl Pipeline {
         let claim = self
             .dedup
             .claim(&job, &token)
-            .instrument(info_span!("mailroom.dedup"))
+            .instrument(debug_span!("mailroom.dedup"))
             .await;
         match claim {
             Ok(Claim::Acquired) => {}
@@ -199,7 +199,7 @@ impl Pipeline {
     /// another worker take the job over mid-send.
     async fn send_holding_claim(&self, job: &SendJob, token: &ClaimToken) -> send::Sent {
         let sending = send::send(&self.transport, job, self.on_uncertain)
-            .instrument(info_span!("mailroom.smtp", otel.kind = "client"));
+            .instrument(debug_span!("mailroom.smtp", otel.kind = "client"));
         tokio::pin!(sending);
         let mut renew = tokio::time::interval(self.dedup.lease() / 3);
         renew.tick().await;

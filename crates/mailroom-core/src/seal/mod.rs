@@ -12,7 +12,7 @@
 mod keyring;
 
 use chacha20poly1305::XNonce;
-use chacha20poly1305::aead::{Aead as _, AeadInOut as _, Generate as _, Payload};
+use chacha20poly1305::aead::{Aead as _, AeadInOut as _, Payload};
 use zeroize::{Zeroize as _, Zeroizing};
 
 pub use keyring::{KEY_LEN, Keyring, KeyringError, SealKey};
@@ -84,7 +84,10 @@ impl Keyring {
     pub fn seal(&self, job: &SendJob) -> Result<Sealed, SealError> {
         let version = u8::try_from(job.schema).map_err(|_| SealError::Encode)?;
         let key = self.active();
-        let nonce = XNonce::generate();
+        // From the thread's CSPRNG (ChaCha, reseeded from the OS): a
+        // system call a job would cost more than the sealing itself.
+        let mut nonce = XNonce::default();
+        rand::fill(nonce.as_mut_slice());
         let ad = associated_data(version, key.kid(), &job.id, &job.tenant);
         // The job is encoded straight into the body and encrypted where it
         // lies: one buffer, and no plaintext copy left behind once sealed.

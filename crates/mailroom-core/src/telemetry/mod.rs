@@ -169,7 +169,11 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
         fmt_layer.json().boxed()
     } else {
         fmt_layer.pretty().with_ansi(ansi).boxed()
-    };
+    }
+    // Logs and traces are filtered apart: the per-message spans of the
+    // hot path are DEBUG, so they reach an exporter but cost nothing in
+    // the log unless `RUST_LOG` asks for them.
+    .with_filter(filter);
 
     let provider = if otlp_configured(settings) {
         Some(tracer_provider(role, settings)?)
@@ -183,11 +187,10 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
     let otel_layer = guard.provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("mailroom"))
-            .with_filter(not_the_exporter())
+            .with_filter(traced())
     });
 
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt_layer)
         .with(otel_layer)
         .try_init()?;
@@ -197,15 +200,18 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
     Ok(guard)
 }
 
-/// Keeps the exporter's own machinery (gRPC, HTTP/2, the SDK) out of the
-/// exported spans: exporting those would make more of them, without end.
-/// Targets match by plain prefix, hence `tower::`: `tower_http`'s request
-/// spans must still be exported.
-fn not_the_exporter() -> Targets {
+/// What is exported as spans: mailroom's own from DEBUG (the per-message
+/// spans), other crates' from INFO, and never the exporter's own machinery
+/// (gRPC, HTTP/2, the SDK): exporting those would make more of them,
+/// without end. Targets match by plain prefix, hence `tower::`:
+/// `tower_http`'s request spans must still be exported.
+fn traced() -> Targets {
     ["opentelemetry", "tonic", "h2", "hyper", "tower::"]
         .into_iter()
         .fold(
-            Targets::new().with_default(LevelFilter::TRACE),
+            Targets::new()
+                .with_default(LevelFilter::INFO)
+                .with_target("mailroom", LevelFilter::DEBUG),
             |targets, target| targets.with_target(target, LevelFilter::OFF),
         )
 }
@@ -412,7 +418,9 @@ mod tests {
 
     #[test]
     fn exported_spans_leave_out_the_exporter_only() {
-        let targets = not_the_exporter();
+        let targets = traced();
+        assert!(targets.would_enable("mailroom_producer::enqueue", &tracing::Level::DEBUG));
+        assert!(!targets.would_enable("lapin::channel", &tracing::Level::DEBUG));
         let level = tracing::Level::INFO;
         for quiet in [
             "opentelemetry_sdk",

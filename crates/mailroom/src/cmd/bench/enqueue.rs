@@ -43,6 +43,10 @@ pub struct EnqueueArgs {
     /// Vhost the benchmark publishes into (made with `rabbitmqctl add_vhost`).
     #[arg(long, default_value = "mailroom-bench")]
     vhost: String,
+    /// Rounds; each runs mailroom and both plain publishers once, in a
+    /// rotating order, so drift in the broker's state favours none.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 /// Runs the benchmark and prints its figures.
@@ -65,20 +69,12 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
 
     run_mailroom(&producer, &body, WARM_UP, window).await?;
     purge_work_queues(&broker).await?;
-    reset_peak_rss();
-    let cpu = cpu_time();
-    let mut ours = run_mailroom(&producer, &body, args.count, window).await?;
-    ours.peak_rss_kib = peak_rss_kib();
-    ours.cpu = cpu_used_since(cpu);
-    purge_work_queues(&broker).await?;
-
     let contract = Shape {
         label: "plain lapin, same headers",
         exchange: wire::JOBS_EXCHANGE,
         routing_key: Lane::Transactional.as_str(),
         properties: sample_properties(&producer, &broker, &body).await?,
     };
-    producer.close().await;
     let bare = Shape {
         label: "plain lapin, bare",
         exchange: "",
@@ -86,20 +82,46 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         properties: BasicProperties::default().with_delivery_mode(2),
     };
     let plain = Plain::open(&url, settings.amqp.channels).await?;
-    let mut ceilings = Vec::new();
-    for shape in [contract, bare] {
-        reset_peak_rss();
-        let cpu = cpu_time();
-        let mut run = plain
-            .publish(&shape, sealed_len, args.count, window)
-            .await?;
-        run.peak_rss_kib = peak_rss_kib();
-        run.cpu = cpu_used_since(cpu);
-        purge_work_queues(&broker).await?;
-        ceilings.push(run);
+    let mut runs: [Vec<Run>; 3] = Default::default();
+    for round in 0..args.rounds.max(1) {
+        for step in 0..3 {
+            let which = (round + step) % 3;
+            reset_peak_rss();
+            let cpu = cpu_time();
+            let mut run = match which {
+                0 => run_mailroom(&producer, &body, args.count, window).await?,
+                1 => {
+                    plain
+                        .publish(&contract, sealed_len, args.count, window)
+                        .await?
+                }
+                _ => plain.publish(&bare, sealed_len, args.count, window).await?,
+            };
+            run.peak_rss_kib = peak_rss_kib();
+            run.cpu = cpu_used_since(cpu);
+            purge_work_queues(&broker).await?;
+            runs[which].push(run);
+        }
     }
+    producer.close().await;
     plain.close().await?;
     broker.close().await;
+    let rates = |runs: &[Run]| {
+        runs.iter()
+            .map(|run| format!("{:.0}", run.rate()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (kind, list) in runs.iter().enumerate() {
+        let name = ["mailroom", "same headers", "bare"][kind];
+        println!("  rounds, {name}: {} /s", rates(list));
+    }
+    let [ours, same, bare_runs] = runs;
+    let ours = Run::merge("mailroom enqueue (sealed)", ours);
+    let ceilings = [
+        Run::merge("plain lapin, same headers", same),
+        Run::merge("plain lapin, bare", bare_runs),
+    ];
 
     println!("{}", ours.report());
     println!(

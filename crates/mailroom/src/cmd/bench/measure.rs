@@ -32,6 +32,24 @@ impl Run {
         }
     }
 
+    /// Several runs of one kind as one: latencies pooled, messages and times
+    /// summed, memory and CPU at their peak and total.
+    pub fn merge(label: &'static str, runs: Vec<Run>) -> Self {
+        let mut merged = Run::new(label, Vec::new(), Duration::ZERO);
+        for run in runs {
+            merged.latencies.extend(run.latencies);
+            merged.count += run.count;
+            merged.elapsed += run.elapsed;
+            merged.peak_rss_kib = merged.peak_rss_kib.max(run.peak_rss_kib);
+            merged.cpu = match (merged.cpu, run.cpu) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+        }
+        merged.latencies.sort_unstable();
+        merged
+    }
+
     /// Messages a second.
     pub fn rate(&self) -> f64 {
         self.count as f64 / self.elapsed.as_secs_f64()
