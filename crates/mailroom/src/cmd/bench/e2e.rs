@@ -29,7 +29,7 @@ use mailroom_producer::Producer;
 use mailroom_worker::message::build_message;
 use mailroom_worker::transport::SmtpTransport;
 
-use super::measure::{Run, parse_size, peak_rss_kib_of};
+use super::measure::{Run, cpu_time_of, parse_size, peak_rss_kib_of};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
 use super::setup::{bench_broker, body_text, job, purge_work_queues};
 
@@ -101,6 +101,7 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
     let mut worker = WorkerProcess::spawn(&settings, &seal_line)?;
     let outcome = measure(&settings, &args, &producer, &body, &mut worker, &store).await;
     let rss = worker.peak_rss_kib();
+    let worker_cpu = worker.cpu_time();
     worker.stop();
     clean_up(&store, &settings.redis.key_prefix).await;
     purge_work_queues(&broker).await?;
@@ -115,6 +116,12 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
         "worker peak RSS: {}",
         rss_mib.map_or_else(|| "n/a".to_owned(), |mib| format!("{mib:.1} MiB"))
     );
+    if let Some(cpu) = worker_cpu {
+        println!(
+            "worker CPU: {:.0} us/job (user + system, both phases)",
+            cpu.as_secs_f64() * 1e6 / (throughput.count + paced.count).max(1) as f64
+        );
+    }
     println!(
         "ratio mailroom / lower ceiling ({:.0} /s): {:.2} (target >= 0.6)",
         lower,
@@ -387,6 +394,10 @@ impl WorkerProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn cpu_time(&self) -> Option<Duration> {
+        cpu_time_of(&self.child.id().to_string())
     }
 
     fn peak_rss_kib(&self) -> Option<u64> {

@@ -115,7 +115,12 @@ pub fn peak_rss_kib_of(pid: &str) -> Option<u64> {
 
 /// CPU time (user + system) this process has used so far (Linux).
 pub fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_time_of("self")
+}
+
+/// CPU time (user + system) process `pid` has used so far (Linux).
+pub fn cpu_time_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold
     // spaces: utime and stime are the 12th and 13th of them, in clock ticks.
     let rest = stat.rsplit_once(')')?.1;
