@@ -33,6 +33,9 @@ use super::measure::{Run, cpu_time_of, parse_size, peak_rss_kib_of};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
 use super::setup::{bench_broker, body_text, job, purge_work_queues};
 
+/// Pause between the two mailroom phases.
+const SETTLE: Duration = Duration::from_secs(3);
+
 /// No progress for this long means something is broken: stop and say so.
 const STALL: Duration = Duration::from_secs(30);
 
@@ -231,6 +234,9 @@ async fn measure(
     );
     throughput.count = args.count;
 
+    // Let the broker finish its after-drain housekeeping (quorum-queue
+    // segment clean-up), so the paced phase reads a steady state.
+    tokio::time::sleep(SETTLE).await;
     let rate = throughput.rate() / 2.0;
     let ids = paced(producer, body, rate, args.paced).await?;
     worker.wait_sent(args.count + ids.len())?;
