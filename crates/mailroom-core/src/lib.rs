@@ -6,6 +6,7 @@
 //! - [`seal`]: authenticated encryption of jobs under a rotating keyring.
 //! - [`wire`]: the RabbitMQ wire contract as data: names, headers, queue arguments, retry tiers.
 //! - [`amqp`]: the broker plumbing both roles use: connect, reconnect, declare, confirmed publish.
+//! - [`ratelimit`]: fleet-wide GCRA rate limits in Redis, shared by the API and the worker.
 //! - [`store`]: Redis as both roles use it, and keyed hashes of what must not be stored as given.
 //! - [`status`]: what became of each job, kept in Redis for a retention window.
 //! - [`settings`]: layered settings (defaults, `mailroom.toml`, `MAILROOM__*` environment), secrets redacted.
@@ -15,6 +16,7 @@
 
 pub mod amqp;
 pub mod job;
+pub mod ratelimit;
 pub mod seal;
 pub mod settings;
 pub mod status;
