@@ -5,7 +5,10 @@
 //! `mailroom.jobs` with the headers of the wire contract. A job id is
 //! returned only once the broker confirmed the message; a nack, a return,
 //! a timeout or a lost connection is an [`EnqueueError`].
+//!
+//! [`api`] is the HTTP API on top of it.
 
+pub mod api;
 mod enqueue;
 mod error;
 

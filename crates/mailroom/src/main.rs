@@ -31,6 +31,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the HTTP API. Stops cleanly on SIGTERM/SIGINT.
+    Api,
+    /// API keys: create, list, rotate, revoke.
+    #[command(subcommand)]
+    Apikey(cmd::apikey::ApiKeyCommand),
     /// Run a worker pool: consume, deliver, retry, dead-letter. Stops
     /// cleanly on SIGTERM/SIGINT.
     Worker,
@@ -87,11 +92,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let role = match command {
             Command::Worker => "worker",
+            Command::Api => "api",
             _ => "cli",
         };
         let telemetry = telemetry::init(role, &settings.telemetry)?;
         let result = match command {
             Command::Worker => cmd::worker::run(&settings).await,
+            Command::Api => cmd::api::run(&settings).await,
+            Command::Apikey(command) => cmd::apikey::run(&settings, command).await,
             Command::Demo => cmd::demo::run(&settings).await,
             Command::Status { job_id } => cmd::status::run(&settings, &job_id).await,
             Command::Dlq(command) => cmd::dlq::run(&settings, command).await,

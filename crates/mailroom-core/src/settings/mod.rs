@@ -34,7 +34,12 @@ pub const ENV_PREFIX: &str = "MAILROOM";
 const MIN_HASH_KEY_LEN: usize = 16;
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 2] = ["amqp.urls", "limits.blocked_extensions"];
+const LIST_KEYS: [&str; 4] = [
+    "amqp.urls",
+    "limits.blocked_extensions",
+    "api.trusted_proxies",
+    "api.deny_cidrs",
+];
 
 /// All of mailroom's settings.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

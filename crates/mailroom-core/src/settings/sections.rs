@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ratelimit::Rate;
+
 use super::Secret;
 use crate::setting_enum;
 
@@ -268,6 +270,19 @@ pub struct ApiSettings {
     /// Longest a request may take.
     #[serde(with = "super::duration")]
     pub request_timeout: Duration,
+    /// Most messages in one `POST /v1/messages/batch`.
+    pub max_batch: usize,
+    /// Requests a tenant may make, over all its keys, fleet-wide.
+    pub tenant_rate: Rate,
+    /// Requests a key may make when it was created without `--rate`.
+    pub key_rate: Rate,
+    /// How long an `Idempotency-Key` is remembered.
+    #[serde(with = "super::duration")]
+    pub idempotency_window: Duration,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+    /// Clients (CIDRs) refused whatever their key allows.
+    pub deny_cidrs: Vec<String>,
 }
 
 impl Default for ApiSettings {
@@ -276,6 +291,18 @@ impl Default for ApiSettings {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             body_limit_bytes: 16 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            max_batch: 100,
+            tenant_rate: Rate {
+                count: 500,
+                period: Duration::from_secs(1),
+            },
+            key_rate: Rate {
+                count: 100,
+                period: Duration::from_secs(1),
+            },
+            idempotency_window: Duration::from_hours(24),
+            trusted_proxies: Vec::new(),
+            deny_cidrs: Vec::new(),
         }
     }
 }

@@ -1,0 +1,321 @@
+//! API keys: `mr_live_` + 32 random bytes (base64url), shown once.
+//!
+//! Only an HMAC-SHA256 of a key, under the server-side `redis.hash_key`, is
+//! stored, in Redis, so every API replica sees a creation or a revocation
+//! at once. A key is found by the HMAC of what the caller presents: an
+//! attacker who does not hold the pepper cannot aim a guess at a stored
+//! hash, and no comparison of secret bytes happens in this process.
+//!
+//! Layout: `apikey:<hmac>` → the key's record (expiring with the key);
+//! `apikeys` → a hash of key id → the record plus its HMAC, for listing
+//! and revoking.
+
+use std::net::IpAddr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ipnet::IpNet;
+use mailroom_core::ratelimit::Rate;
+use mailroom_core::store::{KeyedHash, RedisStore, StoreError};
+use redis::Script;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// What a key opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// `POST /v1/messages`, `POST /v1/messages/batch`.
+    Send,
+    /// `GET /v1/messages/{id}`.
+    Read,
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim() {
+            "send" => Ok(Self::Send),
+            "read" => Ok(Self::Read),
+            other => Err(format!("{other:?} is not a scope; use send, read")),
+        }
+    }
+}
+
+/// A key's record, as stored (never the key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Public id, e.g. `key_3f9a1c0b5d2e`.
+    pub id: String,
+    /// The tenant it sends as.
+    pub tenant: String,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+    /// Networks it may be used from; empty: anywhere (less the deny list).
+    pub allow_cidrs: Vec<IpNet>,
+    /// Its own rate limit; `api.key_rate` when unset.
+    pub rate: Option<Rate>,
+    /// When it was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it stops working.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl KeyRecord {
+    /// Whether the key may be used at `now`.
+    pub fn is_live(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_none_or(|at| now < at)
+    }
+
+    /// Whether `ip` may use the key.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.allow_cidrs.is_empty() || self.allow_cidrs.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// A key as listed: its record and when it was last used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// The record.
+    pub record: KeyRecord,
+    /// Last use, to the minute.
+    pub last_used: Option<OffsetDateTime>,
+}
+
+/// What a new key needs.
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    /// Tenant.
+    pub tenant: String,
+    /// Scopes (at least one).
+    pub scopes: Vec<Scope>,
+    /// Allowed networks.
+    pub allow_cidrs: Vec<IpNet>,
+    /// Own rate limit.
+    pub rate: Option<Rate>,
+    /// Expiry.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// The prefix of every key; lets secret scanners recognise one.
+pub const KEY_PREFIX: &str = "mr_live_";
+
+/// ARGV: hmac, id, record JSON, index JSON, expiry (unix seconds, 0 none).
+const CREATE: &str = r"
+local key = KEYS[1] .. 'apikey:' .. ARGV[1]
+if tonumber(ARGV[5]) > 0 then
+  redis.call('SET', key, ARGV[3], 'EXAT', ARGV[5])
+else
+  redis.call('SET', key, ARGV[3])
+end
+redis.call('HSET', KEYS[1] .. 'apikeys', ARGV[2], ARGV[4])
+return 1
+";
+
+/// ARGV: id. Deletes the key and its index entry; 0 if unknown.
+const REVOKE: &str = r"
+local entry = redis.call('HGET', KEYS[1] .. 'apikeys', ARGV[1])
+if not entry then return 0 end
+local hmac = cjson.decode(entry).hmac
+redis.call('DEL', KEYS[1] .. 'apikey:' .. hmac)
+redis.call('HDEL', KEYS[1] .. 'apikeys', ARGV[1])
+redis.call('HDEL', KEYS[1] .. 'apikey-used', ARGV[1])
+return 1
+";
+
+#[derive(Serialize, Deserialize)]
+struct IndexEntry {
+    hmac: String,
+    record: KeyRecord,
+}
+
+/// API keys in Redis.
+#[derive(Clone, Debug)]
+pub struct ApiKeyStore {
+    store: RedisStore,
+    hash: KeyedHash,
+}
+
+impl ApiKeyStore {
+    /// Keys under `store`'s prefix, hashed under `hash_key`.
+    pub fn new(store: RedisStore, hash_key: &[u8]) -> Self {
+        Self {
+            store,
+            hash: KeyedHash::new(hash_key),
+        }
+    }
+
+    fn hmac(&self, secret: &str) -> String {
+        self.hash.hex(&[b"apikey", secret.as_bytes()])
+    }
+
+    /// Makes a key; returns it (the only time it is seen) and its record.
+    pub async fn create(&self, new: NewKey) -> Result<(String, KeyRecord), StoreError> {
+        let mut secret = [0_u8; 32];
+        rand::fill(&mut secret[..]);
+        let key = format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
+        let mut id_bytes = [0_u8; 6];
+        rand::fill(&mut id_bytes[..]);
+        let record = KeyRecord {
+            id: format!("key_{}", hex::encode(id_bytes)),
+            tenant: new.tenant,
+            scopes: new.scopes,
+            allow_cidrs: new.allow_cidrs,
+            rate: new.rate,
+            created_at: OffsetDateTime::now_utc(),
+            expires_at: new.expires_at,
+        };
+        let hmac = self.hmac(&key);
+        let json = to_json(&record)?;
+        let index = to_json(&IndexEntry {
+            hmac: hmac.clone(),
+            record: record.clone(),
+        })?;
+        let expiry = record.expires_at.map_or(0, OffsetDateTime::unix_timestamp);
+        let mut connection = self.store.connection();
+        let _: i64 = Script::new(CREATE)
+            .key(self.store.key(""))
+            .arg(&hmac)
+            .arg(&record.id)
+            .arg(json)
+            .arg(index)
+            .arg(expiry)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        Ok((key, record))
+    }
+
+    /// The live record of the key `secret`, if there is one.
+    pub async fn lookup(&self, secret: &str) -> Result<Option<KeyRecord>, StoreError> {
+        if !secret.starts_with(KEY_PREFIX) || secret.len() > 128 {
+            return Ok(None);
+        }
+        let mut connection = self.store.connection();
+        let json: Option<String> = redis::cmd("GET")
+            .arg(self.store.key(&format!("apikey:{}", self.hmac(secret))))
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        let Some(json) = json else { return Ok(None) };
+        let record: KeyRecord = from_json(&json)?;
+        Ok(record.is_live(OffsetDateTime::now_utc()).then_some(record))
+    }
+
+    /// Notes that key `id` was used now (callers throttle this).
+    pub async fn touch(&self, id: &str) -> Result<(), StoreError> {
+        let mut connection = self.store.connection();
+        redis::cmd("HSET")
+            .arg(self.store.key("apikey-used"))
+            .arg(id)
+            .arg(OffsetDateTime::now_utc().unix_timestamp())
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))
+    }
+
+    /// Every key, oldest first.
+    pub async fn list(&self) -> Result<Vec<Listed>, StoreError> {
+        let mut connection = self.store.connection();
+        let entries: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.store.key("apikeys"))
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        let used: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(self.store.key("apikey-used"))
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        let mut listed = entries
+            .into_iter()
+            .map(|(id, json)| {
+                let entry: IndexEntry = from_json(&json)?;
+                Ok(Listed {
+                    last_used: used
+                        .get(&id)
+                        .and_then(|secs| OffsetDateTime::from_unix_timestamp(*secs).ok()),
+                    record: entry.record,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        listed.sort_by_key(|l| l.record.created_at);
+        Ok(listed)
+    }
+
+    /// Revokes key `id` at once, on every replica; `false` if unknown.
+    pub async fn revoke(&self, id: &str) -> Result<bool, StoreError> {
+        let mut connection = self.store.connection();
+        let revoked: i64 = Script::new(REVOKE)
+            .key(self.store.key(""))
+            .arg(id)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        Ok(revoked == 1)
+    }
+
+    /// Rotation: a new key with `id`'s tenant, scopes, networks and rate;
+    /// the old one keeps working until `old_expires_at`, so callers can
+    /// change over. Returns the new key and its record.
+    pub async fn rotate(
+        &self,
+        id: &str,
+        old_expires_at: OffsetDateTime,
+    ) -> Result<Option<(String, KeyRecord)>, StoreError> {
+        let Some(old) = self.list().await?.into_iter().find(|l| l.record.id == id) else {
+            return Ok(None);
+        };
+        let created = self
+            .create(NewKey {
+                tenant: old.record.tenant.clone(),
+                scopes: old.record.scopes.clone(),
+                allow_cidrs: old.record.allow_cidrs.clone(),
+                rate: old.record.rate,
+                expires_at: old.record.expires_at,
+            })
+            .await?;
+        // Shorten the old key's life; written from here rather than in a
+        // script, whose JSON encoder would turn empty lists into objects.
+        let index_key = self.store.key("apikeys");
+        let mut connection = self.store.connection();
+        let entry: Option<String> = redis::cmd("HGET")
+            .arg(&index_key)
+            .arg(id)
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        if let Some(entry) = entry {
+            let mut entry: IndexEntry = from_json(&entry)?;
+            entry.record.expires_at = Some(old_expires_at);
+            redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(self.store.key(&format!("apikey:{}", entry.hmac)))
+                .arg(to_json(&entry.record)?)
+                .arg("EXAT")
+                .arg(old_expires_at.unix_timestamp())
+                .ignore()
+                .cmd("HSET")
+                .arg(&index_key)
+                .arg(id)
+                .arg(to_json(&entry)?)
+                .ignore()
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(|err| self.store.error(&err))?;
+        }
+        Ok(Some(created))
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|err| StoreError::Malformed(err.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(|err| StoreError::Malformed(err.to_string()))
+}

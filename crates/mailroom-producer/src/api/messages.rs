@@ -1,0 +1,478 @@
+//! `POST /v1/messages`, `POST /v1/messages/batch`, `GET /v1/messages/{id}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mailroom_core::job::{JobId, JobRequest};
+use serde::{Deserialize, Serialize};
+
+use super::auth::{Principal, authorize};
+use super::idempotency::{Stored, Taken};
+use super::keys::Scope;
+use super::problem::Problem;
+use super::{ApiState, LogFields};
+use crate::{EnqueueError, prepare};
+
+/// The longest `Idempotency-Key` taken.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// `202` answer to an accepted message.
+#[derive(Debug, Serialize)]
+struct Accepted {
+    id: JobId,
+    status: &'static str,
+    status_url: String,
+}
+
+impl Accepted {
+    fn new(id: JobId) -> Self {
+        Self {
+            id,
+            status: "queued",
+            status_url: format!("/v1/messages/{id}"),
+        }
+    }
+}
+
+/// A batch request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    messages: Vec<serde_json::Value>,
+}
+
+/// One item of a batch answer.
+#[derive(Debug, Serialize)]
+struct ItemResult {
+    index: usize,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<JobId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<Problem>,
+}
+
+/// The answer to a batch.
+#[derive(Debug, Serialize)]
+struct Answer {
+    accepted: usize,
+    rejected: usize,
+    results: Vec<ItemResult>,
+}
+
+/// What a handler produced: a status and a JSON body, and what the access
+/// log may say about it.
+struct Outcome {
+    status: StatusCode,
+    body: String,
+    job_ids: Vec<JobId>,
+}
+
+impl Outcome {
+    fn json<T: Serialize>(status: StatusCode, value: &T, job_ids: Vec<JobId>) -> Self {
+        Self {
+            status,
+            body: serde_json::to_string(value).unwrap_or_default(),
+            job_ids,
+        }
+    }
+
+    fn problem(problem: &Problem) -> Self {
+        Self::json(problem.status_code(), problem, Vec::new())
+    }
+}
+
+/// `POST /v1/messages`
+pub async fn send_one(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(&state, peer, &headers, body, "send", 1, enqueue_one).await
+}
+
+/// `POST /v1/messages/batch`
+pub async fn send_batch(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // Rate limits count messages, so the batch is read for its size first;
+    // a body that is not a batch costs one request.
+    let cost = body
+        .as_ref()
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Batch>(bytes).ok())
+        .map_or(1, |batch| {
+            u32::try_from(batch.messages.len())
+                .unwrap_or(u32::MAX)
+                .max(1)
+        });
+    handle(&state, peer, &headers, body, "batch", cost, enqueue_batch).await
+}
+
+/// The work of a route, once the request is authorized and its body read.
+type Work = for<'a> fn(&'a ApiState, &'a Principal, &'a [u8]) -> Pending<'a>;
+
+/// A route's work in progress.
+type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// What both POST routes share: authorization, the body's type and size,
+/// and `Idempotency-Key`.
+async fn handle(
+    state: &ApiState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    route: &str,
+    cost: u32,
+    work: Work,
+) -> Response {
+    let ip = state.network.client_ip(peer, headers);
+    let principal = match authorize(state, headers, ip, Scope::Send, cost).await {
+        Ok(principal) => principal,
+        Err(problem) => return problem.into_response(),
+    };
+    let fields = LogFields {
+        key_id: Some(principal.key_id.clone()),
+        tenant: Some(principal.tenant.clone()),
+        job_ids: Vec::new(),
+    };
+    let body = match read_json_body(headers, body, state.settings.body_limit_bytes) {
+        Ok(body) => body,
+        Err(problem) => return with_fields(problem.into_response(), fields),
+    };
+    let idempotency_key = match idempotency_key(headers) {
+        Ok(key) => key,
+        Err(problem) => return with_fields(problem.into_response(), fields),
+    };
+    let Some(key) = idempotency_key else {
+        let outcome = work(state, &principal, &body).await;
+        return respond(outcome, fields, false);
+    };
+    let slot = match state
+        .idempotency
+        .take(&principal.tenant, &key, route, &body)
+        .await
+    {
+        Ok(Taken::First(slot)) => slot,
+        Ok(Taken::Replay(stored)) => {
+            let outcome = Outcome {
+                status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+                job_ids: replayed_ids(&stored.body),
+                body: stored.body,
+            };
+            return respond(outcome, fields, true);
+        }
+        Ok(Taken::Mismatch) => {
+            return with_fields(Problem::idempotency_mismatch().into_response(), fields);
+        }
+        Ok(Taken::InProgress) => {
+            return with_fields(Problem::in_progress().into_response(), fields);
+        }
+        Err(_) => {
+            return with_fields(
+                Problem::unavailable("the idempotency store").into_response(),
+                fields,
+            );
+        }
+    };
+    let outcome = work(state, &principal, &body).await;
+    let kept = if outcome.status.is_server_error() {
+        state.idempotency.abandon(slot).await
+    } else {
+        let stored = Stored {
+            status: outcome.status.as_u16(),
+            body: outcome.body.clone(),
+        };
+        state.idempotency.finish(slot, stored).await
+    };
+    if let Err(err) = kept {
+        // The work is done and answered; a replay may redo it, which the
+        // worker's dedup absorbs if the job itself has an idempotency key.
+        tracing::warn!(error = %err, "idempotent response not stored");
+    }
+    respond(outcome, fields, false)
+}
+
+fn respond(outcome: Outcome, mut fields: LogFields, replayed: bool) -> Response {
+    fields.job_ids = outcome.job_ids;
+    let mut response = (outcome.status, outcome.body).into_response();
+    let content_type = if outcome.status.is_client_error() || outcome.status.is_server_error() {
+        "application/problem+json"
+    } else {
+        "application/json"
+    };
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if outcome.status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    with_fields(response, fields)
+}
+
+fn with_fields(mut response: Response, fields: LogFields) -> Response {
+    response.extensions_mut().insert(fields);
+    response
+}
+
+/// Job ids of a stored answer, for the access log of a replay.
+fn replayed_ids(body: &str) -> Vec<JobId> {
+    #[derive(Deserialize)]
+    struct Ids {
+        id: Option<JobId>,
+        #[serde(default)]
+        results: Vec<Ids>,
+    }
+    serde_json::from_str::<Ids>(body).map_or_else(
+        |_| Vec::new(),
+        |ids| {
+            ids.id
+                .into_iter()
+                .chain(ids.results.into_iter().filter_map(|r| r.id))
+                .collect()
+        },
+    )
+}
+
+/// The body, if it is JSON and within the limit.
+fn read_json_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, Problem> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| {
+            let essence = essence.trim();
+            essence.eq_ignore_ascii_case("application/json")
+                || essence.to_ascii_lowercase().ends_with("+json")
+        });
+    if !json {
+        return Err(Problem::unsupported_media_type());
+    }
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::too_large(limit)
+        } else {
+            Problem::bad_json("the body could not be read".to_owned())
+        }
+    })
+}
+
+/// The `Idempotency-Key` header, if sent and well-formed.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .ok()
+        .filter(|text| {
+            !text.is_empty()
+                && text.len() <= MAX_IDEMPOTENCY_KEY
+                && text.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        })
+        .ok_or_else(|| {
+            Problem::invalid_field(
+                "Idempotency-Key",
+                "must be 1 to 255 printable ASCII characters",
+            )
+        })?;
+    Ok(Some(text.to_owned()))
+}
+
+/// A serde error without the values it may quote (they may be personal
+/// data); field names and positions stay.
+fn json_error(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut quoted = false;
+    for c in text.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…\"");
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Parses, checks and enqueues one request for `principal`.
+async fn accept(
+    state: &ApiState,
+    principal: &Principal,
+    request: JobRequest,
+) -> Result<JobId, Problem> {
+    if request
+        .tenant
+        .as_ref()
+        .is_some_and(|tenant| *tenant != principal.tenant)
+    {
+        return Err(Problem::invalid_field(
+            "tenant",
+            "is set by the credential; leave it out",
+        ));
+    }
+    let job = prepare(request, &principal.tenant, &state.limits)
+        .map_err(|errors| Problem::invalid(&errors))?;
+    state.producer.enqueue(job).await.map_err(|err| match err {
+        EnqueueError::Invalid(errors) => Problem::invalid(&errors),
+        EnqueueError::Publish(_) => Problem::unavailable("the broker"),
+        EnqueueError::Seal(_) => {
+            tracing::error!(error = %err, "a job could not be sealed");
+            Problem::unavailable("sealing")
+        }
+    })
+}
+
+fn enqueue_one<'a>(state: &'a ApiState, principal: &'a Principal, body: &'a [u8]) -> Pending<'a> {
+    Box::pin(async move {
+        let request: JobRequest = match serde_json::from_slice(body) {
+            Ok(request) => request,
+            Err(err) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
+        };
+        match accept(state, principal, request).await {
+            Ok(id) => Outcome::json(StatusCode::ACCEPTED, &Accepted::new(id), vec![id]),
+            Err(problem) => Outcome::problem(&problem),
+        }
+    })
+}
+
+fn enqueue_batch<'a>(state: &'a ApiState, principal: &'a Principal, body: &'a [u8]) -> Pending<'a> {
+    Box::pin(async move {
+        let batch: Batch = match serde_json::from_slice(body) {
+            Ok(batch) => batch,
+            Err(err) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
+        };
+        let max = state.settings.max_batch;
+        if batch.messages.is_empty() || batch.messages.len() > max {
+            return Outcome::problem(&Problem::invalid_field(
+                "messages",
+                &format!("must hold 1 to {max} messages"),
+            ));
+        }
+        let accepted = futures_util::future::join_all(batch.messages.into_iter().enumerate().map(
+            |(index, value)| async move {
+                let result = match serde_json::from_value::<JobRequest>(value) {
+                    Ok(request) => accept(state, principal, request).await,
+                    Err(err) => Err(Problem::bad_json(json_error(&err))),
+                };
+                match result {
+                    Ok(id) => ItemResult {
+                        index,
+                        status: StatusCode::ACCEPTED.as_u16(),
+                        id: Some(id),
+                        problem: None,
+                    },
+                    Err(problem) => ItemResult {
+                        index,
+                        status: problem.status,
+                        id: None,
+                        problem: Some(problem),
+                    },
+                }
+            },
+        ))
+        .await;
+        let job_ids: Vec<JobId> = accepted.iter().filter_map(|item| item.id).collect();
+        let status = if job_ids.len() == accepted.len() {
+            StatusCode::ACCEPTED
+        } else {
+            StatusCode::MULTI_STATUS
+        };
+        let answer = Answer {
+            accepted: job_ids.len(),
+            rejected: accepted.len() - job_ids.len(),
+            results: accepted,
+        };
+        Outcome::json(status, &answer, job_ids)
+    })
+}
+
+/// `GET /v1/messages/{id}`: the status, to the owning tenant only; another
+/// tenant's job reads as not found.
+pub async fn status(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let ip = state.network.client_ip(peer, &headers);
+    let principal = match authorize(&state, &headers, ip, Scope::Read, 1).await {
+        Ok(principal) => principal,
+        Err(problem) => return problem.into_response(),
+    };
+    let fields = LogFields {
+        key_id: Some(principal.key_id.clone()),
+        tenant: Some(principal.tenant.clone()),
+        job_ids: Vec::new(),
+    };
+    let Ok(id) = id.parse::<JobId>() else {
+        return with_fields(Problem::not_found().into_response(), fields);
+    };
+    match state.statuses.get(&id).await {
+        Ok(Some(status)) if status.tenant == principal.tenant => {
+            let outcome = Outcome::json(StatusCode::OK, &status, vec![id]);
+            respond(outcome, fields, false)
+        }
+        Ok(_) => with_fields(Problem::not_found().into_response(), fields),
+        Err(_) => with_fields(
+            Problem::unavailable("the status store").into_response(),
+            fields,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_keep_names_and_drop_values() {
+        let err = serde_json::from_str::<JobRequest>(r#"{"message": {"to": "ada@example.org"}}"#)
+            .expect_err("a string is not a list");
+        let text = json_error(&err);
+        assert!(!text.contains("ada@"), "{text}");
+        assert!(text.contains("line 1"), "{text}");
+    }
+
+    #[test]
+    fn idempotency_keys_are_checked() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(idempotency_key(&headers).ok(), Some(None));
+        headers.insert("idempotency-key", HeaderValue::from_static("order-1"));
+        assert_eq!(
+            idempotency_key(&headers).ok(),
+            Some(Some("order-1".to_owned()))
+        );
+        headers.insert("idempotency-key", HeaderValue::from_static(""));
+        assert!(idempotency_key(&headers).is_err());
+        let long = "k".repeat(256);
+        headers.insert(
+            "idempotency-key",
+            HeaderValue::from_str(&long).expect("value"),
+        );
+        assert!(idempotency_key(&headers).is_err());
+    }
+}

@@ -1,0 +1,233 @@
+//! The HTTP API: authenticated, rate-limited, validated job ingestion.
+//!
+//! Routes: `POST /v1/messages`, `POST /v1/messages/batch`,
+//! `GET /v1/messages/{id}`, `GET /healthz`, `GET /readyz`. Every answer
+//! that is not a success is an RFC 9457 problem document ([`problem`]).
+//! A message is answered `202` only after the broker confirmed it; when the
+//! broker or Redis is out of reach the answer is `503` with `Retry-After`
+//! and nothing was done.
+//!
+//! Every request leaves one access-log line (target `mailroom::access`):
+//! request id, key id, tenant, route, status, latency, client IP and job
+//! ids; never a recipient, a subject, a body or a key.
+
+mod auth;
+mod idempotency;
+pub mod keys;
+mod messages;
+mod network;
+pub mod problem;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use mailroom_core::job::JobId;
+use mailroom_core::ratelimit::RateLimiter;
+use mailroom_core::settings::{ApiSettings, Settings, SettingsError};
+use mailroom_core::status::StatusStore;
+use mailroom_core::store::{RedisStore, StoreError};
+use mailroom_core::validate::Limits;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Producer, ProducerError};
+use auth::Touches;
+use idempotency::Idempotency;
+use keys::ApiKeyStore;
+pub use network::{BadCidr, NetworkPolicy, parse_cidr};
+use problem::Problem;
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A setting is missing or wrong.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// A CIDR setting does not parse.
+    #[error(transparent)]
+    Cidr(#[from] BadCidr),
+    /// The broker could not be reached or set up.
+    #[error(transparent)]
+    Producer(#[from] ProducerError),
+    /// Redis could not be reached.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the access log says about a request, filled in by its handler.
+#[derive(Clone, Debug, Default)]
+pub struct LogFields {
+    /// The key's public id.
+    pub key_id: Option<String>,
+    /// The tenant.
+    pub tenant: Option<String>,
+    /// Jobs the request enqueued or read.
+    pub job_ids: Vec<JobId>,
+}
+
+/// Everything a request needs, shared by all of them.
+pub struct ApiState {
+    producer: Producer,
+    store: RedisStore,
+    keys: ApiKeyStore,
+    limiter: RateLimiter,
+    statuses: StatusStore,
+    idempotency: Idempotency,
+    network: NetworkPolicy,
+    settings: ApiSettings,
+    limits: Limits,
+    touches: Touches,
+}
+
+/// A connected API, ready to serve.
+pub struct Api {
+    state: Arc<ApiState>,
+}
+
+impl Api {
+    /// Connects to the broker (declaring the topology) and Redis.
+    pub async fn connect(settings: &Settings) -> Result<Self, ApiError> {
+        let network = NetworkPolicy::new(&settings.api.trusted_proxies, &settings.api.deny_cidrs)?;
+        let hash_key = settings.hash_key()?.to_vec();
+        let producer = Producer::connect(settings).await?;
+        let store = RedisStore::connect(&settings.redis).await?;
+        Ok(Self::from_parts(
+            producer, store, &hash_key, network, settings,
+        ))
+    }
+
+    /// An API over existing connections.
+    pub fn from_parts(
+        producer: Producer,
+        store: RedisStore,
+        hash_key: &[u8],
+        network: NetworkPolicy,
+        settings: &Settings,
+    ) -> Self {
+        let api = &settings.api;
+        Self {
+            state: Arc::new(ApiState {
+                keys: ApiKeyStore::new(store.clone(), hash_key),
+                limiter: RateLimiter::new(store.clone()),
+                statuses: StatusStore::new(store.clone(), settings.worker.status_retention),
+                idempotency: Idempotency::new(
+                    store.clone(),
+                    hash_key,
+                    api.idempotency_window,
+                    api.request_timeout * 2,
+                ),
+                producer,
+                store,
+                network,
+                settings: api.clone(),
+                limits: settings.limits.clone(),
+                touches: Touches::default(),
+            }),
+        }
+    }
+
+    /// The API key store (for `mailroom apikey`).
+    pub fn keys(&self) -> &ApiKeyStore {
+        &self.state.keys
+    }
+
+    /// The routes, with the body limit, the timeout and the access log.
+    pub fn router(&self) -> Router {
+        let state = Arc::clone(&self.state);
+        Router::new()
+            .route("/v1/messages", post(messages::send_one))
+            .route("/v1/messages/batch", post(messages::send_batch))
+            .route("/v1/messages/{id}", get(messages::status))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(ready))
+            .fallback(|| async { Problem::not_found() })
+            .layer(DefaultBodyLimit::max(state.settings.body_limit_bytes))
+            .layer(middleware::from_fn_with_state(
+                Arc::clone(&state),
+                access_log,
+            ))
+            .with_state(state)
+    }
+
+    /// Serves on `listener` until `shutdown`, then lets requests in flight
+    /// finish.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let producer = self.state.producer.clone();
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        producer.close().await;
+        served
+    }
+}
+
+/// `/readyz`: broker and Redis reachable.
+async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, String) {
+    let broker = state.producer.broker().is_connected();
+    let redis = state.store.ping().await.is_ok();
+    let word = |up| if up { "up" } else { "down" };
+    let status = if broker && redis {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        format!("broker {}\nredis {}\n", word(broker), word(redis)),
+    )
+}
+
+/// The request timeout, the request id and one access-log line a request.
+async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "(unmatched)".to_owned(), |path| path.as_str().to_owned());
+    let client_ip = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| state.network.client_ip(*peer, request.headers()));
+    let timeout: Duration = state.settings.request_timeout;
+    let mut response = tokio::time::timeout(timeout, next.run(request))
+        .await
+        .unwrap_or_else(|_| Problem::timeout().into_response());
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let fields = response
+        .extensions()
+        .get::<LogFields>()
+        .cloned()
+        .unwrap_or_default();
+    let job_ids: Vec<String> = fields.job_ids.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        target: "mailroom::access",
+        request_id,
+        method = %method,
+        route,
+        status = response.status().as_u16(),
+        latency_ms = started.elapsed().as_secs_f64() * 1e3,
+        client_ip = client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        key_id = fields.key_id.unwrap_or_default(),
+        tenant = fields.tenant.unwrap_or_default(),
+        job_ids = job_ids.join(","),
+        "request"
+    );
+    response
+}

@@ -1,0 +1,165 @@
+//! Who is calling, by address: the client IP (believing `X-Forwarded-For`
+//! only from configured proxies) and the global deny list.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::http::HeaderMap;
+use ipnet::IpNet;
+
+/// Trusted proxies and denied networks, from `[api]`.
+#[derive(Clone, Debug, Default)]
+pub struct NetworkPolicy {
+    trusted_proxies: Vec<IpNet>,
+    denied: Vec<IpNet>,
+}
+
+/// A CIDR in a setting that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {value:?} is not a CIDR (e.g. 10.0.0.0/8, 2001:db8::/32, or one address)")]
+pub struct BadCidr {
+    /// Which setting.
+    pub setting: &'static str,
+    /// The value.
+    pub value: String,
+}
+
+/// Parses a CIDR, or a single address as a /32 or /128.
+pub fn parse_cidr(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn parse_all(setting: &'static str, values: &[String]) -> Result<Vec<IpNet>, BadCidr> {
+    values
+        .iter()
+        .map(|value| {
+            parse_cidr(value).ok_or_else(|| BadCidr {
+                setting,
+                value: value.clone(),
+            })
+        })
+        .collect()
+}
+
+impl NetworkPolicy {
+    /// From `api.trusted_proxies` and `api.deny_cidrs`.
+    pub fn new(trusted_proxies: &[String], deny_cidrs: &[String]) -> Result<Self, BadCidr> {
+        Ok(Self {
+            trusted_proxies: parse_all("api.trusted_proxies", trusted_proxies)?,
+            denied: parse_all("api.deny_cidrs", deny_cidrs)?,
+        })
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address: the peer, unless the peer is a trusted proxy;
+    /// then the right-most `X-Forwarded-For` entry that is not one (entries
+    /// left of it could have been written by anyone).
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = canonical(peer.ip());
+        if !self.trusted(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(text) = value.to_str() else {
+                return client;
+            };
+            for hop in text.rsplit(',') {
+                let Some(ip) = parse_hop(hop) else {
+                    return client;
+                };
+                client = canonical(ip);
+                if !self.trusted(client) {
+                    return client;
+                }
+            }
+        }
+        client
+    }
+
+    /// Whether `ip` is on the deny list.
+    pub fn denies(&self, ip: IpAddr) -> bool {
+        self.denied.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// One `X-Forwarded-For` hop: an address, maybe with a port or brackets.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|addr| addr.ip()))
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, so `10.0.0.0/8` matches them.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(xff: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for value in xff {
+            map.append(
+                "x-forwarded-for",
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        map
+    }
+
+    fn peer(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().expect("ip"), 40000)
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let policy = NetworkPolicy::new(&["10.0.0.0/8".to_owned()], &[]).expect("policy");
+        let spoof = headers(&["1.2.3.4"]);
+        assert_eq!(
+            policy.client_ip(peer("203.0.113.9"), &spoof),
+            "203.0.113.9".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            policy.client_ip(peer("10.1.1.1"), &spoof),
+            "1.2.3.4".parse::<IpAddr>().expect("ip")
+        );
+        // A client cannot hide behind entries it wrote itself.
+        let chain = headers(&["6.6.6.6, 198.51.100.7, 10.2.2.2"]);
+        assert_eq!(
+            policy.client_ip(peer("10.1.1.1"), &chain),
+            "198.51.100.7".parse::<IpAddr>().expect("ip")
+        );
+        let garbage = headers(&["not-an-ip"]);
+        assert_eq!(
+            policy.client_ip(peer("10.1.1.1"), &garbage),
+            "10.1.1.1".parse::<IpAddr>().expect("ip")
+        );
+    }
+
+    #[test]
+    fn deny_list_and_mapped_addresses() {
+        let policy =
+            NetworkPolicy::new(&[], &["192.0.2.0/24".to_owned(), "2001:db8::1".to_owned()])
+                .expect("policy");
+        assert!(policy.denies("192.0.2.44".parse().expect("ip")));
+        assert!(policy.denies("2001:db8::1".parse().expect("ip")));
+        assert!(!policy.denies("198.51.100.1".parse().expect("ip")));
+        let mapped = policy.client_ip(peer("::ffff:192.0.2.44"), &HeaderMap::new());
+        assert!(policy.denies(mapped));
+        assert!(NetworkPolicy::new(&["10.0.0.0/33".to_owned()], &[]).is_err());
+    }
+}

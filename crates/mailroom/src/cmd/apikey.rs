@@ -1,0 +1,173 @@
+//! `mailroom apikey`: create, list, rotate and revoke API keys.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use mailroom_core::ratelimit::Rate;
+use mailroom_core::settings::Settings;
+use mailroom_core::store::RedisStore;
+use mailroom_producer::api::keys::{ApiKeyStore, KeyRecord, NewKey, Scope};
+use mailroom_producer::api::parse_cidr;
+use time::OffsetDateTime;
+
+/// `mailroom apikey ...`
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Make a key; it is printed once and never stored.
+    Create(CreateArgs),
+    /// Every key: id, tenant, scopes, networks, created, last used. Never the key.
+    List,
+    /// A new key with the same tenant, scopes and limits; the old one keeps
+    /// working for the grace period, then expires.
+    Rotate {
+        /// The key's id.
+        id: String,
+        /// How long the old key keeps working.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+    },
+    /// Revoke a key at once, on every API replica.
+    Revoke {
+        /// The key's id (from `list`).
+        id: String,
+    },
+}
+
+/// `mailroom apikey create`
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The tenant the key sends as.
+    #[arg(long)]
+    tenant: String,
+    /// Comma-separated: send, read.
+    #[arg(long, value_delimiter = ',', default_value = "send,read")]
+    scopes: Vec<Scope>,
+    /// Networks the key may be used from (repeat); anywhere when none.
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    allow_cidrs: Vec<String>,
+    /// The key's own rate limit, e.g. 100/s.
+    #[arg(long)]
+    rate: Option<Rate>,
+    /// Expire after this long, e.g. 90d.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    expires: Option<Duration>,
+}
+
+/// Runs an `apikey` subcommand.
+pub async fn run(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<()> {
+    let store = RedisStore::connect(&settings.redis)
+        .await
+        .context("cannot reach Redis")?;
+    let keys = ApiKeyStore::new(store, settings.hash_key()?);
+    match command {
+        ApiKeyCommand::Create(args) => create(&keys, args).await,
+        ApiKeyCommand::List => {
+            print!("{}", table(&keys.list().await?));
+            Ok(())
+        }
+        ApiKeyCommand::Rotate { id, grace } => {
+            let until = OffsetDateTime::now_utc() + grace;
+            let Some((key, record)) = keys.rotate(&id, until).await? else {
+                bail!("no key with id {id}");
+            };
+            eprintln!(
+                "mailroom: new key {} for tenant {}; {id} stops working at {until}",
+                record.id, record.tenant
+            );
+            println!("{key}");
+            Ok(())
+        }
+        ApiKeyCommand::Revoke { id } => {
+            if !keys.revoke(&id).await? {
+                bail!("no key with id {id}");
+            }
+            tracing::info!(key_id = %id, "API key revoked");
+            eprintln!("mailroom: revoked {id}");
+            Ok(())
+        }
+    }
+}
+
+async fn create(keys: &ApiKeyStore, args: CreateArgs) -> anyhow::Result<()> {
+    if args.scopes.is_empty() {
+        bail!("--scopes: give at least one of send, read");
+    }
+    let tenant_ok = !args.tenant.is_empty()
+        && args.tenant.len() <= 64
+        && args
+            .tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !tenant_ok {
+        bail!("--tenant: 1 to 64 of A-Z a-z 0-9 . _ -");
+    }
+    let allow_cidrs = args
+        .allow_cidrs
+        .iter()
+        .map(|text| parse_cidr(text).with_context(|| format!("--allow-cidr {text:?}: not a CIDR")))
+        .collect::<anyhow::Result<_>>()?;
+    let (key, record) = keys
+        .create(NewKey {
+            tenant: args.tenant,
+            scopes: args.scopes,
+            allow_cidrs,
+            rate: args.rate,
+            expires_at: args.expires.map(|d| OffsetDateTime::now_utc() + d),
+        })
+        .await?;
+    tracing::info!(key_id = %record.id, tenant = %record.tenant, "API key created");
+    eprintln!(
+        "mailroom: key {} for tenant {} (shown once; only its hash is stored)",
+        record.id, record.tenant
+    );
+    println!("{key}");
+    Ok(())
+}
+
+fn table(listed: &[mailroom_producer::api::keys::Listed]) -> String {
+    let mut out = format!(
+        "{:<18}  {:<16}  {:<10}  {:<20}  {:<8}  {:<20}  {:<20}  {}\n",
+        "ID", "TENANT", "SCOPES", "NETWORKS", "RATE", "CREATED", "EXPIRES", "LAST USED"
+    );
+    let when = |at: Option<OffsetDateTime>| {
+        at.and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".to_owned())
+    };
+    for item in listed {
+        let KeyRecord {
+            id,
+            tenant,
+            scopes,
+            allow_cidrs,
+            rate,
+            created_at,
+            expires_at,
+        } = &item.record;
+        let scopes: Vec<&str> = scopes
+            .iter()
+            .map(|scope| match scope {
+                Scope::Send => "send",
+                Scope::Read => "read",
+            })
+            .collect();
+        let networks: Vec<String> = allow_cidrs.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(
+            "{id:<18}  {tenant:<16}  {:<10}  {:<20}  {:<8}  {:<20}  {:<20}  {}\n",
+            scopes.join(","),
+            if networks.is_empty() {
+                "any".to_owned()
+            } else {
+                networks.join(",")
+            },
+            rate.map_or_else(|| "default".to_owned(), |r| r.to_string()),
+            when(Some(*created_at)),
+            when(*expires_at),
+            when(item.last_used),
+        ));
+    }
+    out
+}
