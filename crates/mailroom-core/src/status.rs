@@ -6,8 +6,11 @@
 //! | `duplicate` | `suppressed` | `expired`; `retrying` goes back to
 //! `sending`. A final state stays, so a late or duplicate delivery of the
 //! same job cannot turn `sent` into `duplicate`; only an operator's replay
-//! moves `failed`, `dead` or `expired` back to `queued`. The check and the
-//! write are one Redis script, so racing workers cannot interleave them.
+//! ([`StatusStore::requeue`]) moves `failed`, `dead` or `expired` back to
+//! `queued`. `queued` is written only where there is no status yet (the API
+//! writes it on acceptance, and a fast worker may have been quicker). The
+//! check and the write are one Redis script, so racing writers cannot
+//! interleave them.
 
 use std::fmt;
 use std::time::Duration;
@@ -69,10 +72,11 @@ impl JobState {
 
     /// Whether a job in this state may move to `next`.
     pub fn may_become(self, next: Self) -> bool {
-        if !self.is_final() {
-            return true;
+        if next == Self::Queued {
+            // A replay; a first `queued` is written only where no status is.
+            return matches!(self, Self::Failed | Self::Dead | Self::Expired);
         }
-        next == Self::Queued && matches!(self, Self::Failed | Self::Dead | Self::Expired)
+        !self.is_final()
     }
 }
 
@@ -171,11 +175,12 @@ const RECORD: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current then
   local old = cjson.decode(current)
+  -- `queued` is written once, on acceptance; a worker may have moved on
+  -- already, and a replay comes through `requeue`.
+  if ARGV[2] == 'queued' then return 0 end
   local final = { sent = true, failed = true, dead = true, duplicate = true,
                   suppressed = true, expired = true }
-  local replay = ARGV[2] == 'queued'
-    and (old.state == 'failed' or old.state == 'dead' or old.state == 'expired')
-  if final[old.state] and not replay then
+  if final[old.state] then
     return 0
   end
 end

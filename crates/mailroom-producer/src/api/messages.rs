@@ -9,6 +9,7 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mailroom_core::job::{JobId, JobRequest};
+use mailroom_core::status::{JobState, StatusUpdate};
 use serde::{Deserialize, Serialize};
 
 use super::auth::{Principal, authorize};
@@ -336,14 +337,20 @@ async fn accept(
     }
     let job = prepare(request, &principal.tenant, &state.limits)
         .map_err(|errors| Problem::invalid(&errors))?;
-    state.producer.enqueue(job).await.map_err(|err| match err {
+    let queued = StatusUpdate::new(&job, JobState::Queued);
+    let id = state.producer.enqueue(job).await.map_err(|err| match err {
         EnqueueError::Invalid(errors) => Problem::invalid(&errors),
         EnqueueError::Publish(_) => Problem::unavailable("the broker"),
         EnqueueError::Seal(_) => {
             tracing::error!(error = %err, "a job could not be sealed");
             Problem::unavailable("sealing")
         }
-    })
+    })?;
+    // Informative only: the job is enqueued whatever happens here.
+    if let Err(err) = state.statuses.record(&queued).await {
+        tracing::warn!(error = %err, job_id = %id, "queued status not recorded");
+    }
+    Ok(id)
 }
 
 fn enqueue_one<'a>(state: &'a ApiState, principal: &'a Principal, body: &'a [u8]) -> Pending<'a> {

@@ -1,0 +1,698 @@
+//! The HTTP API against the real Redis and RabbitMQ: every rejection path,
+//! the happy path, idempotency races, revocation across replicas, and what
+//! the access log may say.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{Request, StatusCode};
+use lapin::options::BasicGetOptions;
+use mailroom_core::job::{JobId, Lane};
+use mailroom_core::ratelimit::Rate;
+use mailroom_core::seal::SealKey;
+use mailroom_core::settings::{Secret, Settings};
+use mailroom_core::store::RedisStore;
+use mailroom_core::wire::{self, headers};
+use mailroom_producer::Producer;
+use mailroom_producer::api::keys::{NewKey, Scope};
+use mailroom_producer::api::{Api, NetworkPolicy, parse_cidr};
+use mailroom_tests::rabbit::{TestVhost, rabbitmqctl};
+use mailroom_tests::redis::TestPrefix;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tower::ServiceExt as _;
+
+struct Stack {
+    vhost: TestVhost,
+    _redis: TestPrefix,
+    settings: Settings,
+}
+
+impl Stack {
+    fn new(label: &str) -> Self {
+        let vhost = TestVhost::new(label);
+        let redis = TestPrefix::new(label);
+        let mut settings = Settings::default();
+        settings.amqp = vhost.settings();
+        settings.redis = redis.settings();
+        let key = SealKey::generate("test").expect("key");
+        settings.seal.keys = Secret::new(key.to_line().to_string());
+        settings.seal.active = Some("test".to_owned());
+        Self {
+            vhost,
+            _redis: redis,
+            settings,
+        }
+    }
+
+    async fn api(&self) -> Api {
+        self.api_with(&self.settings).await
+    }
+
+    async fn api_with(&self, settings: &Settings) -> Api {
+        let network = NetworkPolicy::new(&settings.api.trusted_proxies, &settings.api.deny_cidrs)
+            .expect("network policy");
+        let producer = Producer::connect(settings).await.expect("producer");
+        let store = RedisStore::connect(&settings.redis).await.expect("redis");
+        Api::from_parts(
+            producer,
+            store,
+            settings.hash_key().expect("hash key"),
+            network,
+            settings,
+        )
+    }
+}
+
+fn new_key(tenant: &str, scopes: &[Scope]) -> NewKey {
+    NewKey {
+        tenant: tenant.to_owned(),
+        scopes: scopes.to_vec(),
+        allow_cidrs: Vec::new(),
+        rate: None,
+        expires_at: None,
+    }
+}
+
+async fn key(api: &Api, tenant: &str) -> String {
+    api.keys()
+        .create(new_key(tenant, &[Scope::Send, Scope::Read]))
+        .await
+        .expect("key")
+        .0
+}
+
+/// A response: status, headers, JSON body.
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+async fn call(router: &Router, peer: &str, request: Request<Body>) -> Answer {
+    let peer: SocketAddr = format!("{peer}:50000").parse().expect("peer");
+    let response = router
+        .clone()
+        .layer(MockConnectInfo(peer))
+        .oneshot(request)
+        .await
+        .expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn post(path: &str, key: Option<&str>, body: &Value) -> Request<Body> {
+    let mut request = Request::post(path).header("content-type", "application/json");
+    if let Some(key) = key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    request.body(Body::from(body.to_string())).expect("request")
+}
+
+fn message(subject: &str) -> Value {
+    json!({
+        "message": {
+            "from": "Shop <shop@example.com>",
+            "to": ["Ada Lovelace <ada@example.org>"],
+            "subject": subject,
+            "text": "Your secret order body"
+        }
+    })
+}
+
+const LOCAL: &str = "127.0.0.1";
+
+#[tokio::test]
+async fn an_accepted_message_is_in_the_queue_sealed_for_the_keys_tenant() {
+    let stack = Stack::new("api-happy");
+    let api = stack.api().await;
+    let key = key(&api, "acme").await;
+    let router = api.router();
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&key), &message("Receipt")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    let id: JobId = answer.body["id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("job id");
+
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let channel = producer.broker().channel().await.expect("channel");
+    let got = channel
+        .basic_get(
+            wire::work_queue(Lane::Transactional).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+        .expect("the job is queued");
+    let table = got.delivery.properties.headers().clone().expect("headers");
+    let tenant = match table.inner().get(headers::TENANT) {
+        Some(lapin::types::AMQPValue::LongString(text)) => text.to_string(),
+        other => panic!("tenant header: {other:?}"),
+    };
+    assert_eq!(tenant, "acme");
+    let kid = match table.inner().get(headers::KID) {
+        Some(lapin::types::AMQPValue::LongString(text)) => text.to_string(),
+        other => panic!("kid header: {other:?}"),
+    };
+    let keyring = stack.settings.keyring().expect("keyring");
+    let job = keyring
+        .open(&kid, &id, "acme", &got.delivery.data)
+        .expect("opens as acme's job");
+    assert_eq!(job.message.subject, "Receipt");
+    assert!(!String::from_utf8_lossy(&got.delivery.data).contains("secret order"));
+
+    // The owner reads its status; another tenant cannot see it exists.
+    let read = Request::get(format!("/v1/messages/{id}"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::empty())
+        .expect("request");
+    let answer = call(&router, LOCAL, read).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body["state"], "queued");
+    assert_eq!(answer.body["recipients"][0], "a***@example.org");
+    let other = key_for(&api, "globex").await;
+    let read = Request::get(format!("/v1/messages/{id}"))
+        .header("authorization", format!("Bearer {other}"))
+        .body(Body::empty())
+        .expect("request");
+    assert_eq!(
+        call(&router, LOCAL, read).await.status,
+        StatusCode::NOT_FOUND
+    );
+    producer.close().await;
+}
+
+async fn key_for(api: &Api, tenant: &str) -> String {
+    key(api, tenant).await
+}
+
+#[tokio::test]
+async fn every_bad_credential_gets_the_same_401() {
+    let stack = Stack::new("api-401");
+    let api = stack.api().await;
+    let router = api.router();
+    let (expiring, _) = api
+        .keys()
+        .create(NewKey {
+            expires_at: Some(OffsetDateTime::now_utc() + Duration::from_secs(1)),
+            ..new_key("acme", &[Scope::Send])
+        })
+        .await
+        .expect("key");
+    let (revoked, record) = api
+        .keys()
+        .create(new_key("acme", &[Scope::Send]))
+        .await
+        .expect("key");
+    assert!(api.keys().revoke(&record.id).await.expect("revoke"));
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    let mut bodies = Vec::new();
+    for credential in [
+        None,
+        Some("mr_live_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+        Some("not-even-a-key"),
+        Some(expiring.as_str()),
+        Some(revoked.as_str()),
+    ] {
+        let answer = call(
+            &router,
+            LOCAL,
+            post("/v1/messages", credential, &message("x")),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{credential:?}");
+        assert_eq!(
+            answer
+                .headers
+                .get("content-type")
+                .map(|v| v.to_str().unwrap_or("")),
+            Some("application/problem+json")
+        );
+        bodies.push(answer.body.to_string());
+    }
+    bodies.dedup();
+    assert_eq!(bodies.len(), 1, "401s differ: {bodies:?}");
+}
+
+#[tokio::test]
+async fn scope_and_network_rules_give_403() {
+    let stack = Stack::new("api-403");
+    let mut settings = stack.settings.clone();
+    settings.api.deny_cidrs = vec!["192.0.2.0/24".to_owned()];
+    settings.api.trusted_proxies = vec!["10.0.0.0/8".to_owned()];
+    let api = stack.api_with(&settings).await;
+    let router = api.router();
+    let (read_only, _) = api
+        .keys()
+        .create(new_key("acme", &[Scope::Read]))
+        .await
+        .expect("key");
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&read_only), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+
+    let (office_only, _) = api
+        .keys()
+        .create(NewKey {
+            allow_cidrs: vec![parse_cidr("198.51.100.0/24").expect("cidr")],
+            ..new_key("acme", &[Scope::Send])
+        })
+        .await
+        .expect("key");
+    let answer = call(
+        &router,
+        "203.0.113.5",
+        post("/v1/messages", Some(&office_only), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    let answer = call(
+        &router,
+        "198.51.100.7",
+        post("/v1/messages", Some(&office_only), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    // X-Forwarded-For counts only from a trusted proxy.
+    let mut spoofed = post("/v1/messages", Some(&office_only), &message("x"));
+    spoofed
+        .headers_mut()
+        .insert("x-forwarded-for", "198.51.100.7".parse().expect("value"));
+    assert_eq!(
+        call(&router, "203.0.113.5", spoofed).await.status,
+        StatusCode::FORBIDDEN
+    );
+    let mut proxied = post("/v1/messages", Some(&office_only), &message("x"));
+    proxied
+        .headers_mut()
+        .insert("x-forwarded-for", "198.51.100.7".parse().expect("value"));
+    assert_eq!(
+        call(&router, "10.1.2.3", proxied).await.status,
+        StatusCode::ACCEPTED
+    );
+
+    let any = key(&api, "acme").await;
+    let answer = call(
+        &router,
+        "192.0.2.10",
+        post("/v1/messages", Some(&any), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn bad_bodies_are_refused_with_problems() {
+    let stack = Stack::new("api-bodies");
+    let mut settings = stack.settings.clone();
+    settings.api.body_limit_bytes = 4 * 1024;
+    let api = stack.api_with(&settings).await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+
+    let invalid = json!({"message": {"from": "nope", "to": ["a@b.example", "bad"], "subject": "s\r\nBcc: x@y.example"}});
+    let answer = call(&router, LOCAL, post("/v1/messages", Some(&key), &invalid)).await;
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let fields: Vec<&str> = answer.body["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
+    assert!(fields.contains(&"message.from"), "{fields:?}");
+    assert!(fields.contains(&"message.to[1]"), "{fields:?}");
+    assert!(fields.contains(&"message.subject"), "{fields:?}");
+
+    let other_tenant = json!({"tenant": "globex", "message": message("x")["message"]});
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&key), &other_tenant),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let raw = Request::post("/v1/messages")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from("{not json"))
+        .expect("request");
+    assert_eq!(
+        call(&router, LOCAL, raw).await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    let text = Request::post("/v1/messages")
+        .header("content-type", "text/plain")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(message("x").to_string()))
+        .expect("request");
+    assert_eq!(
+        call(&router, LOCAL, text).await.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+
+    let mut big = message("big");
+    big["message"]["text"] = Value::String("x".repeat(8 * 1024));
+    let answer = call(&router, LOCAL, post("/v1/messages", Some(&key), &big)).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let mut invalid_item = message("two");
+    invalid_item["message"]["to"] = json!(["not an address"]);
+    let batch = json!({"messages": [message("one"), invalid_item, {"message": 7}]});
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages/batch", Some(&key), &batch),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::MULTI_STATUS, "{}", answer.body);
+    assert_eq!(answer.body["accepted"], 1);
+    assert_eq!(answer.body["results"][0]["status"], 202);
+    assert_eq!(answer.body["results"][1]["status"], 422);
+    assert_eq!(
+        answer.body["results"][1]["problem"]["errors"][0]["field"],
+        "message.to[0]"
+    );
+    assert_eq!(answer.body["results"][2]["status"], 400);
+}
+
+#[tokio::test]
+async fn a_spent_rate_limit_answers_429_with_retry_after() {
+    let stack = Stack::new("api-429");
+    let api = stack.api().await;
+    let router = api.router();
+    let (key, _) = api
+        .keys()
+        .create(NewKey {
+            rate: Some("2/m".parse::<Rate>().expect("rate")),
+            ..new_key("acme", &[Scope::Send])
+        })
+        .await
+        .expect("key");
+    for _ in 0..2 {
+        let answer = call(
+            &router,
+            LOCAL,
+            post("/v1/messages", Some(&key), &message("x")),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+    }
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&key), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = answer.headers["retry-after"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds");
+    assert!((1..=30).contains(&retry), "{retry}");
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_race_and_refuse_other_bodies() {
+    let stack = Stack::new("api-idem");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let with_key = |body: &Value| {
+        let mut request = post("/v1/messages", Some(&key), body);
+        request
+            .headers_mut()
+            .insert("idempotency-key", "order-42".parse().expect("value"));
+        request
+    };
+    let requests: Vec<_> = (0..10).map(|_| with_key(&message("Order 42"))).collect();
+    let answers = futures_util::future::join_all(
+        requests
+            .into_iter()
+            .map(|request| call(&router, LOCAL, request)),
+    )
+    .await;
+    let ids: Vec<&str> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+            a.body["id"].as_str().expect("id")
+        })
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    let replayed = answers
+        .iter()
+        .filter(|a| a.headers.get("idempotent-replayed").is_some())
+        .count();
+    assert_eq!(replayed, 9);
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    assert_eq!(
+        producer
+            .broker()
+            .queue_depth(&wire::work_queue(Lane::Transactional))
+            .await
+            .expect("depth"),
+        1,
+        "one job for ten requests"
+    );
+    let answer = call(&router, LOCAL, with_key(&message("Another body"))).await;
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn revocation_takes_effect_on_another_replica_at_once() {
+    let stack = Stack::new("api-revoke");
+    let first = stack.api().await;
+    let second = stack.api().await;
+    let (key, record) = first
+        .keys()
+        .create(new_key("acme", &[Scope::Send]))
+        .await
+        .expect("key");
+    let router = second.router();
+    assert_eq!(
+        call(
+            &router,
+            LOCAL,
+            post("/v1/messages", Some(&key), &message("x"))
+        )
+        .await
+        .status,
+        StatusCode::ACCEPTED
+    );
+    assert!(first.keys().revoke(&record.id).await.expect("revoke"));
+    assert_eq!(
+        call(
+            &router,
+            LOCAL,
+            post("/v1/messages", Some(&key), &message("x"))
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
+    let stack = Stack::new("api-503");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    assert_eq!(
+        call(
+            &router,
+            LOCAL,
+            post("/v1/messages", Some(&key), &message("x"))
+        )
+        .await
+        .status,
+        StatusCode::ACCEPTED
+    );
+    // The broker refuses the producer from now on.
+    rabbitmqctl(&["clear_permissions", "-p", stack.vhost.name(), "guest"]);
+    stack.vhost.close_connections("mailroom-producer");
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&key), &message("x")),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.body
+    );
+    assert!(answer.headers.contains_key("retry-after"));
+    rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        stack.vhost.name(),
+        "guest",
+        ".*",
+        ".*",
+        ".*",
+    ]);
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&key), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    assert_eq!(
+        producer
+            .broker()
+            .queue_depth(&wire::work_queue(Lane::Transactional))
+            .await
+            .expect("depth"),
+        2,
+        "the refused request left nothing behind"
+    );
+    producer.close().await;
+}
+
+/// Log lines written while a closure runs.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_access_log_names_no_recipient_subject_body_or_key() {
+    let stack = Stack::new("api-log");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&key), &message("Quarterly secrets")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    let invalid = json!({"message": {"from": "grace@example.net", "to": ["bad address"], "subject": "Hidden", "text": "t"}});
+    call(&router, LOCAL, post("/v1/messages", Some(&key), &invalid)).await;
+    let log = String::from_utf8_lossy(
+        &captured
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+    .into_owned();
+    assert!(log.contains("mailroom::access"), "no access log: {log}");
+    assert!(
+        log.contains(answer.body["id"].as_str().expect("id")),
+        "job id missing: {log}"
+    );
+    for secret in [
+        "ada@example.org",
+        "Lovelace",
+        "grace@example.net",
+        "Quarterly secrets",
+        "Hidden",
+        "secret order body",
+        key.as_str(),
+        &key[8..],
+    ] {
+        assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");
+    }
+}
+
+#[test]
+fn arbitrary_bodies_get_an_answer_and_never_a_panic() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stack = Stack::new("api-fuzz");
+    let (router, key) = runtime.block_on(async {
+        let api = stack.api().await;
+        let key = key(&api, "fuzz").await;
+        (api.router(), key)
+    });
+    let strategy = (
+        proptest::collection::vec(any::<u8>(), 0..512),
+        "[{}\\[\\]\":,a-z0-9 @.-]{0,200}",
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 128,
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, |(bytes, json_like)| {
+            runtime.block_on(async {
+                for payload in [bytes.clone(), json_like.clone().into_bytes()] {
+                    for path in ["/v1/messages", "/v1/messages/batch"] {
+                        let request = Request::post(path)
+                            .header("content-type", "application/json")
+                            .header("authorization", format!("Bearer {key}"))
+                            .body(Body::from(payload.clone()))
+                            .expect("request");
+                        let answer = call(&router, LOCAL, request).await;
+                        prop_assert!(
+                            answer.status.is_client_error()
+                                || answer.status == StatusCode::ACCEPTED,
+                            "{}",
+                            answer.status
+                        );
+                    }
+                }
+                Ok(())
+            })
+        })
+        .expect("every body gets an answer");
+}
