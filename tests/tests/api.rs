@@ -65,6 +65,7 @@ impl Stack {
             network,
             settings,
         )
+        .expect("api")
     }
 }
 

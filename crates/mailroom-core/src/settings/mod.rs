@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 pub use secret::{Secret, redact_url};
 pub use sections::{
-    AmqpSettings, ApiSettings, OnUncertain, RedisSettings, RetrySettings, SealSettings,
-    SmtpSettings, TlsMode, TransportKind, WorkerSettings,
+    AmqpSettings, ApiSettings, JwtAlgorithm, JwtSettings, OnUncertain, RedisSettings,
+    RetrySettings, SealSettings, SmtpSettings, TlsMode, TransportKind, WorkerSettings,
 };
 
 use crate::seal::{Keyring, KeyringError};

@@ -283,6 +283,53 @@ pub struct ApiSettings {
     pub trusted_proxies: Vec<String>,
     /// Clients (CIDRs) refused whatever their key allows.
     pub deny_cidrs: Vec<String>,
+    /// OAuth 2.0 bearer tokens (JWT), beside API keys; off when unset.
+    pub jwt: Option<JwtSettings>,
+}
+
+setting_enum! {
+    /// The one signature algorithm JWTs must use (pinned: the token's own
+    /// `alg` header never chooses).
+    JwtAlgorithm {
+        /// Ed25519.
+        EdDsa = "EdDSA" (default),
+        /// ECDSA P-256 with SHA-256.
+        Es256 = "ES256",
+        /// RSA PKCS#1 v1.5 with SHA-256, 2048 bits or more.
+        Rs256 = "RS256",
+    }
+}
+
+/// `[api.jwt]`: OAuth 2.0 access tokens as JWTs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSettings {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required in `aud`.
+    pub audience: String,
+    /// The verification keys: a JWKS file (one key or several, by `kid`).
+    pub jwks_file: PathBuf,
+    /// The pinned algorithm.
+    pub algorithm: JwtAlgorithm,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "super::duration")]
+    pub leeway: Duration,
+    /// The claim naming the tenant.
+    pub tenant_claim: String,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audience: String::new(),
+            jwks_file: PathBuf::new(),
+            algorithm: JwtAlgorithm::default(),
+            leeway: Duration::from_secs(30),
+            tenant_claim: "tenant".to_owned(),
+        }
+    }
 }
 
 impl Default for ApiSettings {
@@ -303,6 +350,7 @@ impl Default for ApiSettings {
             idempotency_window: Duration::from_hours(24),
             trusted_proxies: Vec::new(),
             deny_cidrs: Vec::new(),
+            jwt: None,
         }
     }
 }

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
 use mailroom_core::ratelimit::{Decision, Rate};
+use time::OffsetDateTime;
 
 use super::ApiState;
-use super::keys::{KeyRecord, Scope};
+use super::keys::{KEY_PREFIX, KeyRecord, Scope};
 use super::problem::Problem;
 
 /// How often a key's `last used` time is written, at most.
@@ -70,6 +71,9 @@ pub async fn authorize(
         return Err(Problem::forbidden("requests from this network are refused"));
     }
     let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
+    if !token.starts_with(KEY_PREFIX) {
+        return authorize_token(state, token, scope, cost).await;
+    }
     let record = state
         .keys
         .lookup(token)
@@ -99,6 +103,43 @@ pub async fn authorize(
     Ok(Principal {
         key_id: record.id,
         tenant: record.tenant,
+    })
+}
+
+/// A JWT instead of an API key: the deny list applied already; keys have
+/// no network list; the rate limit is per signing key and per tenant.
+async fn authorize_token(
+    state: &ApiState,
+    token: &str,
+    scope: Scope,
+    cost: u32,
+) -> Result<Principal, Problem> {
+    let verifier = state.jwt.as_ref().ok_or_else(Problem::unauthorized)?;
+    let caller = verifier
+        .verify(token, OffsetDateTime::now_utc())
+        .ok_or_else(Problem::unauthorized)?;
+    if !caller.scopes.contains(&scope) {
+        return Err(Problem::forbidden("the token lacks the scope for this"));
+    }
+    limit(
+        state,
+        &format!("key:{}", caller.key_id),
+        state.settings.key_rate,
+        cost,
+        "key",
+    )
+    .await?;
+    limit(
+        state,
+        &format!("tenant:{}", caller.tenant),
+        state.settings.tenant_rate,
+        cost,
+        "tenant",
+    )
+    .await?;
+    Ok(Principal {
+        key_id: caller.key_id,
+        tenant: caller.tenant,
     })
 }
 

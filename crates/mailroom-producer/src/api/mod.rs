@@ -13,6 +13,7 @@
 
 mod auth;
 mod idempotency;
+pub mod jwt;
 pub mod keys;
 mod messages;
 mod network;
@@ -58,6 +59,9 @@ pub enum ApiError {
     /// Redis could not be reached.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `[api.jwt]` is incomplete, or its keys unreadable.
+    #[error(transparent)]
+    Jwt(#[from] jwt::JwtSetupError),
 }
 
 /// What the access log says about a request, filled in by its handler.
@@ -76,6 +80,7 @@ pub struct ApiState {
     producer: Producer,
     store: RedisStore,
     keys: ApiKeyStore,
+    jwt: Option<jwt::JwtVerifier>,
     limiter: RateLimiter,
     statuses: StatusStore,
     idempotency: Idempotency,
@@ -97,9 +102,7 @@ impl Api {
         let hash_key = settings.hash_key()?.to_vec();
         let producer = Producer::connect(settings).await?;
         let store = RedisStore::connect(&settings.redis).await?;
-        Ok(Self::from_parts(
-            producer, store, &hash_key, network, settings,
-        ))
+        Self::from_parts(producer, store, &hash_key, network, settings)
     }
 
     /// An API over existing connections.
@@ -109,11 +112,17 @@ impl Api {
         hash_key: &[u8],
         network: NetworkPolicy,
         settings: &Settings,
-    ) -> Self {
+    ) -> Result<Self, ApiError> {
         let api = &settings.api;
-        Self {
+        let jwt = api
+            .jwt
+            .as_ref()
+            .map(jwt::JwtVerifier::from_settings)
+            .transpose()?;
+        Ok(Self {
             state: Arc::new(ApiState {
                 keys: ApiKeyStore::new(store.clone(), hash_key),
+                jwt,
                 limiter: RateLimiter::new(store.clone()),
                 statuses: StatusStore::new(store.clone(), settings.worker.status_retention),
                 idempotency: Idempotency::new(
@@ -129,7 +138,7 @@ impl Api {
                 limits: settings.limits.clone(),
                 touches: Touches::default(),
             }),
-        }
+        })
     }
 
     /// The API key store (for `mailroom apikey`).
