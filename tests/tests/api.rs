@@ -697,3 +697,39 @@ fn arbitrary_bodies_get_an_answer_and_never_a_panic() {
         })
         .expect("every body gets an answer");
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let stack = Stack::new("api-metrics");
+    let _ = mailroom_core::telemetry::prometheus();
+    let api = stack.api().await;
+    let router = api.router();
+    call(&router, LOCAL, post("/v1/messages", None, &message("x"))).await;
+    let request = Request::get("/metrics")
+        .body(Body::empty())
+        .expect("request");
+    let response = router
+        .clone()
+        .layer(MockConnectInfo(
+            "127.0.0.1:1".parse::<SocketAddr>().expect("addr"),
+        ))
+        .oneshot(request)
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body")
+            .to_vec(),
+    )
+    .expect("utf-8");
+    assert!(
+        text.contains(r#"mailroom_api_requests_total{route="/v1/messages",status="401"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("mailroom_api_request_seconds_bucket"),
+        "{text}"
+    );
+}

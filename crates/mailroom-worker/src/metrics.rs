@@ -6,11 +6,10 @@
 //! tenant, recipient or job id: they would be personal data and would make
 //! the series count unbounded.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Jobs finished, by outcome (`sent`, `retry`, `deferred`, `duplicate`, `dead`).
 pub const JOBS: &str = "mailroom_jobs_total";
@@ -25,24 +24,10 @@ pub const DEAD_LETTERS: &str = "mailroom_dead_letters_total";
 /// Deliveries being processed now.
 pub const IN_FLIGHT: &str = "mailroom_in_flight";
 
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
 /// Installs the Prometheus recorder (once per process; later calls return
 /// the same handle). `None` if another recorder was installed first.
 pub fn install() -> Option<PrometheusHandle> {
-    HANDLE
-        .get_or_init(|| {
-            let seconds = [
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-                900.0, 3600.0,
-            ];
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &seconds)
-                .ok()?
-                .install_recorder()
-                .ok()
-        })
-        .clone()
+    mailroom_core::telemetry::prometheus()
 }
 
 /// Counts a finished job.

@@ -292,6 +292,27 @@ pub fn mask_email(addr: &str) -> String {
     }
 }
 
+/// The process's Prometheus recorder, installed on first call (later calls
+/// return the same handle); `None` if another recorder came first.
+/// Histograms named `*_seconds` get buckets from 5 ms to an hour.
+pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                300.0, 900.0, 3600.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &seconds)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
 /// Longest error text kept in a status, a header or a log field.
 pub const ERROR_TEXT_MAX: usize = 300;
 

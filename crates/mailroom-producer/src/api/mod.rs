@@ -98,6 +98,7 @@ pub struct Api {
 impl Api {
     /// Connects to the broker (declaring the topology) and Redis.
     pub async fn connect(settings: &Settings) -> Result<Self, ApiError> {
+        let _ = mailroom_core::telemetry::prometheus();
         let network = NetworkPolicy::new(&settings.api.trusted_proxies, &settings.api.deny_cidrs)?;
         let hash_key = settings.hash_key()?.to_vec();
         let producer = Producer::connect(settings).await?;
@@ -155,6 +156,7 @@ impl Api {
             .route("/v1/messages/{id}", get(messages::status))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
+            .route("/metrics", get(render_metrics))
             .fallback(|| async { Problem::not_found() })
             .layer(DefaultBodyLimit::max(state.settings.body_limit_bytes))
             .layer(middleware::from_fn_with_state(
@@ -199,6 +201,17 @@ async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, String) {
     )
 }
 
+/// `/metrics`: Prometheus text.
+async fn render_metrics() -> (StatusCode, String) {
+    match mailroom_core::telemetry::prometheus() {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics recorder not installed\n".to_owned(),
+        ),
+    }
+}
+
 /// The request timeout, the request id and one access-log line a request.
 async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -224,13 +237,18 @@ async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: 
         .get::<LogFields>()
         .cloned()
         .unwrap_or_default();
+    let status = response.status().as_u16();
+    let labels = [("route", route.clone()), ("status", status.to_string())];
+    metrics::counter!("mailroom_api_requests_total", &labels).increment(1);
+    metrics::histogram!("mailroom_api_request_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
     let job_ids: Vec<String> = fields.job_ids.iter().map(ToString::to_string).collect();
     tracing::info!(
         target: "mailroom::access",
         request_id,
         method = %method,
         route,
-        status = response.status().as_u16(),
+        status,
         latency_ms = started.elapsed().as_secs_f64() * 1e3,
         client_ip = client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         key_id = fields.key_id.unwrap_or_default(),
