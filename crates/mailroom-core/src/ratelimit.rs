@@ -93,23 +93,32 @@ pub enum Decision {
     },
 }
 
-/// GCRA over Redis time. KEYS[1]: the key. ARGV: interval (µs), burst
-/// tolerance (µs), cost (requests). Returns the wait in µs (0: allowed).
+/// GCRA over Redis time, for several limits at once: a request passes only
+/// if every limit allows it, and then spends from all of them. KEYS: the
+/// limits' keys. ARGV: cost, then an interval (µs) and a burst tolerance
+/// (µs) per key. Returns `{wait in µs (0: allowed), index of the limit}`.
 const GCRA: &str = r"
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval * cost
-local allow_at = new_tat - tolerance - interval
-if allow_at > now then
-  return math.ceil(allow_at - now)
+local cost = tonumber(ARGV[1])
+local new_tats = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i])
+  local tolerance = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval * cost
+  local allow_at = new_tat - tolerance - interval
+  if allow_at > now then
+    return { math.ceil(allow_at - now), i - 1 }
+  end
+  new_tats[i] = new_tat
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return 0
+for i, key in ipairs(KEYS) do
+  local new_tat = new_tats[i]
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+end
+return { 0, 0 }
 ";
 
 /// Rate limits in Redis.
@@ -132,26 +141,43 @@ impl RateLimiter {
     /// budget allows; otherwise says how long to wait. Nothing is spent when
     /// limited.
     pub async fn check(&self, key: &str, rate: Rate, cost: u32) -> Result<Decision, StoreError> {
-        let interval = micros(rate.interval()).max(1);
-        // A full burst of `count` fits from idle.
-        let tolerance = interval * u64::from(rate.count.saturating_sub(1));
+        self.check_all(&[(key, rate)], cost)
+            .await
+            .map(|(decision, _)| decision)
+    }
+
+    /// Spends `cost` from every limit of `limits` in one round trip, or from
+    /// none; when limited, also says which limit (its index) was spent.
+    /// For Redis Cluster, give the keys one hash tag (e.g. `{tenant}`).
+    pub async fn check_all(
+        &self,
+        limits: &[(&str, Rate)],
+        cost: u32,
+    ) -> Result<(Decision, usize), StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(cost.max(1));
+        for (key, rate) in limits {
+            let interval = micros(rate.interval()).max(1);
+            // A full burst of `count` fits from idle.
+            let tolerance = interval * u64::from(rate.count.saturating_sub(1));
+            invocation
+                .key(self.store.key(&format!("rate:{key}")))
+                .arg(interval)
+                .arg(tolerance);
+        }
         let mut connection = self.store.connection();
-        let wait: u64 = self
-            .script
-            .key(self.store.key(&format!("rate:{key}")))
-            .arg(interval)
-            .arg(tolerance)
-            .arg(cost.max(1))
+        let (wait, index): (u64, usize) = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;
-        Ok(if wait == 0 {
+        let decision = if wait == 0 {
             Decision::Allowed
         } else {
             Decision::Limited {
                 retry_after: Duration::from_micros(wait),
             }
-        })
+        };
+        Ok((decision, index))
     }
 }
 

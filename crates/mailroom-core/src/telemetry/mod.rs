@@ -105,6 +105,8 @@ pub enum TelemetryError {
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
     shutdown_timeout: Duration,
+    /// Flushes the log writer's queue when dropped (after the provider).
+    _logs: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl TelemetryGuard {
@@ -164,7 +166,14 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
         LogFormat::Json => true,
         LogFormat::Pretty => false,
     };
-    let fmt_layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Log lines are written by a thread of their own, so a request or a
+    // delivery never waits on stderr; when its queue is full, callers wait
+    // rather than lines being dropped (the access log must be complete).
+    let (writer, logs) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("mailroom-log")
+        .finish(std::io::stderr());
+    let fmt_layer = tracing_subscriber::fmt::layer().with_writer(writer);
     let fmt_layer = if json {
         fmt_layer.json().boxed()
     } else {
@@ -183,6 +192,7 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
     let guard = TelemetryGuard {
         provider,
         shutdown_timeout: SHUTDOWN_TIMEOUT,
+        _logs: Some(logs),
     };
     let otel_layer = guard.provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()

@@ -91,15 +91,7 @@ pub async fn authorize(
         });
     }
     let key_rate = record.rate.unwrap_or(state.settings.key_rate);
-    limit(state, &format!("key:{}", record.id), key_rate, cost, "key").await?;
-    limit(
-        state,
-        &format!("tenant:{}", record.tenant),
-        state.settings.tenant_rate,
-        cost,
-        "tenant",
-    )
-    .await?;
+    limit(state, &record.tenant, &record.id, key_rate, cost).await?;
     Ok(Principal {
         key_id: record.id,
         tenant: record.tenant,
@@ -123,18 +115,10 @@ async fn authorize_token(
     }
     limit(
         state,
-        &format!("key:{}", caller.key_id),
+        &caller.tenant,
+        &caller.key_id,
         state.settings.key_rate,
         cost,
-        "key",
-    )
-    .await?;
-    limit(
-        state,
-        &format!("tenant:{}", caller.tenant),
-        state.settings.tenant_rate,
-        cost,
-        "tenant",
     )
     .await?;
     Ok(Principal {
@@ -162,16 +146,27 @@ fn check(record: &KeyRecord, scope: Scope, ip: IpAddr) -> Result<(), Problem> {
     Ok(())
 }
 
+/// Spends `cost` from the key's and the tenant's limits in one round trip.
+/// Both keys carry the tenant as hash tag, so they share a Cluster slot.
 async fn limit(
     state: &ApiState,
-    key: &str,
-    rate: Rate,
+    tenant: &str,
+    key_id: &str,
+    key_rate: Rate,
     cost: u32,
-    which: &str,
 ) -> Result<(), Problem> {
-    match state.limiter.check(key, rate, cost).await {
-        Ok(Decision::Allowed) => Ok(()),
-        Ok(Decision::Limited { retry_after }) => Err(Problem::rate_limited(retry_after, which)),
+    let key = format!("{{{tenant}}}:key:{key_id}");
+    let whole = format!("{{{tenant}}}:tenant");
+    let limits = [
+        (key.as_str(), key_rate),
+        (whole.as_str(), state.settings.tenant_rate),
+    ];
+    match state.limiter.check_all(&limits, cost).await {
+        Ok((Decision::Allowed, _)) => Ok(()),
+        Ok((Decision::Limited { retry_after }, which)) => Err(Problem::rate_limited(
+            retry_after,
+            if which == 0 { "key" } else { "tenant" },
+        )),
         Err(_) => Err(Problem::unavailable("the rate limiter")),
     }
 }

@@ -346,10 +346,14 @@ async fn accept(
             Problem::unavailable("sealing")
         }
     })?;
-    // Informative only: the job is enqueued whatever happens here.
-    if let Err(err) = state.statuses.record(&queued).await {
-        tracing::warn!(error = %err, job_id = %id, "queued status not recorded");
-    }
+    // Informative only, so not waited for: the job is enqueued whatever
+    // happens here, and a worker that was quicker is never overwritten.
+    let statuses = state.statuses.clone();
+    tokio::spawn(async move {
+        if let Err(err) = statuses.record(&queued).await {
+            tracing::warn!(error = %err, job_id = %id, "queued status not recorded");
+        }
+    });
     Ok(id)
 }
 

@@ -31,7 +31,7 @@ use mailroom_worker::transport::SmtpTransport;
 
 use super::measure::{Run, cpu_time_of, parse_size, peak_rss_kib_of};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
-use super::setup::{bench_broker, body_text, job, purge_work_queues};
+use super::setup::{bench_broker, body_text, clean_up, job, purge_work_queues};
 
 /// Pause between the two mailroom phases.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -430,32 +430,5 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Deletes this run's keys.
-async fn clean_up(store: &RedisStore, prefix: &str) {
-    let mut connection = store.connection();
-    let mut cursor: u64 = 0;
-    loop {
-        let scanned: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut connection)
-            .await;
-        let Ok((next, keys)) = scanned else { return };
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut connection)
-                .await;
-        }
-        if next == 0 {
-            return;
-        }
-        cursor = next;
     }
 }

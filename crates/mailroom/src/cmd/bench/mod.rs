@@ -9,6 +9,7 @@
     clippy::cast_sign_loss
 )]
 
+mod api;
 mod e2e;
 mod enqueue;
 mod measure;
@@ -18,6 +19,7 @@ mod setup;
 use clap::Subcommand;
 use mailroom_core::settings::Settings;
 
+pub use api::ApiArgs;
 pub use e2e::E2eArgs;
 pub use enqueue::EnqueueArgs;
 
@@ -30,6 +32,9 @@ pub enum BenchCommand {
     /// The whole path: enqueue, worker, SMTP sink; against the broker's and
     /// the sink's ceilings.
     E2e(E2eArgs),
+    /// The HTTP API: authenticated, validated, sealed, confirmed POSTs,
+    /// against the library path at the same concurrency.
+    Api(ApiArgs),
 }
 
 /// Runs a benchmark.
@@ -37,5 +42,6 @@ pub async fn run(settings: &Settings, command: BenchCommand) -> anyhow::Result<(
     match command {
         BenchCommand::Enqueue(args) => enqueue::run(settings, args).await,
         BenchCommand::E2e(args) => e2e::run(settings, args).await,
+        BenchCommand::Api(args) => api::run(settings, args).await,
     }
 }

@@ -6,6 +6,7 @@ use lapin::options::QueuePurgeOptions;
 use mailroom_core::amqp::Broker;
 use mailroom_core::job::{EmailMessage, JobRequest, Lane, SendJob};
 use mailroom_core::settings::{Secret, Settings};
+use mailroom_core::store::RedisStore;
 use mailroom_core::wire::{Topology, work_queue};
 
 /// `settings` pointed at `vhost`, connected, with the topology declared.
@@ -86,6 +87,33 @@ pub async fn purge_work_queues(broker: &Broker) -> anyhow::Result<()> {
     }
     let _ = channel.close(200, "bench done".into()).await;
     Ok(())
+}
+
+/// Deletes this run's keys.
+pub async fn clean_up(store: &RedisStore, prefix: &str) {
+    let mut connection = store.connection();
+    let mut cursor: u64 = 0;
+    loop {
+        let scanned: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut connection)
+            .await;
+        let Ok((next, keys)) = scanned else { return };
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut connection)
+                .await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
 }
 
 #[cfg(test)]
