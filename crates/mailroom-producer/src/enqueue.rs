@@ -10,7 +10,9 @@ use mailroom_core::job::{JobId, JobRequest, SendJob};
 use mailroom_core::seal::Keyring;
 use mailroom_core::settings::Settings;
 use mailroom_core::telemetry::inject_span;
-use mailroom_core::validate::{Limits, ValidationErrors, validate_job, validate_request};
+use mailroom_core::validate::{
+    Limits, ValidationErrors, validate_job, validate_request, validate_tenant,
+};
 use mailroom_core::wire::{CONTENT_TYPE, JOBS_EXCHANGE, Topology, headers};
 use time::OffsetDateTime;
 use tracing::Instrument as _;
@@ -32,17 +34,40 @@ struct Inner {
     limits: Limits,
 }
 
-/// Turns a caller's request into a job for `tenant`, checked against
-/// `limits`. Every problem is reported at once; nothing is published.
+/// A job that passed validation, so [`Producer::enqueue_checked`] need not
+/// check it again. Made only by [`prepare`].
+#[derive(Clone, Debug)]
+pub struct Checked(SendJob);
+
+impl Checked {
+    /// The job.
+    pub fn job(&self) -> &SendJob {
+        &self.0
+    }
+
+    /// The job, to own.
+    pub fn into_job(self) -> SendJob {
+        self.0
+    }
+}
+
+/// Turns a caller's request into a job for `tenant` (unless the request
+/// names one), checked against `limits`. Every problem is reported at
+/// once; nothing is published.
 pub fn prepare(
     request: JobRequest,
     tenant: &str,
     limits: &Limits,
-) -> Result<SendJob, ValidationErrors> {
+) -> Result<Checked, ValidationErrors> {
     validate_request(&request, limits, OffsetDateTime::now_utc())?;
-    let job = SendJob::from_request(request, tenant);
-    validate_job(&job, limits)?;
-    Ok(job)
+    let tenant = request.tenant.clone().unwrap_or_else(|| tenant.to_owned());
+    // The request's own tenant was checked with it; a given one is checked
+    // here. `validate_job` would check nothing else: the rest is the
+    // request's, and the producer just set `schema` and `created_at`.
+    if request.tenant.is_none() {
+        validate_tenant(&tenant, limits)?;
+    }
+    Ok(Checked(SendJob::from_request(request, tenant)))
 }
 
 impl Producer {
@@ -68,7 +93,7 @@ impl Producer {
     }
 
     /// [`prepare`] with this producer's limits.
-    pub fn prepare(&self, request: JobRequest, tenant: &str) -> Result<SendJob, ValidationErrors> {
+    pub fn prepare(&self, request: JobRequest, tenant: &str) -> Result<Checked, ValidationErrors> {
         prepare(request, tenant, &self.inner.limits)
     }
 
@@ -85,6 +110,13 @@ impl Producer {
     /// enqueued when it was not, and an error may be retried as it is (the
     /// worker's dedup absorbs a job published twice).
     pub async fn enqueue(&self, job: SendJob) -> Result<JobId, EnqueueError> {
+        validate_job(&job, &self.inner.limits).map_err(EnqueueError::Invalid)?;
+        self.enqueue_checked(Checked(job)).await
+    }
+
+    /// [`Producer::enqueue`] for a job [`prepare`] checked already.
+    pub async fn enqueue_checked(&self, job: Checked) -> Result<JobId, EnqueueError> {
+        let job = job.0;
         let span = tracing::debug_span!(
             "mailroom.enqueue",
             otel.kind = "producer",
@@ -96,7 +128,6 @@ impl Producer {
         );
         let id = job.id;
         async {
-            validate_job(&job, &self.inner.limits).map_err(EnqueueError::Invalid)?;
             let sealed = self.inner.keyring.seal(&job)?;
             let mut table = FieldTable::default();
             table.insert(

@@ -34,7 +34,9 @@ fn request(to: &str, lane: Lane) -> JobRequest {
 }
 
 fn job(lane: Lane) -> SendJob {
-    prepare(request("ada@example.org", lane), "acme", &Limits::default()).expect("valid")
+    prepare(request("ada@example.org", lane), "acme", &Limits::default())
+        .expect("valid")
+        .into_job()
 }
 
 async fn producer(vhost: &TestVhost, keyring: Keyring) -> Producer {

@@ -140,6 +140,14 @@ pub fn validate_request(
     report.finish()
 }
 
+/// Checks a tenant name on its own (one that did not come in a request,
+/// e.g. from a credential or a command-line flag).
+pub fn validate_tenant(tenant: &str, limits: &Limits) -> Result<(), ValidationErrors> {
+    let mut report = Report::default();
+    check_tenant(tenant, limits, &mut report);
+    report.finish()
+}
+
 /// The errors found so far.
 #[derive(Default)]
 struct Report(Vec<FieldError>);

@@ -337,15 +337,19 @@ async fn accept(
     }
     let job = prepare(request, &principal.tenant, &state.limits)
         .map_err(|errors| Problem::invalid(&errors))?;
-    let queued = StatusUpdate::new(&job, JobState::Queued);
-    let id = state.producer.enqueue(job).await.map_err(|err| match err {
-        EnqueueError::Invalid(errors) => Problem::invalid(&errors),
-        EnqueueError::Publish(_) => Problem::unavailable("the broker"),
-        EnqueueError::Seal(_) => {
-            tracing::error!(error = %err, "a job could not be sealed");
-            Problem::unavailable("sealing")
-        }
-    })?;
+    let queued = StatusUpdate::new(job.job(), JobState::Queued);
+    let id = state
+        .producer
+        .enqueue_checked(job)
+        .await
+        .map_err(|err| match err {
+            EnqueueError::Invalid(errors) => Problem::invalid(&errors),
+            EnqueueError::Publish(_) => Problem::unavailable("the broker"),
+            EnqueueError::Seal(_) => {
+                tracing::error!(error = %err, "a job could not be sealed");
+                Problem::unavailable("sealing")
+            }
+        })?;
     // Informative only, so not waited for: the job is enqueued whatever
     // happens here, and a worker that was quicker is never overwritten.
     let statuses = state.statuses.clone();

@@ -46,7 +46,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     for (label, request) in samples(&run_tag) {
         match producer.prepare(request, "demo") {
             Ok(job) => {
-                let id = producer.enqueue(job).await.context("enqueue")?;
+                let id = producer.enqueue_checked(job).await.context("enqueue")?;
                 rows.push(Row {
                     label,
                     id: Some(id),

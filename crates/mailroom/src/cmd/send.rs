@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane, SendJob};
 use mailroom_core::settings::Settings;
-use mailroom_producer::{Producer, prepare};
+use mailroom_producer::{Checked, Producer, prepare};
 use time::OffsetDateTime;
 
 /// Jobs handed to the producer at once from a file: enough to keep the
@@ -90,14 +90,10 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {
 async fn send_one(settings: &Settings, args: &SendArgs) -> anyhow::Result<()> {
     let request = request_from_flags(args)?;
     // Validate before connecting: a bad job needs no broker to be refused.
-    let tenant = request
-        .tenant
-        .clone()
-        .unwrap_or_else(|| args.tenant.clone());
-    let job = prepare(request, &tenant, &settings.limits)
+    let job = prepare(request, &args.tenant, &settings.limits)
         .map_err(|errors| anyhow::anyhow!("invalid job: {errors}"))?;
     let producer = Producer::connect(settings).await?;
-    let id = producer.enqueue(job).await;
+    let id = producer.enqueue_checked(job).await;
     producer.close().await;
     println!("{}", id?);
     Ok(())
@@ -195,8 +191,9 @@ fn read_items(settings: &Settings, path: &Path, tenant: &str) -> anyhow::Result<
         job: serde_json::from_str::<JobRequest>(json)
             .map_err(|e| format!("not a job: {e}"))
             .and_then(|request| {
-                let tenant = request.tenant.clone().unwrap_or_else(|| tenant.to_owned());
-                prepare(request, &tenant, &settings.limits).map_err(|e| e.to_string())
+                prepare(request, tenant, &settings.limits)
+                    .map(Checked::into_job)
+                    .map_err(|e| e.to_string())
             }),
     };
     // A pretty-printed single job spans lines; NDJSON is one job a line.

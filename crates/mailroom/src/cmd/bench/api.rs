@@ -181,7 +181,7 @@ async fn library(
             let request: JobRequest = serde_json::from_str(body)?;
             let job = prepare(request, "bench", &settings.limits)
                 .map_err(|errors| anyhow::anyhow!("invalid: {errors}"))?;
-            producer.enqueue(job).await?;
+            producer.enqueue_checked(job).await?;
             Ok(start.elapsed())
         })
         .buffer_unordered(concurrency)
