@@ -89,6 +89,24 @@ impl Outcome {
 }
 
 /// `POST /v1/messages`
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    request_body(content = Object, content_type = "application/json", description = "One JSON job (see the README's job format)"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key from the same tenant answers the first response again")),
+    responses(
+        (status = 202, description = "Enqueued and confirmed by the broker: {id, status, status_url}", content_type = "application/json"),
+        (status = 400, description = "The body is not a valid request", content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid credentials", content_type = "application/problem+json"),
+        (status = 403, description = "Scope or network refused", content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", content_type = "application/problem+json"),
+        (status = 422, description = "Invalid message (field errors), or an Idempotency-Key reused with another body", content_type = "application/problem+json"),
+        (status = 429, description = "Rate limit spent; see Retry-After", content_type = "application/problem+json"),
+        (status = 503, description = "Broker or Redis unavailable; nothing done; see Retry-After", content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn send_one(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -99,6 +117,25 @@ pub async fn send_one(
 }
 
 /// `POST /v1/messages/batch`
+#[utoipa::path(
+    post,
+    path = "/v1/messages/batch",
+    request_body(content = Object, content_type = "application/json", description = "{\"messages\": [job, ...]}, up to api.max_batch"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key from the same tenant answers the first response again")),
+    responses(
+        (status = 202, description = "All enqueued: {accepted, rejected, results}", content_type = "application/json"),
+        (status = 207, description = "Some refused: a result per item", content_type = "application/json"),
+        (status = 400, description = "The body is not a valid request", content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid credentials", content_type = "application/problem+json"),
+        (status = 403, description = "Scope or network refused", content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", content_type = "application/problem+json"),
+        (status = 422, description = "Invalid message (field errors), or an Idempotency-Key reused with another body", content_type = "application/problem+json"),
+        (status = 429, description = "Rate limit spent; see Retry-After", content_type = "application/problem+json"),
+        (status = 503, description = "Broker or Redis unavailable; nothing done; see Retry-After", content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn send_batch(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -427,6 +464,19 @@ fn enqueue_batch<'a>(state: &'a ApiState, principal: &'a Principal, body: &'a [u
 
 /// `GET /v1/messages/{id}`: the status, to the owning tenant only; another
 /// tenant's job reads as not found.
+#[utoipa::path(
+    get,
+    path = "/v1/messages/{id}",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "{job_id, tenant, state, attempts, recipients (masked), created_at, updated_at, last_error, reason}", content_type = "application/json"),
+        (status = 401, description = "Missing or invalid credentials", content_type = "application/problem+json"),
+        (status = 403, description = "Scope or network refused", content_type = "application/problem+json"),
+        (status = 404, description = "No such job for this tenant", content_type = "application/problem+json"),
+        (status = 503, description = "Redis unavailable", content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn status(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

@@ -17,6 +17,7 @@ pub mod jwt;
 pub mod keys;
 mod messages;
 mod network;
+pub mod openapi;
 pub mod problem;
 
 use std::net::SocketAddr;
@@ -154,7 +155,8 @@ impl Api {
             .route("/v1/messages", post(messages::send_one))
             .route("/v1/messages/batch", post(messages::send_batch))
             .route("/v1/messages/{id}", get(messages::status))
-            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/healthz", get(healthz))
+            .route("/openapi.json", get(openapi::openapi_json))
             .route("/readyz", get(ready))
             .route("/metrics", get(render_metrics))
             .fallback(|| async { Problem::not_found() })
@@ -185,7 +187,17 @@ impl Api {
     }
 }
 
+/// `/healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Alive")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
 /// `/readyz`: broker and Redis reachable.
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "Broker and Redis reachable"),
+    (status = 503, description = "Broker or Redis unreachable"),
+))]
 async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, String) {
     let broker = state.producer.broker().is_connected();
     let redis = state.store.ping().await.is_ok();
@@ -202,6 +214,7 @@ async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, String) {
 }
 
 /// `/metrics`: Prometheus text.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 async fn render_metrics() -> (StatusCode, String) {
     match mailroom_core::telemetry::prometheus() {
         Some(handle) => (StatusCode::OK, handle.render()),

@@ -1,0 +1,63 @@
+//! The OpenAPI document, generated from the handlers' annotations and
+//! served at `GET /openapi.json`.
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::messages;
+
+/// Every route the router serves, as (method, path): the test of the
+/// document checks both against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/messages"),
+    ("post", "/v1/messages/batch"),
+    ("get", "/v1/messages/{id}"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+/// The document.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "mailroom",
+        description = "Queue-backed email sending: validated, sealed and confirmed before 202. Errors are application/problem+json (RFC 9457)."
+    ),
+    paths(
+        messages::send_one,
+        messages::send_batch,
+        messages::status,
+        super::healthz,
+        super::ready,
+        super::render_metrics,
+        openapi_json,
+    ),
+    modifiers(&Bearer)
+)]
+pub struct ApiDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key (mr_live_...) or, when configured, a JWT"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// `GET /openapi.json`
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This document")))]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
