@@ -199,7 +199,7 @@ impl Drop for SmtpServer {
 
 /// A throwaway CA and a certificate for `localhost` and 127.0.0.1 signed
 /// by it, as PEM files in `dir`: (ca, cert, key).
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+pub fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

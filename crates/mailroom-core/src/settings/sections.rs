@@ -285,6 +285,10 @@ pub struct ApiSettings {
     pub deny_cidrs: Vec<String>,
     /// OAuth 2.0 bearer tokens (JWT), beside API keys; off when unset.
     pub jwt: Option<JwtSettings>,
+    /// Serve HTTPS with this certificate chain (PEM); plain HTTP when unset.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
 }
 
 setting_enum! {
@@ -351,6 +355,8 @@ impl Default for ApiSettings {
             trusted_proxies: Vec::new(),
             deny_cidrs: Vec::new(),
             jwt: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }

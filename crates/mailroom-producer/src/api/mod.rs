@@ -19,6 +19,7 @@ mod messages;
 mod network;
 pub mod openapi;
 pub mod problem;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +64,12 @@ pub enum ApiError {
     /// `[api.jwt]` is incomplete, or its keys unreadable.
     #[error(transparent)]
     Jwt(#[from] jwt::JwtSetupError),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Only one of `api.tls_cert_file` and `api.tls_key_file` is set.
+    #[error("set both api.tls_cert_file and api.tls_key_file, or neither")]
+    TlsHalf,
 }
 
 /// What the access log says about a request, filled in by its handler.
@@ -89,6 +96,7 @@ pub struct ApiState {
     settings: ApiSettings,
     limits: Limits,
     touches: Touches,
+    tls: Option<tls::TlsFiles>,
 }
 
 /// A connected API, ready to serve.
@@ -121,6 +129,17 @@ impl Api {
             .as_ref()
             .map(jwt::JwtVerifier::from_settings)
             .transpose()?;
+        let tls = match (&api.tls_cert_file, &api.tls_key_file) {
+            (Some(cert), Some(key)) => Some(tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => return Err(ApiError::TlsHalf),
+        };
+        if let Some(files) = &tls {
+            tls::check(files)?;
+        }
         Ok(Self {
             state: Arc::new(ApiState {
                 keys: ApiKeyStore::new(store.clone(), hash_key),
@@ -139,6 +158,7 @@ impl Api {
                 settings: api.clone(),
                 limits: settings.limits.clone(),
                 touches: Touches::default(),
+                tls,
             }),
         })
     }
@@ -168,20 +188,29 @@ impl Api {
             .with_state(state)
     }
 
-    /// Serves on `listener` until `shutdown`, then lets requests in flight
-    /// finish.
+    /// Whether it serves HTTPS itself.
+    pub fn serves_tls(&self) -> bool {
+        self.state.tls.is_some()
+    }
+
+    /// Serves on `listener` (HTTPS when `api.tls_*` are set) until
+    /// `shutdown`, then lets requests in flight finish.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let producer = self.state.producer.clone();
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
+        let served = if let Some(files) = self.state.tls.clone() {
+            tls::serve(listener, self.router(), files, shutdown).await
+        } else {
+            let app = self
+                .router()
+                .into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        };
         producer.close().await;
         served
     }

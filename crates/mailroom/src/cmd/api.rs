@@ -17,7 +17,8 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
         .with_context(|| format!("api.bind {}", settings.api.bind))?;
     let bound = listener.local_addr()?;
     tracing::info!(bind = %bound, "API listening");
-    eprintln!("mailroom api: listening on http://{bound}");
+    let scheme = if api.serves_tls() { "https" } else { "http" };
+    eprintln!("mailroom api: listening on {scheme}://{bound}");
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
     api.serve(listener, shutdown).await?;
