@@ -227,6 +227,24 @@ impl StatusStore {
         self.store.key(&format!("status:{id}"))
     }
 
+    /// Records a first `queued` status, where none is kept yet (one plain
+    /// `SET NX`: the API writes it on every acceptance).
+    pub async fn record_queued(&self, update: &StatusUpdate) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(&update.status)
+            .map_err(|err| StoreError::Malformed(err.to_string()))?;
+        let mut connection = self.store.connection();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(&update.status.job_id))
+            .arg(json)
+            .arg("NX")
+            .arg("EX")
+            .arg(self.retention.as_secs().max(1))
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        Ok(set.is_some())
+    }
+
     /// Records `update`; returns whether it was written (`false` when the
     /// stored state is final and may not become the new one).
     pub async fn record(&self, update: &StatusUpdate) -> Result<bool, StoreError> {

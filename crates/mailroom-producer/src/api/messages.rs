@@ -391,7 +391,7 @@ async fn accept(
     // happens here, and a worker that was quicker is never overwritten.
     let statuses = state.statuses.clone();
     tokio::spawn(async move {
-        if let Err(err) = statuses.record(&queued).await {
+        if let Err(err) = statuses.record_queued(&queued).await {
             tracing::warn!(error = %err, job_id = %id, "queued status not recorded");
         }
     });
