@@ -452,3 +452,71 @@ async fn a_replayed_dead_letter_is_delivered_and_its_status_follows() {
     worker.stop().await;
     producer.close().await;
 }
+
+#[tokio::test]
+async fn the_worker_survives_its_broker_connection_being_closed() {
+    let stack = Stack::new("worker-reconnect", &SmtpOptions::default());
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let first = producer.enqueue(job("before")).await.expect("enqueued");
+    let store = statuses(&stack.settings).await;
+    assert_eq!(settled(&store, &first).await.state, JobState::Sent);
+
+    // As a broker restart or a network cut would.
+    let closed = stack.vhost.close_connections("mailroom-worker");
+    assert!(closed >= 1, "the worker's connection was not found");
+    let second = producer.enqueue(job("after")).await.expect("enqueued");
+    assert_eq!(settled(&store, &second).await.state, JobState::Sent);
+    assert_eq!(stack.smtp.accepted().len(), 2);
+    worker.stop().await;
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn garbage_without_headers_is_dead_lettered_and_the_worker_goes_on() {
+    let stack = Stack::new("worker-garbage", &SmtpOptions::default());
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    for body in [
+        Vec::new(),
+        b"not sealed at all".to_vec(),
+        vec![0xff; 70_000],
+    ] {
+        producer
+            .broker()
+            .publish(Outgoing {
+                exchange: wire::JOBS_EXCHANGE.to_owned(),
+                routing_key: Lane::Transactional.as_str().to_owned(),
+                body,
+                properties: lapin::BasicProperties::default(),
+                mandatory: true,
+            })
+            .await
+            .expect("published");
+    }
+    let good = producer
+        .enqueue(job("still works"))
+        .await
+        .expect("enqueued");
+    assert_eq!(
+        settled(&statuses(&stack.settings).await, &good).await.state,
+        JobState::Sent
+    );
+    let start = Instant::now();
+    let letters = loop {
+        let letters = dead_letters(&producer).await;
+        if letters.len() >= 3 || start.elapsed() > PATIENCE {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.reason == "seal" || l.reason == "invalid"),
+        "{letters:?}"
+    );
+    worker.stop().await;
+    producer.close().await;
+}
