@@ -77,3 +77,81 @@ impl Drop for TestPrefix {
         }
     }
 }
+
+/// A Redis server of a test's own, on a free port, that the test may stop
+/// and start again (the shared one must never be stopped).
+pub struct PrivateRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    /// Starts one.
+    ///
+    /// # Panics
+    /// When `redis-server` is missing, with the command that installs it.
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Settings for it, with `prefix` and a test hash key.
+    pub fn settings(&self, prefix: &str) -> RedisSettings {
+        RedisSettings {
+            url: Secret::new(self.url()),
+            key_prefix: prefix.to_owned(),
+            hash_key: Secret::new("test-hash-key-0123456789abcdef"),
+            ..RedisSettings::default()
+        }
+    }
+
+    /// Kills it (as a crash would).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: it keeps nothing on disk).
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!("redis-server could not start ({err}): apt-get install redis-server (or run .ci/run)")
+            });
+        self.child = Some(child);
+        let client = redis::Client::open(self.url().as_str()).expect("url");
+        for _ in 0..100 {
+            if client
+                .get_connection()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("redis-server on port {} did not answer", self.port);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

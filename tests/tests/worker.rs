@@ -520,3 +520,37 @@ async fn garbage_without_headers_is_dead_lettered_and_the_worker_goes_on() {
     worker.stop().await;
     producer.close().await;
 }
+
+#[tokio::test]
+async fn with_redis_gone_nothing_is_sent_blind_and_it_is_sent_once_redis_is_back() {
+    let mut stack = Stack::new("worker-redis-down", &SmtpOptions::default());
+    let mut redis = mailroom_tests::redis::PrivateRedis::start();
+    stack.settings.redis = redis.settings("mailroom-test:");
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let before = producer.enqueue(job("before")).await.expect("enqueued");
+    assert_eq!(
+        settled(&statuses(&stack.settings).await, &before)
+            .await
+            .state,
+        JobState::Sent
+    );
+
+    redis.stop();
+    let during = producer.enqueue(job("during")).await.expect("enqueued");
+    // The worker cannot ask Redis whether it was sent: it must wait.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        stack.smtp.accepted().len(),
+        1,
+        "a job was sent without its dedup claim"
+    );
+
+    redis.restart();
+    let store = statuses(&stack.settings).await;
+    let status = settled(&store, &during).await;
+    assert_eq!(status.state, JobState::Sent);
+    assert_eq!(stack.smtp.accepted().len(), 2);
+    worker.stop().await;
+    producer.close().await;
+}
