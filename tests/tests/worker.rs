@@ -554,3 +554,49 @@ async fn with_redis_gone_nothing_is_sent_blind_and_it_is_sent_once_redis_is_back
     worker.stop().await;
     producer.close().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_duplicates_sends_each_key_once() {
+    let stack = Stack::new("worker-flood", &SmtpOptions::default());
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let worker = start_worker(&stack.settings).await;
+    let jobs: Vec<SendJob> = (0..200)
+        .map(|i| {
+            let mut job = job(&format!("key {}", i % 20));
+            job.idempotency_key = Some(format!("flood-{}", i % 20));
+            job
+        })
+        .collect();
+    let ids: Vec<JobId> = producer
+        .enqueue_many(jobs)
+        .await
+        .into_iter()
+        .map(|r| r.expect("enqueued"))
+        .collect();
+    let store = statuses(&stack.settings).await;
+    let mut sent = 0;
+    for id in &ids {
+        match settled(&store, id).await.state {
+            JobState::Sent => sent += 1,
+            JobState::Duplicate => {}
+            other => panic!("job {id} ended {other}"),
+        }
+    }
+    assert_eq!(sent, 20);
+    let accepted = stack.smtp.accepted();
+    assert_eq!(accepted.len(), 20);
+    let mut subjects: Vec<String> = accepted
+        .iter()
+        .filter_map(|seen| seen.raw.as_ref())
+        .filter_map(|raw| {
+            String::from_utf8_lossy(raw)
+                .lines()
+                .find_map(|line| line.strip_prefix("Subject: ").map(str::to_owned))
+        })
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 20, "each key went out once");
+    worker.stop().await;
+    producer.close().await;
+}
