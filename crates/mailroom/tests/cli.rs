@@ -1,107 +1,208 @@
-//! The binary as an operator meets it: flags, exit codes, what it prints.
+//! The CLI as a user runs it: `send` from flags and from NDJSON, refusals,
+//! `topology`, `status`, `apikey`. Real RabbitMQ and Redis.
 
-use std::process::{Command, Output};
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
 
-use mailroom_core::seal::Keyring;
+use mailroom_core::job::Lane;
+use mailroom_core::seal::SealKey;
+use mailroom_core::settings::Settings;
+use mailroom_core::wire;
+use mailroom_producer::Producer;
+use mailroom_tests::rabbit::TestVhost;
+use mailroom_tests::redis::TestPrefix;
 
-/// Runs `mailroom` in an empty folder with only the given `MAILROOM*` variables.
-fn mailroom(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mailroom"));
-    command.args(args).current_dir(dir.path());
-    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("MAILROOM")) {
-        command.env_remove(key);
+struct Env {
+    vhost: TestVhost,
+    redis: TestPrefix,
+    seal: String,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(label: &str) -> Self {
+        Self {
+            vhost: TestVhost::new(label),
+            redis: TestPrefix::new(label),
+            seal: SealKey::generate("cli").expect("key").to_line().to_string(),
+            dir: tempfile::tempdir().expect("dir"),
+        }
     }
-    command.envs(env.iter().copied());
-    command.output().expect("mailroom runs")
-}
 
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MAILROOM__AMQP__URLS", self.vhost.url())
+            .env("MAILROOM__REDIS__KEY_PREFIX", self.redis.prefix())
+            .env(
+                "MAILROOM__REDIS__HASH_KEY",
+                "cli-test-hash-key-0123456789abcdef",
+            )
+            .env("MAILROOM__SEAL__KEYS", &self.seal)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mailroom runs");
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("output")
+    }
 
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-#[test]
-fn help_lists_the_subcommands() {
-    let output = mailroom(&["--help"], &[]);
-    assert!(output.status.success());
-    let text = stdout(&output);
-    for command in ["keys", "config"] {
-        assert!(text.contains(command), "{command} missing from {text}");
+    async fn depth(&self) -> u32 {
+        let mut settings = Settings::default();
+        settings.amqp = self.vhost.settings();
+        settings.seal.keys = mailroom_core::settings::Secret::new(self.seal.clone());
+        let producer = Producer::connect(&settings).await.expect("producer");
+        let depth = producer
+            .broker()
+            .queue_depth(&wire::work_queue(Lane::Transactional))
+            .await
+            .expect("depth");
+        producer.close().await;
+        depth
     }
 }
 
-#[test]
-fn keys_generate_prints_a_loadable_line() {
-    let output = mailroom(&["keys", "generate", "--kid", "k2026a"], &[]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let line = stdout(&output);
-    let line = line.trim();
-    assert!(line.starts_with("k2026a:"), "{line}");
-    let ring = Keyring::load(Some(line), None, None).expect("the line loads");
-    assert_eq!(ring.active().kid(), "k2026a");
-    // Two runs never give the same key.
-    let again = stdout(&mailroom(&["keys", "generate", "--kid", "k2026a"], &[]));
-    assert_ne!(line, again.trim());
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
-#[test]
-fn keys_generate_rejects_a_bad_kid() {
-    let output = mailroom(&["keys", "generate", "--kid", "no spaces"], &[]);
-    assert!(!output.status.success());
-    assert!(stderr(&output).contains("--kid"), "{}", stderr(&output));
-    assert!(stdout(&output).is_empty());
-}
-
-#[test]
-fn config_prints_settings_without_secrets() {
-    let key = stdout(&mailroom(&["keys", "generate", "--kid", "k1"], &[]));
-    let key = key.trim();
-    let output = mailroom(
-        &["config"],
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_from_flags_prints_the_job_id() {
+    let env = Env::new("cli-send");
+    let out = env.run(
         &[
-            ("MAILROOM__SEAL__KEYS", key),
-            (
-                "MAILROOM__AMQP__URLS",
-                "amqp://app:amqp-pass@rabbit:5672/%2f",
-            ),
-            ("MAILROOM__SMTP__PASSWORD", "smtp-pass"),
-            ("MAILROOM__WORKER__CONCURRENCY", "32"),
+            "send",
+            "--from",
+            "Shop <shop@example.com>",
+            "--to",
+            "ada@example.org",
+            "--subject",
+            "Hi",
+            "--text",
+            "Hello",
         ],
+        None,
     );
-    assert!(output.status.success(), "{}", stderr(&output));
-    let text = stdout(&output);
-    assert!(text.contains("concurrency = 32"), "{text}");
-    assert!(text.contains("amqp://app:***@rabbit:5672"), "{text}");
-    assert!(text.contains("sealing with k1"), "{text}");
-    let (_, key_bytes) = key.split_once(':').expect("kid:base64");
-    for secret in ["amqp-pass", "smtp-pass", key_bytes] {
-        assert!(!text.contains(secret), "{secret} printed");
-    }
-}
-
-#[test]
-fn config_stops_on_a_bad_value_with_one_line() {
-    let output = mailroom(&["config"], &[("MAILROOM__SMTP__TLS", "sometimes")]);
-    assert!(!output.status.success());
-    let text = stderr(&output);
-    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
     assert!(
-        text.contains("smtp.tls") && text.contains("starttls-required"),
-        "{text}"
+        id.parse::<mailroom_core::job::JobId>().is_ok(),
+        "not a job id: {id:?}"
+    );
+    assert_eq!(env.depth().await, 1);
+
+    // `status` knows nothing yet (no worker ran), and says so.
+    let out = env.run(&["status", &id], None);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no status for job"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = env.run(&["status", "not-a-uuid"], None);
+    assert!(
+        text(&out.stderr).contains("is not a job id"),
+        "{}",
+        text(&out.stderr)
     );
 }
 
-#[test]
-fn config_reads_the_file_named_by_flag() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("custom.toml");
-    std::fs::write(&path, "[api]\nbind = \"0.0.0.0:9000\"\n").expect("write");
-    let path = path.to_str().expect("utf-8");
-    let output = mailroom(&["--config", path, "config"], &[]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert!(stdout(&output).contains("0.0.0.0:9000"));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_message_exits_non_zero_and_publishes_nothing() {
+    let env = Env::new("cli-invalid");
+    let out = env.run(
+        &[
+            "send",
+            "--from",
+            "nope",
+            "--to",
+            "ada@example.org",
+            "--subject",
+            "Hi\r\nBcc: x@y.example",
+            "--text",
+            "t",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("message.from"), "{stderr}");
+    assert!(stderr.contains("message.subject"), "{stderr}");
+    assert_eq!(env.depth().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ndjson_is_sent_with_a_summary_by_line() {
+    let env = Env::new("cli-ndjson");
+    let good =
+        r#"{"message":{"from":"a@example.com","to":["b@example.org"],"subject":"s","text":"t"}}"#;
+    let bad =
+        r#"{"message":{"from":"a@example.com","to":["not an address"],"subject":"s","text":"t"}}"#;
+    let input = format!("{good}\n{bad}\n\n{good}\nnot json\n");
+    let out = env.run(&["send", "--json", "-"], Some(&input));
+    assert!(
+        !out.status.success(),
+        "a rejected line makes the exit non-zero"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("line 2: ") && stderr.contains("message.to[0]"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("line 5: not a job"), "{stderr}");
+    assert!(stderr.contains("enqueued 2, rejected 2"), "{stderr}");
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        2,
+        "one id per enqueued line"
+    );
+    assert_eq!(env.depth().await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_and_apikey_commands_work() {
+    let env = Env::new("cli-misc");
+    let out = env.run(&["topology", "--declare"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("mailroom.send.transactional"));
+
+    let out = env.run(
+        &["apikey", "create", "--tenant", "acme", "--scopes", "send"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = text(&out.stdout).trim().to_owned();
+    assert!(key.starts_with("mr_live_") && key.len() > 40, "{key}");
+    let out = env.run(&["apikey", "list"], None);
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains("acme") && !listing.contains(&key),
+        "{listing}"
+    );
+    let id = listing
+        .lines()
+        .find(|line| line.contains("acme"))
+        .and_then(|line| line.split_whitespace().next())
+        .expect("a key line")
+        .to_owned();
+    assert!(env.run(&["apikey", "revoke", &id], None).status.success());
+    assert!(
+        !env.run(&["apikey", "revoke", &id], None).status.success(),
+        "revoking twice fails"
+    );
+    let out = env.run(&["apikey", "create", "--tenant", "bad tenant!"], None);
+    assert!(!out.status.success());
 }
