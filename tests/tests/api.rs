@@ -792,4 +792,10 @@ async fn the_openapi_document_parses_and_covers_every_route() {
         );
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    for status in ["202", "401", "413", "422", "429", "503"] {
+        assert!(
+            doc["paths"]["/v1/messages"]["post"]["responses"][status].is_object(),
+            "{status} undocumented"
+        );
+    }
 }

@@ -88,6 +88,42 @@ impl Outcome {
     }
 }
 
+/// The refusals both POST routes document (all `application/problem+json`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum PostRefusals {
+    /// 400.
+    #[response(status = 400, description = "The body is not a valid request")]
+    BadJson,
+    /// 401.
+    #[response(status = 401, description = "Missing or invalid credentials")]
+    Unauthorized,
+    /// 403.
+    #[response(status = 403, description = "Scope or network refused")]
+    Forbidden,
+    /// 413.
+    #[response(status = 413, description = "Body too large")]
+    TooLarge,
+    /// 415.
+    #[response(status = 415, description = "Not application/json")]
+    NotJson,
+    /// 422.
+    #[response(
+        status = 422,
+        description = "Invalid message (field errors), or an Idempotency-Key reused with another body"
+    )]
+    Invalid,
+    /// 429.
+    #[response(status = 429, description = "Rate limit spent; see Retry-After")]
+    RateLimited,
+    /// 503.
+    #[response(
+        status = 503,
+        description = "Broker or Redis unavailable; nothing done; see Retry-After"
+    )]
+    Unavailable,
+}
+
 /// `POST /v1/messages`
 #[utoipa::path(
     post,
@@ -96,14 +132,7 @@ impl Outcome {
     params(("Idempotency-Key" = Option<String>, Header, description = "The same key from the same tenant answers the first response again")),
     responses(
         (status = 202, description = "Enqueued and confirmed by the broker: {id, status, status_url}", content_type = "application/json"),
-        (status = 400, description = "The body is not a valid request", content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid credentials", content_type = "application/problem+json"),
-        (status = 403, description = "Scope or network refused", content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", content_type = "application/problem+json"),
-        (status = 415, description = "Not application/json", content_type = "application/problem+json"),
-        (status = 422, description = "Invalid message (field errors), or an Idempotency-Key reused with another body", content_type = "application/problem+json"),
-        (status = 429, description = "Rate limit spent; see Retry-After", content_type = "application/problem+json"),
-        (status = 503, description = "Broker or Redis unavailable; nothing done; see Retry-After", content_type = "application/problem+json"),
+        PostRefusals,
     ),
     security(("bearer" = []))
 )]
@@ -125,14 +154,7 @@ pub async fn send_one(
     responses(
         (status = 202, description = "All enqueued: {accepted, rejected, results}", content_type = "application/json"),
         (status = 207, description = "Some refused: a result per item", content_type = "application/json"),
-        (status = 400, description = "The body is not a valid request", content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid credentials", content_type = "application/problem+json"),
-        (status = 403, description = "Scope or network refused", content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", content_type = "application/problem+json"),
-        (status = 415, description = "Not application/json", content_type = "application/problem+json"),
-        (status = 422, description = "Invalid message (field errors), or an Idempotency-Key reused with another body", content_type = "application/problem+json"),
-        (status = 429, description = "Rate limit spent; see Retry-After", content_type = "application/problem+json"),
-        (status = 503, description = "Broker or Redis unavailable; nothing done; see Retry-After", content_type = "application/problem+json"),
+        PostRefusals,
     ),
     security(("bearer" = []))
 )]
