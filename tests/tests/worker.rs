@@ -39,6 +39,26 @@ impl Running {
     }
 }
 
+/// SMTP options with scripted replies.
+fn replies(replies: &[&'static str]) -> SmtpOptions {
+    SmtpOptions {
+        replies: replies.to_vec(),
+        ..SmtpOptions::default()
+    }
+}
+
+/// A producer and a running worker for `settings`.
+async fn start(settings: &Settings) -> (Producer, Running) {
+    let producer = Producer::connect(settings).await.expect("producer");
+    (producer, start_worker(settings).await)
+}
+
+/// Stops what [`start`] started.
+async fn stop(worker: Running, producer: Producer) {
+    worker.stop().await;
+    producer.close().await;
+}
+
 async fn start_worker(settings: &Settings) -> Running {
     let worker = Worker::connect(settings).await.expect("worker connects");
     let shutdown = CancellationToken::new();
@@ -98,8 +118,7 @@ async fn a_message_arrives_intact_over_starttls_with_auth() {
             ..SmtpOptions::default()
         },
     );
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let (producer, worker) = start(&stack.settings).await;
     let mut job = job("Your receipt");
     job.message.html = Some("<p>Thanks for <b>your order</b></p>".to_owned());
     job.message.cc = vec!["grace@example.net".to_owned()];
@@ -150,8 +169,7 @@ async fn a_message_arrives_intact_over_starttls_with_auth() {
     // Binary content travels base64-encoded, byte for byte.
     let encoded = base64::engine::general_purpose::STANDARD.encode(RECEIPT);
     assert!(raw.contains(&encoded), "{raw}");
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
@@ -161,8 +179,7 @@ async fn an_untrusted_relay_is_never_sent_to() {
     let stack = Stack::new("plain", &SmtpOptions::default());
     let mut settings = stack.settings.clone();
     settings.smtp.ca_file = None; // the relay's certificate is not trusted
-    let producer = Producer::connect(&settings).await.expect("producer");
-    let worker = start_worker(&settings).await;
+    let (producer, worker) = start(&settings).await;
     let id = producer.enqueue(job("untrusted")).await.expect("enqueued");
     let store = statuses(&settings).await;
     let start = Instant::now();
@@ -181,15 +198,13 @@ async fn an_untrusted_relay_is_never_sent_to() {
         "{error}"
     );
     assert!(stack.smtp.seen().is_empty(), "nothing reached DATA");
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
 async fn the_same_idempotency_key_three_times_is_delivered_once() {
     let stack = Stack::new("idem", &SmtpOptions::default());
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let (producer, worker) = start(&stack.settings).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         let mut job = job("Order 42 confirmed");
@@ -207,21 +222,13 @@ async fn the_same_idempotency_key_three_times_is_delivered_once() {
         [JobState::Duplicate, JobState::Duplicate, JobState::Sent]
     );
     assert_eq!(stack.smtp.accepted().len(), 1);
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
 async fn two_transient_failures_then_delivered_once_on_attempt_three() {
-    let stack = Stack::new(
-        "retry",
-        &SmtpOptions {
-            replies: vec!["451", "451", "250"],
-            ..SmtpOptions::default()
-        },
-    );
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let stack = Stack::new("retry", &replies(&["451", "451", "250"]));
+    let (producer, worker) = start(&stack.settings).await;
     let id = producer.enqueue(job("retry me")).await.expect("enqueued");
     let status = settled(&statuses(&stack.settings).await, &id).await;
     assert_eq!(status.state, JobState::Sent);
@@ -235,8 +242,7 @@ async fn two_transient_failures_then_delivered_once_on_attempt_three() {
             .all(|s| s.message_id.as_deref() == Some(message_id.as_str())),
         "every attempt carries the same Message-ID"
     );
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
@@ -250,8 +256,7 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_attempt() {
             ..SmtpOptions::default()
         },
     );
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let (producer, worker) = start(&stack.settings).await;
     let id = producer.enqueue(job("bounce")).await.expect("enqueued");
     let status = settled(&statuses(&stack.settings).await, &id).await;
     assert_eq!(status.state, JobState::Failed);
@@ -263,8 +268,7 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_attempt() {
     assert_eq!(letters[0].id, id.to_string());
     assert_eq!(letters[0].reason, "rejected");
     assert!(letters[0].last_error.contains("550"), "{:?}", letters[0]);
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
@@ -317,8 +321,7 @@ async fn a_tampered_body_is_dead_lettered_and_the_worker_goes_on() {
         1,
         "only the intact job went out"
     );
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
@@ -336,23 +339,15 @@ async fn an_expired_job_is_not_sent() {
     let letters = dead_letters(&producer).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].reason, "expired");
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
 async fn a_connection_lost_after_data_is_parked_when_asked() {
-    let stack = Stack::new(
-        "uncertain",
-        &SmtpOptions {
-            replies: vec!["drop"],
-            ..SmtpOptions::default()
-        },
-    );
+    let stack = Stack::new("uncertain", &replies(&["drop"]));
     let mut settings = stack.settings.clone();
     settings.worker.on_uncertain = OnUncertain::Park;
-    let producer = Producer::connect(&settings).await.expect("producer");
-    let worker = start_worker(&settings).await;
+    let (producer, worker) = start(&settings).await;
     let id = producer.enqueue(job("maybe sent")).await.expect("enqueued");
     let status = settled(&statuses(&settings).await, &id).await;
     assert_eq!(status.state, JobState::Dead);
@@ -360,21 +355,13 @@ async fn a_connection_lost_after_data_is_parked_when_asked() {
     let letters = dead_letters(&producer).await;
     assert_eq!(letters[0].reason, "uncertain");
     assert_eq!(stack.smtp.seen().len(), 1, "not sent again");
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
 async fn a_connection_lost_after_data_is_retried_with_the_same_message_id_by_default() {
-    let stack = Stack::new(
-        "uncertain-retry",
-        &SmtpOptions {
-            replies: vec!["drop"],
-            ..SmtpOptions::default()
-        },
-    );
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let stack = Stack::new("uncertain-retry", &replies(&["drop"]));
+    let (producer, worker) = start(&stack.settings).await;
     let id = producer.enqueue(job("maybe sent")).await.expect("enqueued");
     let status = settled(&statuses(&stack.settings).await, &id).await;
     assert_eq!(status.state, JobState::Sent);
@@ -382,8 +369,7 @@ async fn a_connection_lost_after_data_is_retried_with_the_same_message_id_by_def
     let seen = stack.smtp.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].message_id, seen[1].message_id);
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
@@ -395,8 +381,7 @@ async fn a_refused_recipient_in_a_pipelined_group_sends_no_body() {
             ..SmtpOptions::default()
         },
     );
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let (producer, worker) = start(&stack.settings).await;
     let mut job = job("two recipients");
     job.message.to.push("nobody@example.org".to_owned());
     let id = producer.enqueue(job).await.expect("enqueued");
@@ -407,21 +392,13 @@ async fn a_refused_recipient_in_a_pipelined_group_sends_no_body() {
     assert!(error.contains("550"), "{error}");
     assert!(!error.contains("nobody@"), "address not masked: {error}");
     assert!(stack.smtp.seen().is_empty(), "no message body was sent");
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
 async fn a_replayed_dead_letter_is_delivered_and_its_status_follows() {
-    let stack = Stack::new(
-        "replay",
-        &SmtpOptions {
-            replies: vec!["550"],
-            ..SmtpOptions::default()
-        },
-    );
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let stack = Stack::new("replay", &replies(&["550"]));
+    let (producer, worker) = start(&stack.settings).await;
     let id = producer
         .enqueue(job("second chance"))
         .await
@@ -449,15 +426,13 @@ async fn a_replayed_dead_letter_is_delivered_and_its_status_follows() {
     assert_eq!(status.attempts, 1, "attempts were reset");
     assert_eq!(stack.smtp.accepted().len(), 1);
     assert!(dead_letters(&producer).await.is_empty());
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
 async fn the_worker_survives_its_broker_connection_being_closed() {
     let stack = Stack::new("worker-reconnect", &SmtpOptions::default());
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let (producer, worker) = start(&stack.settings).await;
     let first = producer.enqueue(job("before")).await.expect("enqueued");
     let store = statuses(&stack.settings).await;
     assert_eq!(settled(&store, &first).await.state, JobState::Sent);
@@ -468,15 +443,13 @@ async fn the_worker_survives_its_broker_connection_being_closed() {
     let second = producer.enqueue(job("after")).await.expect("enqueued");
     assert_eq!(settled(&store, &second).await.state, JobState::Sent);
     assert_eq!(stack.smtp.accepted().len(), 2);
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
 async fn garbage_without_headers_is_dead_lettered_and_the_worker_goes_on() {
     let stack = Stack::new("worker-garbage", &SmtpOptions::default());
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let (producer, worker) = start(&stack.settings).await;
     for body in [
         Vec::new(),
         b"not sealed at all".to_vec(),
@@ -517,8 +490,7 @@ async fn garbage_without_headers_is_dead_lettered_and_the_worker_goes_on() {
             .all(|l| l.reason == "seal" || l.reason == "invalid"),
         "{letters:?}"
     );
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
@@ -526,8 +498,7 @@ async fn with_redis_gone_nothing_is_sent_blind_and_it_is_sent_once_redis_is_back
     let mut stack = Stack::new("worker-redis-down", &SmtpOptions::default());
     let mut redis = mailroom_tests::redis::PrivateRedis::start();
     stack.settings.redis = redis.settings("mailroom-test:");
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let (producer, worker) = start(&stack.settings).await;
     let before = producer.enqueue(job("before")).await.expect("enqueued");
     assert_eq!(
         settled(&statuses(&stack.settings).await, &before)
@@ -551,15 +522,13 @@ async fn with_redis_gone_nothing_is_sent_blind_and_it_is_sent_once_redis_is_back
     let status = settled(&store, &during).await;
     assert_eq!(status.state, JobState::Sent);
     assert_eq!(stack.smtp.accepted().len(), 2);
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
 
 #[tokio::test]
 async fn a_flood_of_duplicates_sends_each_key_once() {
     let stack = Stack::new("worker-flood", &SmtpOptions::default());
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let worker = start_worker(&stack.settings).await;
+    let (producer, worker) = start(&stack.settings).await;
     let jobs: Vec<SendJob> = (0..200)
         .map(|i| {
             let mut job = job(&format!("key {}", i % 20));
@@ -597,6 +566,5 @@ async fn a_flood_of_duplicates_sends_each_key_once() {
     subjects.sort();
     subjects.dedup();
     assert_eq!(subjects.len(), 20, "each key went out once");
-    worker.stop().await;
-    producer.close().await;
+    stop(worker, producer).await;
 }
