@@ -53,6 +53,18 @@ impl Stack {
         self.api_with(&self.settings).await
     }
 
+    /// Jobs waiting in the transactional queue.
+    async fn depth(&self) -> u32 {
+        let producer = Producer::connect(&self.settings).await.expect("producer");
+        let depth = producer
+            .broker()
+            .queue_depth(&wire::work_queue(Lane::Transactional))
+            .await
+            .expect("depth");
+        producer.close().await;
+        depth
+    }
+
     async fn api_with(&self, settings: &Settings) -> Api {
         let network = NetworkPolicy::new(&settings.api.trusted_proxies, &settings.api.deny_cidrs)
             .expect("network policy");
@@ -473,19 +485,9 @@ async fn idempotency_keys_replay_race_and_refuse_other_bodies() {
         .filter(|a| a.headers.get("idempotent-replayed").is_some())
         .count();
     assert_eq!(replayed, 9);
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    assert_eq!(
-        producer
-            .broker()
-            .queue_depth(&wire::work_queue(Lane::Transactional))
-            .await
-            .expect("depth"),
-        1,
-        "one job for ten requests"
-    );
+    assert_eq!(stack.depth().await, 1, "one job for ten requests");
     let answer = call(&router, LOCAL, with_key(&message("Another body"))).await;
     assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
-    producer.close().await;
 }
 
 #[tokio::test]
@@ -570,17 +572,11 @@ async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
     )
     .await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
     assert_eq!(
-        producer
-            .broker()
-            .queue_depth(&wire::work_queue(Lane::Transactional))
-            .await
-            .expect("depth"),
+        stack.depth().await,
         2,
         "the refused request left nothing behind"
     );
-    producer.close().await;
 }
 
 /// Log lines written while a closure runs.
