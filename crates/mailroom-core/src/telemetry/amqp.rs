@@ -67,6 +67,36 @@ pub fn extract_context(headers: &FieldTable) -> Context {
     global::get_text_map_propagator(|propagator| propagator.extract(&FieldTableExtractor(headers)))
 }
 
+/// The two W3C trace-context fields, as a caller sent them.
+struct TraceFields<'a> {
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+}
+
+impl Extractor for TraceFields<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => self.traceparent,
+            "tracestate" => self.tracestate,
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
+/// Extracts the context a caller sent as `traceparent` / `tracestate`
+/// (e.g. HTTP request headers).
+pub fn extract_traceparent(traceparent: Option<&str>, tracestate: Option<&str>) -> Context {
+    let fields = TraceFields {
+        traceparent,
+        tracestate,
+    };
+    global::get_text_map_propagator(|propagator| propagator.extract(&fields))
+}
+
 #[cfg(test)]
 mod tests {
     use lapin::types::ByteArray;
@@ -146,6 +176,20 @@ mod tests {
             "{traceparent}"
         );
         assert_eq!(parts[0], "00");
+    }
+
+    #[test]
+    fn an_http_traceparent_is_continued() {
+        install_propagator();
+        let cx = extract_traceparent(
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            None,
+        );
+        let span = cx.span().span_context().clone();
+        assert!(span.is_valid());
+        assert_eq!(span.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(!extract_traceparent(Some("nonsense"), None).span().span_context().is_valid());
+        assert!(!extract_traceparent(None, None).span().span_context().is_valid());
     }
 
     #[test]

@@ -28,7 +28,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 pub use amqp::{
-    FieldTableExtractor, FieldTableInjector, extract_context, inject_context, inject_span,
+    FieldTableExtractor, FieldTableInjector, extract_context, extract_traceparent, inject_context,
+    inject_span,
 };
 
 /// The log filter used when neither `RUST_LOG` nor the settings give one.

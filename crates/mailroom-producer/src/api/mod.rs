@@ -36,8 +36,11 @@ use mailroom_core::ratelimit::RateLimiter;
 use mailroom_core::settings::{ApiSettings, Settings, SettingsError};
 use mailroom_core::status::StatusStore;
 use mailroom_core::store::{RedisStore, StoreError};
+use mailroom_core::telemetry::extract_traceparent;
 use mailroom_core::validate::Limits;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{Producer, ProducerError};
 use auth::Touches;
@@ -267,10 +270,31 @@ async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: 
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(peer)| state.network.client_ip(*peer, request.headers()));
+    // The request's span continues the caller's trace (`traceparent`), so
+    // one trace runs from the caller through enqueue, worker and SMTP.
+    let span = tracing::info_span!(
+        "mailroom.http",
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let parent = {
+        let header = |name| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        extract_traceparent(header("traceparent"), header("tracestate"))
+    };
+    // Fails only when no OpenTelemetry layer is installed: nothing to link.
+    let _ = span.set_parent(parent);
     let timeout: Duration = state.settings.request_timeout;
-    let mut response = tokio::time::timeout(timeout, next.run(request))
+    let mut response = tokio::time::timeout(timeout, next.run(request).instrument(span.clone()))
         .await
         .unwrap_or_else(|_| Problem::timeout().into_response());
+    span.record("http.response.status_code", response.status().as_u16());
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
