@@ -187,9 +187,22 @@ mod tests {
         );
         let span = cx.span().span_context().clone();
         assert!(span.is_valid());
-        assert_eq!(span.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert!(!extract_traceparent(Some("nonsense"), None).span().span_context().is_valid());
-        assert!(!extract_traceparent(None, None).span().span_context().is_valid());
+        assert_eq!(
+            span.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(
+            !extract_traceparent(Some("nonsense"), None)
+                .span()
+                .span_context()
+                .is_valid()
+        );
+        assert!(
+            !extract_traceparent(None, None)
+                .span()
+                .span_context()
+                .is_valid()
+        );
     }
 
     #[test]
