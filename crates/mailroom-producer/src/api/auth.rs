@@ -25,6 +25,8 @@ pub struct Principal {
     pub key_id: String,
     /// The tenant it acts for.
     pub tenant: String,
+    /// The credential's own rate limit.
+    pub rate: Rate,
 }
 
 /// Remembers when each key's use was last written, so a busy key costs one
@@ -67,12 +69,25 @@ pub async fn authorize(
     scope: Scope,
     cost: u32,
 ) -> Result<Principal, Problem> {
+    let principal = authenticate(state, headers, ip, scope).await?;
+    spend(state, &principal, cost).await?;
+    Ok(principal)
+}
+
+/// Authenticates the caller of a request from `ip` that needs `scope`,
+/// spending nothing yet (see [`spend`]).
+pub async fn authenticate(
+    state: &ApiState,
+    headers: &HeaderMap,
+    ip: IpAddr,
+    scope: Scope,
+) -> Result<Principal, Problem> {
     if state.network.denies(ip) {
         return Err(Problem::forbidden("requests from this network are refused"));
     }
     let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
     if !token.starts_with(KEY_PREFIX) {
-        return authorize_token(state, token, scope, cost).await;
+        return authenticate_token(state, token, scope);
     }
     let record = state
         .keys
@@ -90,9 +105,8 @@ pub async fn authorize(
             }
         });
     }
-    let key_rate = record.rate.unwrap_or(state.settings.key_rate);
-    limit(state, &record.tenant, &record.id, key_rate, cost).await?;
     Ok(Principal {
+        rate: record.rate.unwrap_or(state.settings.key_rate),
         key_id: record.id,
         tenant: record.tenant,
     })
@@ -100,12 +114,7 @@ pub async fn authorize(
 
 /// A JWT instead of an API key: the deny list applied already; keys have
 /// no network list; the rate limit is per signing key and per tenant.
-async fn authorize_token(
-    state: &ApiState,
-    token: &str,
-    scope: Scope,
-    cost: u32,
-) -> Result<Principal, Problem> {
+fn authenticate_token(state: &ApiState, token: &str, scope: Scope) -> Result<Principal, Problem> {
     let verifier = state.jwt.as_ref().ok_or_else(Problem::unauthorized)?;
     let caller = verifier
         .verify(token, OffsetDateTime::now_utc())
@@ -113,17 +122,10 @@ async fn authorize_token(
     if !caller.scopes.contains(&scope) {
         return Err(Problem::forbidden("the token lacks the scope for this"));
     }
-    limit(
-        state,
-        &caller.tenant,
-        &caller.key_id,
-        state.settings.key_rate,
-        cost,
-    )
-    .await?;
     Ok(Principal {
         key_id: caller.key_id,
         tenant: caller.tenant,
+        rate: state.settings.key_rate,
     })
 }
 
@@ -146,19 +148,15 @@ fn check(record: &KeyRecord, scope: Scope, ip: IpAddr) -> Result<(), Problem> {
     Ok(())
 }
 
-/// Spends `cost` from the key's and the tenant's limits in one round trip.
-/// Both keys carry the tenant as hash tag, so they share a Cluster slot.
-async fn limit(
-    state: &ApiState,
-    tenant: &str,
-    key_id: &str,
-    key_rate: Rate,
-    cost: u32,
-) -> Result<(), Problem> {
-    let key = format!("{{{tenant}}}:key:{key_id}");
+/// Spends `cost` from the caller's key and tenant limits in one round
+/// trip. Both keys carry the tenant as hash tag, so they share a Cluster
+/// slot.
+pub async fn spend(state: &ApiState, principal: &Principal, cost: u32) -> Result<(), Problem> {
+    let tenant = &principal.tenant;
+    let key = format!("{{{tenant}}}:key:{}", principal.key_id);
     let whole = format!("{{{tenant}}}:tenant");
     let limits = [
-        (key.as_str(), key_rate),
+        (key.as_str(), principal.rate),
         (whole.as_str(), state.settings.tenant_rate),
     ];
     match state.limiter.check_all(&limits, cost).await {

@@ -12,7 +12,7 @@ use mailroom_core::job::{JobId, JobRequest};
 use mailroom_core::status::{JobState, StatusUpdate};
 use serde::{Deserialize, Serialize};
 
-use super::auth::{Principal, authorize};
+use super::auth::{Principal, authenticate, authorize, spend};
 use super::idempotency::{Stored, Taken};
 use super::keys::Scope;
 use super::problem::Problem;
@@ -142,7 +142,7 @@ pub async fn send_one(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(&state, peer, &headers, body, "send", 1, enqueue_one).await
+    handle(&state, peer, &headers, body, "send", |_| 1, enqueue_one).await
 }
 
 /// `POST /v1/messages/batch`
@@ -164,18 +164,30 @@ pub async fn send_batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    // Rate limits count messages, so the batch is read for its size first;
-    // a body that is not a batch costs one request.
-    let cost = body
-        .as_ref()
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<Batch>(bytes).ok())
-        .map_or(1, |batch| {
-            u32::try_from(batch.messages.len())
-                .unwrap_or(u32::MAX)
-                .max(1)
-        });
-    handle(&state, peer, &headers, body, "batch", cost, enqueue_batch).await
+    handle(
+        &state,
+        peer,
+        &headers,
+        body,
+        "batch",
+        batch_cost,
+        enqueue_batch,
+    )
+    .await
+}
+
+/// Rate limits count messages: a batch's cost is its length, counted
+/// without building the messages (a body that is not a batch costs one).
+fn batch_cost(body: &[u8]) -> u32 {
+    #[derive(Deserialize)]
+    struct Count {
+        messages: Vec<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Count>(body).map_or(1, |count| {
+        u32::try_from(count.messages.len())
+            .unwrap_or(u32::MAX)
+            .max(1)
+    })
 }
 
 /// The work of a route, once the request is authorized and its body read.
@@ -185,6 +197,7 @@ type Work = for<'a> fn(&'a ApiState, &'a Principal, &'a [u8]) -> Pending<'a>;
 type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
 /// What both POST routes share: authorization, the body's type and size,
+/// the rate limits (`cost` of the body, read only once the caller is known)
 /// and `Idempotency-Key`.
 async fn handle(
     state: &ApiState,
@@ -192,11 +205,11 @@ async fn handle(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     route: &str,
-    cost: u32,
+    cost: fn(&[u8]) -> u32,
     work: Work,
 ) -> Response {
     let ip = state.network.client_ip(peer, headers);
-    let principal = match authorize(state, headers, ip, Scope::Send, cost).await {
+    let principal = match authenticate(state, headers, ip, Scope::Send).await {
         Ok(principal) => principal,
         Err(problem) => return problem.into_response(),
     };
@@ -205,7 +218,10 @@ async fn handle(
         tenant: Some(principal.tenant.clone()),
         job_ids: Vec::new(),
     };
-    let body = match read_json_body(headers, body, state.settings.body_limit_bytes) {
+    let body = read_json_body(headers, body, state.settings.body_limit_bytes);
+    // A refused body still costs one request.
+    let spent = spend(state, &principal, body.as_ref().map_or(1, |b| cost(b))).await;
+    let body = match spent.and(body) {
         Ok(body) => body,
         Err(problem) => return with_fields(problem.into_response(), fields),
     };
