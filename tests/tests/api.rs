@@ -795,3 +795,55 @@ async fn the_openapi_document_parses_and_covers_every_route() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_rotated_key_works_beside_the_old_one_until_its_grace_ends() {
+    let stack = Stack::new("api-rotate");
+    let api = stack.api().await;
+    let router = api.router();
+    let (old, record) = api
+        .keys()
+        .create(new_key("acme", &[Scope::Send]))
+        .await
+        .expect("key");
+    let grace_end = OffsetDateTime::now_utc() + Duration::from_secs(1);
+    let (new, rotated) = api
+        .keys()
+        .rotate(&record.id, grace_end)
+        .await
+        .expect("rotate")
+        .expect("the key exists");
+    assert_eq!(rotated.tenant, "acme");
+    assert_ne!(rotated.id, record.id);
+    for key in [&old, &new] {
+        let answer = call(
+            &router,
+            LOCAL,
+            post("/v1/messages", Some(key), &message("x")),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&old), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&new), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert!(
+        api.keys()
+            .rotate("key_unknown", grace_end)
+            .await
+            .expect("rotate")
+            .is_none()
+    );
+}

@@ -266,20 +266,6 @@ impl ApiKeyStore {
         id: &str,
         old_expires_at: OffsetDateTime,
     ) -> Result<Option<(String, KeyRecord)>, StoreError> {
-        let Some(old) = self.list().await?.into_iter().find(|l| l.record.id == id) else {
-            return Ok(None);
-        };
-        let created = self
-            .create(NewKey {
-                tenant: old.record.tenant.clone(),
-                scopes: old.record.scopes.clone(),
-                allow_cidrs: old.record.allow_cidrs.clone(),
-                rate: old.record.rate,
-                expires_at: old.record.expires_at,
-            })
-            .await?;
-        // Shorten the old key's life; written from here rather than in a
-        // script, whose JSON encoder would turn empty lists into objects.
         let index_key = self.store.key("apikeys");
         let mut connection = self.store.connection();
         let entry: Option<String> = redis::cmd("HGET")
@@ -288,26 +274,39 @@ impl ApiKeyStore {
             .query_async(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;
-        if let Some(entry) = entry {
-            let mut entry: IndexEntry = from_json(&entry)?;
-            entry.record.expires_at = Some(old_expires_at);
-            redis::pipe()
-                .atomic()
-                .cmd("SET")
-                .arg(self.store.key(&format!("apikey:{}", entry.hmac)))
-                .arg(to_json(&entry.record)?)
-                .arg("EXAT")
-                .arg(old_expires_at.unix_timestamp())
-                .ignore()
-                .cmd("HSET")
-                .arg(&index_key)
-                .arg(id)
-                .arg(to_json(&entry)?)
-                .ignore()
-                .query_async::<()>(&mut connection)
-                .await
-                .map_err(|err| self.store.error(&err))?;
-        }
+        let Some(entry) = entry else {
+            return Ok(None);
+        };
+        let mut entry: IndexEntry = from_json(&entry)?;
+        let old = &entry.record;
+        let created = self
+            .create(NewKey {
+                tenant: old.tenant.clone(),
+                scopes: old.scopes.clone(),
+                allow_cidrs: old.allow_cidrs.clone(),
+                rate: old.rate,
+                expires_at: old.expires_at,
+            })
+            .await?;
+        // Shorten the old key's life; written from here rather than in a
+        // script, whose JSON encoder would turn empty lists into objects.
+        entry.record.expires_at = Some(old_expires_at);
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.store.key(&format!("apikey:{}", entry.hmac)))
+            .arg(to_json(&entry.record)?)
+            .arg("EXAT")
+            .arg(old_expires_at.unix_timestamp())
+            .ignore()
+            .cmd("HSET")
+            .arg(&index_key)
+            .arg(id)
+            .arg(to_json(&entry)?)
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
         Ok(Some(created))
     }
 }
