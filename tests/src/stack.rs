@@ -13,6 +13,18 @@ use crate::smtp::{SmtpOptions, SmtpServer};
 /// Quick retries and a short lease, so tests about them finish in seconds.
 pub const TEST_LEASE: Duration = Duration::from_secs(3);
 
+/// Settings for `vhost` and `redis`, with a fresh sealing key `test` (the
+/// only key, so active).
+pub fn base_settings(vhost: &TestVhost, redis: &TestPrefix) -> Settings {
+    let key = SealKey::generate("test").expect("seal key");
+    let mut settings = Settings::default();
+    settings.amqp = vhost.settings();
+    settings.redis = redis.settings();
+    settings.seal.keys = Secret::new(key.to_line().as_str());
+    settings.seal.active = Some("test".to_owned());
+    settings
+}
+
 /// A vhost, a prefix, an SMTP server and settings pointing at them.
 pub struct Stack {
     /// The broker vhost.
@@ -32,14 +44,9 @@ impl Stack {
         let vhost = TestVhost::new(label);
         let redis = TestPrefix::new(label);
         let server = SmtpServer::start(smtp);
-        let key = SealKey::generate("test").expect("seal key");
-        let seal_line = key.to_line().to_string();
-        let mut settings = Settings::default();
-        settings.amqp = vhost.settings();
-        settings.redis = redis.settings();
+        let mut settings = base_settings(&vhost, &redis);
+        let seal_line = settings.seal.keys.expose().to_owned();
         settings.smtp = server.settings(smtp.auth);
-        settings.seal.keys = Secret::new(seal_line.clone());
-        settings.seal.active = Some("test".to_owned());
         settings.worker.transport = TransportKind::Smtp;
         settings.worker.concurrency = 8;
         settings.worker.dedup_lease = TEST_LEASE;

@@ -13,8 +13,7 @@ use axum::http::{Request, StatusCode};
 use lapin::options::BasicGetOptions;
 use mailroom_core::job::{JobId, Lane};
 use mailroom_core::ratelimit::Rate;
-use mailroom_core::seal::SealKey;
-use mailroom_core::settings::{Secret, Settings};
+use mailroom_core::settings::Settings;
 use mailroom_core::store::RedisStore;
 use mailroom_core::wire::{self, headers};
 use mailroom_producer::Producer;
@@ -22,6 +21,7 @@ use mailroom_producer::api::keys::{NewKey, Scope};
 use mailroom_producer::api::{Api, NetworkPolicy, parse_cidr};
 use mailroom_tests::rabbit::{TestVhost, rabbitmqctl};
 use mailroom_tests::redis::TestPrefix;
+use mailroom_tests::stack::base_settings;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::ServiceExt as _;
@@ -36,12 +36,7 @@ impl Stack {
     fn new(label: &str) -> Self {
         let vhost = TestVhost::new(label);
         let redis = TestPrefix::new(label);
-        let mut settings = Settings::default();
-        settings.amqp = vhost.settings();
-        settings.redis = redis.settings();
-        let key = SealKey::generate("test").expect("key");
-        settings.seal.keys = Secret::new(key.to_line().to_string());
-        settings.seal.active = Some("test".to_owned());
+        let settings = base_settings(&vhost, &redis);
         Self {
             vhost,
             _redis: redis,

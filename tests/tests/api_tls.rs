@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailroom_core::seal::SealKey;
-use mailroom_core::settings::{Secret, Settings};
 use mailroom_producer::api::Api;
 use mailroom_tests::rabbit::TestVhost;
 use mailroom_tests::redis::TestPrefix;
@@ -59,10 +57,7 @@ async fn the_api_serves_https_and_reloads_a_renewed_certificate() {
     std::fs::copy(&cert, &cert_path).expect("copy");
     std::fs::copy(&key, &key_path).expect("copy");
 
-    let mut settings = Settings::default();
-    settings.amqp = vhost.settings();
-    settings.redis = redis.settings();
-    settings.seal.keys = Secret::new(SealKey::generate("t").expect("key").to_line().to_string());
+    let mut settings = mailroom_tests::stack::base_settings(&vhost, &redis);
     settings.api.tls_cert_file = Some(cert_path.clone());
     settings.api.tls_key_file = Some(key_path.clone());
     let api = Api::connect(&settings).await.expect("api");
@@ -107,10 +102,7 @@ async fn half_a_tls_setting_or_a_bad_file_stops_start_up() {
     let vhost = TestVhost::new("api-tls-bad");
     let redis = TestPrefix::new("api-tls-bad");
     let dir = tempfile::tempdir().expect("dir");
-    let mut settings = Settings::default();
-    settings.amqp = vhost.settings();
-    settings.redis = redis.settings();
-    settings.seal.keys = Secret::new(SealKey::generate("t").expect("key").to_line().to_string());
+    let mut settings = mailroom_tests::stack::base_settings(&vhost, &redis);
     settings.api.tls_cert_file = Some(dir.path().join("missing.crt"));
     let half = Api::connect(&settings)
         .await

@@ -253,8 +253,6 @@ async fn a_token_sends_through_the_api_for_its_tenant() {
     use axum::body::Body;
     use axum::extract::connect_info::MockConnectInfo;
     use axum::http::{Request, StatusCode};
-    use mailroom_core::seal::SealKey;
-    use mailroom_core::settings::{Secret, Settings};
     use mailroom_core::store::RedisStore;
     use mailroom_producer::Producer;
     use mailroom_producer::api::{Api, NetworkPolicy};
@@ -268,10 +266,7 @@ async fn a_token_sends_through_the_api_for_its_tenant() {
     let signer = Signer::es256("k1");
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, json!({"keys": [signer.jwk()]}).to_string()).expect("write");
-    let mut settings = Settings::default();
-    settings.amqp = vhost.settings();
-    settings.redis = redis.settings();
-    settings.seal.keys = Secret::new(SealKey::generate("t").expect("key").to_line().to_string());
+    let mut settings = mailroom_tests::stack::base_settings(&vhost, &redis);
     settings.api.jwt = Some(JwtSettings {
         issuer: "https://auth.example".to_owned(),
         audience: "mailroom".to_owned(),
