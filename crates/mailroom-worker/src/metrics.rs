@@ -1,15 +1,14 @@
 //! The worker's Prometheus metrics, named once here so the pipeline and the
 //! dashboards agree.
 //!
-//! Recorded through the `metrics` facade; [`install`] sets up the
-//! Prometheus recorder that `/metrics` renders. Labels never carry a
+//! Recorded through the `metrics` facade; `mailroom_core::telemetry::prometheus`
+//! installs the recorder that `/metrics` renders. Labels never carry a
 //! tenant, recipient or job id: they would be personal data and would make
 //! the series count unbounded.
 
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Jobs finished, by outcome (`sent`, `retry`, `deferred`, `duplicate`, `dead`).
 pub const JOBS: &str = "mailroom_jobs_total";
@@ -23,12 +22,6 @@ pub const RETRIES: &str = "mailroom_retries_total";
 pub const DEAD_LETTERS: &str = "mailroom_dead_letters_total";
 /// Deliveries being processed now.
 pub const IN_FLIGHT: &str = "mailroom_in_flight";
-
-/// Installs the Prometheus recorder (once per process; later calls return
-/// the same handle). `None` if another recorder was installed first.
-pub fn install() -> Option<PrometheusHandle> {
-    mailroom_core::telemetry::prometheus()
-}
 
 /// Counts a finished job.
 pub fn job(outcome: &'static str) {

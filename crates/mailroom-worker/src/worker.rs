@@ -15,7 +15,7 @@ use crate::pool::{Drained, Pool, PoolSize};
 use crate::retry::RetryPolicy;
 use crate::steps::dedup::Dedup;
 use crate::transport::{Transport, TransportError};
-use crate::{health, metrics};
+use crate::health;
 use mailroom_core::status::StatusStore;
 use mailroom_core::store::{RedisStore, StoreError};
 
@@ -106,7 +106,7 @@ impl Worker {
             self.health_bind,
             self.broker.clone(),
             self.store.clone(),
-            metrics::install(),
+            mailroom_core::telemetry::prometheus(),
             shutdown,
         )
         .await
