@@ -10,12 +10,12 @@ use mailroom_core::wire::Topology;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::Forwarder;
+use crate::health;
 use crate::pipeline::Pipeline;
 use crate::pool::{Drained, Pool, PoolSize};
 use crate::retry::RetryPolicy;
 use crate::steps::dedup::Dedup;
 use crate::transport::{Transport, TransportError};
-use crate::health;
 use mailroom_core::status::StatusStore;
 use mailroom_core::store::{RedisStore, StoreError};
 
