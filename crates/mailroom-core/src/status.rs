@@ -169,24 +169,30 @@ impl StatusUpdate {
     }
 }
 
-/// Writes a status unless the stored one may not become it. ARGV: the new
-/// status as JSON, its state, the retention in seconds.
-const RECORD: &str = r"
-local current = redis.call('GET', KEYS[1])
-if current then
-  local old = cjson.decode(current)
-  -- `queued` is written once, on acceptance; a worker may have moved on
-  -- already, and a replay comes through `requeue`.
-  if ARGV[2] == 'queued' then return 0 end
-  local final = { sent = true, failed = true, dead = true, duplicate = true,
-                  suppressed = true, expired = true }
-  if final[old.state] then
-    return 0
+/// Lua function `record_status(key, json, state, ttl)`: writes a status
+/// unless the stored one may not become it; 1 if written. Shared by
+/// [`StatusStore::record`] and the worker's dedup scripts, which record a
+/// status in the same step as the claim it goes with.
+///
+/// The stored state is read with a pattern, not `cjson`: serde writes the
+/// `state` key once, and inside a JSON string every `"` is escaped, so no
+/// other text can match `"state":"`.
+pub const RECORD_FN: &str = r#"
+local function record_status(key, json, state, ttl)
+  local current = redis.call('GET', key)
+  if current then
+    -- `queued` is written once, on acceptance; a worker may have moved on
+    -- already, and a replay comes through `requeue`.
+    if state == 'queued' then return 0 end
+    local old = string.match(current, '"state":"(%a+)"')
+    local final = { sent = true, failed = true, dead = true, duplicate = true,
+                    suppressed = true, expired = true }
+    if final[old] then return 0 end
   end
+  redis.call('SET', key, json, 'EX', ttl)
+  return 1
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-return 1
-";
+"#;
 
 /// Moves a final failed/dead/expired status back to `queued` (a replay).
 /// ARGV: the time of the change (RFC 3339).
@@ -212,6 +218,26 @@ pub struct StatusStore {
     script: std::sync::Arc<Script>,
 }
 
+/// A status write made ready for a script that records it along with
+/// something else (see [`RECORD_FN`]).
+#[derive(Clone, Debug)]
+pub struct PreparedStatus {
+    key: String,
+    args: [String; 3],
+}
+
+impl PreparedStatus {
+    /// The status key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// `record_status`'s arguments after the key: JSON, state, TTL (s).
+    pub fn args(&self) -> &[String; 3] {
+        &self.args
+    }
+}
+
 impl StatusStore {
     /// Statuses under `store`'s prefix, each kept for `retention` after its
     /// last change.
@@ -219,7 +245,9 @@ impl StatusStore {
         Self {
             store,
             retention,
-            script: std::sync::Arc::new(Script::new(RECORD)),
+            script: std::sync::Arc::new(Script::new(&format!(
+                "{RECORD_FN}\nreturn record_status(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
+            ))),
         }
     }
 
@@ -245,18 +273,30 @@ impl StatusStore {
         Ok(set.is_some())
     }
 
+    /// `update` as the key and arguments of `record_status`.
+    pub fn prepare(&self, update: &StatusUpdate) -> Result<PreparedStatus, StoreError> {
+        let json = serde_json::to_string(&update.status)
+            .map_err(|err| StoreError::Malformed(err.to_string()))?;
+        Ok(PreparedStatus {
+            key: self.key(&update.status.job_id),
+            args: [
+                json,
+                update.status.state.as_str().to_owned(),
+                self.retention.as_secs().max(1).to_string(),
+            ],
+        })
+    }
+
     /// Records `update`; returns whether it was written (`false` when the
     /// stored state is final and may not become the new one).
     pub async fn record(&self, update: &StatusUpdate) -> Result<bool, StoreError> {
-        let json = serde_json::to_string(&update.status)
-            .map_err(|err| StoreError::Malformed(err.to_string()))?;
+        let prepared = self.prepare(update)?;
+        let mut invocation = self.script.key(&prepared.key);
+        for arg in &prepared.args {
+            invocation.arg(arg);
+        }
         let mut connection = self.store.connection();
-        let written: i64 = self
-            .script
-            .key(self.key(&update.status.job_id))
-            .arg(json)
-            .arg(update.status.state.as_str())
-            .arg(self.retention.as_secs().max(1))
+        let written: i64 = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;

@@ -34,8 +34,8 @@ use crate::retry::RetryPolicy;
 use crate::steps::dedup::{Claim, ClaimToken, Dedup};
 use crate::steps::{check, open, outcome, send};
 use crate::transport::Transport;
-use crate::verdict::Verdict;
-use mailroom_core::status::{JobState, StatusStore, StatusUpdate};
+use crate::verdict::{DeadReason, Verdict};
+use mailroom_core::status::{JobState, PreparedStatus, StatusStore, StatusUpdate};
 
 /// How long a job waits when Redis cannot be asked whether it was sent:
 /// never send blind.
@@ -157,9 +157,13 @@ impl Pipeline {
         }
         // Step 4, the suppression list, comes with the next issue.
         let token = ClaimToken::new(&self.delivery_owner(), &job.id);
+        let sending = match self.prepare(&job, JobState::Sending, incoming.attempt) {
+            Ok(sending) => sending,
+            Err(verdict) => return end(Some(job), None, verdict),
+        };
         let claim = self
             .dedup
-            .claim(&job, &token)
+            .claim(&job, &token, &sending)
             .instrument(debug_span!("mailroom.dedup"))
             .await;
         match claim {
@@ -183,8 +187,6 @@ impl Pipeline {
                 return end(Some(job), None, verdict);
             }
         }
-        self.record(StatusUpdate::new(&job, JobState::Sending).attempts(incoming.attempt))
-            .await;
         // Step 6, rate limits, comes with the next issue.
         let sent = self.send_holding_claim(&job, &token).await;
         Trip {
@@ -221,6 +223,23 @@ impl Pipeline {
     fn delivery_owner(&self) -> String {
         let n = self.deliveries.fetch_add(1, Ordering::Relaxed);
         format!("{}/{n}", self.worker_id)
+    }
+
+    /// The status `job` takes in `state`, made ready for a dedup script
+    /// that records it in the same step. It fails only for a job whose
+    /// timestamps cannot be written, which no valid job has.
+    pub(crate) fn prepare(
+        &self,
+        job: &SendJob,
+        state: JobState,
+        attempt: u32,
+    ) -> Result<PreparedStatus, Verdict> {
+        self.status
+            .prepare(&StatusUpdate::new(job, state).attempts(attempt))
+            .map_err(|err| Verdict::DeadLetter {
+                reason: DeadReason::Invalid,
+                detail: format!("status not writable: {err}"),
+            })
     }
 
     /// Records a status change; a failure is logged, never fatal: statuses

@@ -18,10 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailroom_core::job::{JobId, SendJob};
+use mailroom_core::status::{PreparedStatus, RECORD_FN};
 use mailroom_core::store::{KeyedHash, RedisStore, StoreError};
 use redis::Script;
 
-/// ARGV: owner, job id, lease (ms). Returns `{outcome, detail}`.
+/// KEYS: dedup key, status key. ARGV: owner, job id, lease (ms), then the
+/// `sending` status (JSON, state, TTL), recorded only when the claim is
+/// taken. Returns `{outcome, detail}`.
 const CLAIM: &str = r"
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'sent' then
@@ -30,9 +33,9 @@ end
 if state == 'sending' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
   return { 'held', tostring(redis.call('PTTL', KEYS[1])) }
 end
-redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'sending', 'owner', ARGV[1], 'job', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+record_status(KEYS[2], ARGV[4], ARGV[5], ARGV[6])
 return { 'acquired', '' }
 ";
 
@@ -45,16 +48,18 @@ end
 return 0
 ";
 
-/// ARGV: owner, job id, window (ms). The mail has gone: the key becomes
-/// `sent` whatever it held, so nobody sends it again; the reply says
-/// whether the claim was still ours.
+/// KEYS: dedup key, status key (optional). ARGV: owner, job id, window
+/// (ms), then the `sent` status (JSON, state, TTL). The mail has gone: the key
+/// becomes `sent` whatever it held, so nobody sends it again, and so does
+/// the status; the reply says whether the claim was still ours.
 const MARK_SENT: &str = r"
+if KEYS[2] then record_status(KEYS[2], ARGV[4], ARGV[5], ARGV[6]) end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'sent' then
   return 'already'
 end
 local ours = state == 'sending' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
-redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[1], 'owner')
 redis.call('HSET', KEYS[1], 'state', 'sent', 'job', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if ours then return 'marked' end
@@ -143,9 +148,9 @@ impl Dedup {
             window,
             lease,
             scripts: Arc::new(Scripts {
-                claim: Script::new(CLAIM),
+                claim: Script::new(&format!("{RECORD_FN}{CLAIM}")),
                 renew: Script::new(RENEW),
-                mark_sent: Script::new(MARK_SENT),
+                mark_sent: Script::new(&format!("{RECORD_FN}{MARK_SENT}")),
                 release: Script::new(RELEASE),
             }),
         }
@@ -164,13 +169,20 @@ impl Dedup {
         self.store.key(&format!("dedup:{digest}"))
     }
 
-    /// Claims `job` for `token`.
-    pub async fn claim(&self, job: &SendJob, token: &ClaimToken) -> Result<Claim, StoreError> {
+    /// Claims `job` for `token`; once it is ours, records `sending` in the
+    /// same step.
+    pub async fn claim(
+        &self,
+        job: &SendJob,
+        token: &ClaimToken,
+        sending: &PreparedStatus,
+    ) -> Result<Claim, StoreError> {
         let (outcome, detail): (String, String) = self
             .invoke(
                 &self.scripts.claim,
                 job,
                 &[&token.owner, &token.job_id, &millis(self.lease)],
+                Some(sending),
             )
             .await?;
         match outcome.as_str() {
@@ -197,22 +209,26 @@ impl Dedup {
                 &self.scripts.renew,
                 job,
                 &[&token.owner, &millis(self.lease)],
+                None,
             )
             .await?;
         Ok(renewed == 1)
     }
 
-    /// Marks `job` sent for the dedup window.
+    /// Marks `job` sent for the dedup window, and records the `sent`
+    /// status in the same step.
     pub async fn mark_sent(
         &self,
         job: &SendJob,
         token: &ClaimToken,
+        sent: Option<&PreparedStatus>,
     ) -> Result<MarkOutcome, StoreError> {
         let outcome: String = self
             .invoke(
                 &self.scripts.mark_sent,
                 job,
                 &[&token.owner, &token.job_id, &millis(self.window)],
+                sent,
             )
             .await?;
         match outcome.as_str() {
@@ -228,7 +244,7 @@ impl Dedup {
     /// Releases our claim, so a retry can take it at once.
     pub async fn release(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
         let _: i64 = self
-            .invoke(&self.scripts.release, job, &[&token.owner])
+            .invoke(&self.scripts.release, job, &[&token.owner], None)
             .await?;
         Ok(())
     }
@@ -238,10 +254,17 @@ impl Dedup {
         script: &Script,
         job: &SendJob,
         args: &[&str],
+        status: Option<&PreparedStatus>,
     ) -> Result<T, StoreError> {
         let mut invocation = script.key(self.key(job));
         for arg in args {
             invocation.arg(*arg);
+        }
+        if let Some(status) = status {
+            invocation.key(status.key());
+            for arg in status.args() {
+                invocation.arg(arg);
+            }
         }
         let mut connection = self.store.connection();
         invocation

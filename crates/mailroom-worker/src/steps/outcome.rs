@@ -39,14 +39,11 @@ pub async fn settle(pipeline: &Pipeline, incoming: &Incoming, trip: Trip) -> Dis
         Verdict::Sent { code } => {
             span.record("mailroom.outcome", "sent");
             if let (Some(job), Some(token)) = (&job, &claim) {
-                mark_sent(pipeline, job, token).await;
+                mark_sent(pipeline, job, token, incoming.attempt).await;
                 let end_to_end = (OffsetDateTime::now_utc() - job.created_at)
                     .try_into()
                     .unwrap_or(Duration::ZERO);
                 metrics::delivered(end_to_end, smtp.unwrap_or_default());
-                pipeline
-                    .record(StatusUpdate::new(job, JobState::Sent).attempts(incoming.attempt))
-                    .await;
             }
             tracing::info!(code, attempt = incoming.attempt, "sent");
             metrics::job("sent");
@@ -178,12 +175,21 @@ async fn dead_letter(
     Disposition::Ack
 }
 
-/// Marks the job sent, trying a few times: the mail has gone, so the one
-/// thing that must not happen is another send because Redis blinked. If it
-/// still fails, the delivery is acked anyway (resending would be worse) and
-/// the claim's lease keeps duplicates out until it runs out.
-async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken) {
-    let attempt = || pipeline.dedup.mark_sent(job, token);
+/// Marks the job sent (and its status), trying a few times: the mail has
+/// gone, so the one thing that must not happen is another send because
+/// Redis blinked. If it still fails, the delivery is acked anyway
+/// (resending would be worse) and the claim's lease keeps duplicates out
+/// until it runs out.
+async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attempt: u32) {
+    let update = StatusUpdate::new(job, JobState::Sent).attempts(attempt);
+    // Fails only where `sending` could not be prepared either, which ended
+    // the trip before the send; the dedup key matters more than the status.
+    let sent = pipeline
+        .status
+        .prepare(&update)
+        .inspect_err(|err| tracing::error!(error = %err, "sent, but its status cannot be written"))
+        .ok();
+    let attempt = || pipeline.dedup.mark_sent(job, token, sent.as_ref());
     let result = attempt
         .retry(
             ExponentialBuilder::new()

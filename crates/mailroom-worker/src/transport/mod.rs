@@ -6,6 +6,7 @@
 //! uncertain (the connection died after the end of DATA, before the reply,
 //! so the relay may or may not have taken the message).
 
+mod data;
 mod file;
 mod smtp;
 

@@ -27,6 +27,7 @@ use lettre::transport::smtp::response::Response;
 use mailroom_core::settings::{SmtpSettings, TlsMode};
 use tokio::sync::Semaphore;
 
+use super::data::data_section;
 use super::{Delivered, SendError, TransportError};
 use crate::message::OutgoingMessage;
 
@@ -330,15 +331,16 @@ impl SmtpTransport {
             }
             self.command(connection, Data).await.map_err(before)?;
         }
-        tokio::time::timeout(self.relay.command_timeout, connection.message(&message.raw))
-            .await
-            .map_err(|_| {
-                (
-                    Step::AfterData,
-                    Failure::Timeout(self.relay.command_timeout),
-                )
-            })?
-            .map_err(|err| (Step::AfterData, Failure::Smtp(err)))
+        let after = |failure| (Step::AfterData, failure);
+        match data_section(&message.raw) {
+            Some(data) => self.command(connection, data).await.map_err(after),
+            None => {
+                tokio::time::timeout(self.relay.command_timeout, connection.message(&message.raw))
+                    .await
+                    .map_err(|_| after(Failure::Timeout(self.relay.command_timeout)))?
+                    .map_err(|err| after(Failure::Smtp(err)))
+            }
+        }
     }
 
     async fn reply(&self, connection: &mut AsyncSmtpConnection) -> Result<Response, Failure> {
