@@ -7,6 +7,7 @@
 //! (mark sent, schedule a retry through a delay tier, or dead-letter it)
 //! before the delivery is acked. [`dlq`] lists and replays dead letters.
 
+pub mod acks;
 pub mod dlq;
 pub mod forward;
 pub mod health;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, options::BasicCancelOptions};
 use mailroom_core::amqp::Broker;
@@ -34,6 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acks::Acks;
 use crate::incoming::Incoming;
 use crate::metrics;
 use crate::pipeline::{Disposition, Pipeline};
@@ -155,6 +156,12 @@ impl Pool {
             )
             .await?;
         tracing::info!(%lane, prefetch, "consuming");
+        // Stops the ack sender when this consumer ends, for whatever
+        // reason; jobs still in work then ack at once.
+        let closing = shutdown.child_token();
+        let _closing = closing.clone().drop_guard();
+        let acks = Acks::new(closing);
+        tokio::spawn(Arc::clone(&acks).run());
         let mut received_any = false;
         loop {
             let next = tokio::select! {
@@ -172,22 +179,32 @@ impl Pool {
                 None => return Err("consumer closed".into()),
             };
             received_any = true;
+            // Registered before the wait, so no batched ack can reach past
+            // it while it waits for a permit.
+            acks.begin(delivery.delivery_tag);
             let permits = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
-                    requeue(&delivery).await;
+                    requeue(&acks, delivery).await;
                     stop(&channel, consumer.tag()).await;
                     return Ok(Ended::Shutdown);
                 }
                 permits = self.permits(lane) => permits,
             };
             let Some(permits) = permits else {
-                requeue(&delivery).await;
+                requeue(&acks, delivery).await;
                 return Ok(Ended::Shutdown);
             };
             let pipeline = Arc::clone(&self.pipeline);
-            self.tracker
-                .spawn(handle(pipeline, delivery, permits, channel.clone()));
+            // Boxed: the pipeline's future is large, and tokio moves a
+            // task's future several times as it spawns and ends it.
+            self.tracker.spawn(Box::pin(handle(
+                pipeline,
+                delivery,
+                permits,
+                Arc::clone(&acks),
+                channel.clone(),
+            )));
         }
     }
 
@@ -224,14 +241,9 @@ async fn stop(channel: &Channel, tag: lapin::types::ShortString) {
     }
 }
 
-async fn requeue(delivery: &Delivery) {
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    if let Err(err) = delivery.acker.nack(options).await {
-        tracing::debug!(error = %err, "requeue failed; the broker requeues on close");
-    }
+async fn requeue(acks: &Acks, delivery: Delivery) {
+    acks.settle(delivery.delivery_tag, delivery.acker, Disposition::Requeue)
+        .await;
 }
 
 /// Runs one delivery and acks or requeues it. The channel is held so it
@@ -240,10 +252,12 @@ async fn handle(
     pipeline: Arc<Pipeline>,
     delivery: Delivery,
     _permits: Vec<OwnedSemaphorePermit>,
+    acks: Arc<Acks>,
     _channel: Channel,
 ) {
     let _in_flight = metrics::InFlight::enter();
     let Delivery {
+        delivery_tag,
         acker,
         properties,
         data,
@@ -259,20 +273,7 @@ async fn handle(
             tracing::error!("the pipeline panicked on a delivery: requeued");
             Disposition::Requeue
         });
-    let acked = match disposition {
-        Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
-        Disposition::Requeue => {
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-        }
-    };
-    if let Err(err) = acked {
-        tracing::warn!(error = %err, "ack not sent: the broker will redeliver, dedup absorbs it");
-    }
+    acks.settle(delivery_tag, acker, disposition).await;
 }
 
 #[cfg(test)]

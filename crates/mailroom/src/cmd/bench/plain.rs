@@ -120,8 +120,13 @@ impl Plain {
     }
 
     /// Consumes `count` messages from [`PLAIN_QUEUE`] with `prefetch`,
-    /// acking each.
-    pub async fn consume(&self, count: usize, prefetch: u16) -> anyhow::Result<Run> {
+    /// acking every `ack_every`-th with `multiple` (1: each on its own).
+    pub async fn consume(
+        &self,
+        count: usize,
+        prefetch: u16,
+        ack_every: usize,
+    ) -> anyhow::Result<Run> {
         let channel = self.connection.create_channel().await?;
         channel
             .basic_qos(prefetch.max(1), BasicQosOptions::default())
@@ -138,12 +143,20 @@ impl Plain {
         let mut seen = 0;
         while seen < count {
             let delivery = consumer.next().await.context("consumer ended early")??;
-            delivery.ack(BasicAckOptions::default()).await?;
             seen += 1;
+            if seen % ack_every.max(1) == 0 || seen == count {
+                let multiple = ack_every > 1;
+                delivery.ack(BasicAckOptions { multiple }).await?;
+            }
         }
         let elapsed = started.elapsed();
         let _ = channel.close(200, "bench done".into()).await;
-        let mut run = Run::new("broker ceiling: plain consumer", Vec::new(), elapsed);
+        let label = if ack_every > 1 {
+            "plain consumer, batched acks"
+        } else {
+            "broker ceiling: plain consumer"
+        };
+        let mut run = Run::new(label, Vec::new(), elapsed);
         run.count = seen;
         Ok(run)
     }
