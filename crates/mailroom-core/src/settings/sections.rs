@@ -215,7 +215,8 @@ impl Default for RetrySettings {
 pub struct WorkerSettings {
     /// Jobs processed at once.
     pub concurrency: u16,
-    /// Unacked deliveries the broker may push; defaults to `concurrency`.
+    /// Unacked deliveries the broker may push; defaults to `concurrency`
+    /// and a quarter.
     pub prefetch: Option<u16>,
     /// Where mail goes.
     pub transport: TransportKind,

@@ -1,8 +1,8 @@
 //! Step 5: the dedup claim, which makes sending exactly-once in effect.
 //!
 //! One key per (tenant, idempotency key or job id), stored as an HMAC under
-//! `redis.hash_key` (the idempotency key may hold an address). Each script
-//! below reads and writes it atomically:
+//! `redis.hash_key` (the idempotency key may hold an address). Each change
+//! is one atomic step, a script or a single `SET … GET`:
 //!
 //! - absent (or released, or its lease ran out) → `sending`, owned by this
 //!   delivery, for `worker.dedup_lease`;
@@ -26,50 +26,34 @@ use redis::Script;
 /// `sending` status (JSON, state, TTL), recorded only when the claim is
 /// taken. Returns `{outcome, detail}`.
 const CLAIM: &str = r"
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'sent' then
-  return { 'sent', redis.call('HGET', KEYS[1], 'job') or '' }
+local held = redis.call('GET', KEYS[1])
+if held then
+  local state, rest = string.match(held, '^(%a+) (.*)$')
+  if state == 'sent' then
+    return { 'sent', rest }
+  end
+  if state == 'sending' and string.match(rest, '^(%S+)') ~= ARGV[1] then
+    return { 'held', tostring(redis.call('PTTL', KEYS[1])) }
+  end
 end
-if state == 'sending' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
-  return { 'held', tostring(redis.call('PTTL', KEYS[1])) }
-end
-redis.call('HSET', KEYS[1], 'state', 'sending', 'owner', ARGV[1], 'job', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[1], 'sending ' .. ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
 record_status(KEYS[2], ARGV[4], ARGV[5], ARGV[6])
 return { 'acquired', '' }
 ";
 
-/// ARGV: owner, lease (ms). Returns 1 if the lease was ours and renewed.
+/// ARGV: our claim's value, lease (ms). Returns 1 if the lease was ours
+/// and renewed.
 const RENEW: &str = r"
-if redis.call('HGET', KEYS[1], 'state') == 'sending'
-   and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 ";
 
-/// KEYS: dedup key, status key (optional). ARGV: owner, job id, window
-/// (ms), then the `sent` status (JSON, state, TTL). The mail has gone: the key
-/// becomes `sent` whatever it held, so nobody sends it again, and so does
-/// the status; the reply says whether the claim was still ours.
-const MARK_SENT: &str = r"
-if KEYS[2] then record_status(KEYS[2], ARGV[4], ARGV[5], ARGV[6]) end
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'sent' then
-  return 'already'
-end
-local ours = state == 'sending' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
-redis.call('HDEL', KEYS[1], 'owner')
-redis.call('HSET', KEYS[1], 'state', 'sent', 'job', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if ours then return 'marked' end
-return 'lost'
-";
-
-/// ARGV: owner. Deletes the claim if it is ours and still `sending`.
+/// ARGV: our claim's value. Deletes the claim if it is ours and still
+/// `sending`.
 const RELEASE: &str = r"
-if redis.call('HGET', KEYS[1], 'state') == 'sending'
-   and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -119,12 +103,18 @@ impl ClaimToken {
             job_id: job_id.to_string(),
         }
     }
+
+    /// What the dedup key holds while this token's claim is held:
+    /// `sending OWNER JOB` (a sent key holds `sent JOB`; owners and job ids
+    /// hold no spaces).
+    fn value(&self) -> String {
+        format!("sending {} {}", self.owner, self.job_id)
+    }
 }
 
 struct Scripts {
     claim: Script,
     renew: Script,
-    mark_sent: Script,
     release: Script,
 }
 
@@ -150,7 +140,6 @@ impl Dedup {
             scripts: Arc::new(Scripts {
                 claim: Script::new(&format!("{RECORD_FN}{CLAIM}")),
                 renew: Script::new(RENEW),
-                mark_sent: Script::new(&format!("{RECORD_FN}{MARK_SENT}")),
                 release: Script::new(RELEASE),
             }),
         }
@@ -166,7 +155,7 @@ impl Dedup {
         let digest = self
             .hash
             .hex(&[b"dedup", job.tenant.as_bytes(), job.dedup_key().as_bytes()]);
-        self.store.key(&format!("dedup:{digest}"))
+        self.store.key(&format!("claim:{digest}"))
     }
 
     /// Claims `job` for `token`; once it is ours, records `sending` in the
@@ -208,7 +197,7 @@ impl Dedup {
             .invoke(
                 &self.scripts.renew,
                 job,
-                &[&token.owner, &millis(self.lease)],
+                &[&token.value(), &millis(self.lease)],
                 None,
             )
             .await?;
@@ -216,35 +205,48 @@ impl Dedup {
     }
 
     /// Marks `job` sent for the dedup window, and records the `sent`
-    /// status in the same step.
+    /// status in the same round trip. The mail has gone: the key becomes
+    /// `sent` whatever it held, so nobody sends it again, and so does the
+    /// status (no script needed: both are plain writes, and the key's old
+    /// value says whether the claim was still ours).
     pub async fn mark_sent(
         &self,
         job: &SendJob,
         token: &ClaimToken,
         sent: Option<&PreparedStatus>,
     ) -> Result<MarkOutcome, StoreError> {
-        let outcome: String = self
-            .invoke(
-                &self.scripts.mark_sent,
-                job,
-                &[&token.owner, &token.job_id, &millis(self.window)],
-                sent,
-            )
-            .await?;
-        match outcome.as_str() {
-            "marked" => Ok(MarkOutcome::Marked),
-            "lost" => Ok(MarkOutcome::LeaseLost),
-            "already" => Ok(MarkOutcome::AlreadySent),
-            other => Err(StoreError::Malformed(format!(
-                "dedup mark answered {other:?}"
-            ))),
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.key(job))
+            .arg(format!("sent {}", token.job_id))
+            .arg("PX")
+            .arg(millis(self.window))
+            .arg("GET");
+        if let Some(status) = sent {
+            let [json, _, ttl] = status.args();
+            pipe.cmd("SET")
+                .arg(status.key())
+                .arg(json)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
         }
+        let mut connection = self.store.connection();
+        let (before,): (Option<String>,) = pipe
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        Ok(match before {
+            Some(held) if held == token.value() => MarkOutcome::Marked,
+            Some(held) if held.starts_with("sent ") => MarkOutcome::AlreadySent,
+            _ => MarkOutcome::LeaseLost,
+        })
     }
 
     /// Releases our claim, so a retry can take it at once.
     pub async fn release(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
         let _: i64 = self
-            .invoke(&self.scripts.release, job, &[&token.owner], None)
+            .invoke(&self.scripts.release, job, &[&token.value()], None)
             .await?;
         Ok(())
     }
