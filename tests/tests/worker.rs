@@ -568,3 +568,70 @@ async fn a_flood_of_duplicates_sends_each_key_once() {
     assert_eq!(subjects.len(), 20, "each key went out once");
     stop(worker, producer).await;
 }
+
+/// Deliveries of `queue` in the stack's vhost that the broker has handed
+/// out and not yet seen acked.
+fn unacked(stack: &Stack, queue: &str) -> Option<u64> {
+    let listing = mailroom_tests::rabbit::rabbitmqctl(&[
+        "list_queues",
+        "-p",
+        stack.vhost.name(),
+        "name",
+        "messages_unacknowledged",
+    ]);
+    listing.lines().find_map(|line| {
+        let (name, count) = line.split_once('\t')?;
+        (name.trim() == queue).then(|| count.trim().parse().ok())?
+    })
+}
+
+/// How often the broker refreshes the queue figures `rabbitmqctl` shows
+/// (`collect_statistics_interval`, 5 s by default), with a margin.
+const STATS_REFRESH: Duration = Duration::from_secs(6);
+
+#[tokio::test]
+async fn a_hung_send_does_not_keep_the_jobs_after_it_unacked() {
+    // Acks go out in batches up to the oldest job in work; the jobs done
+    // behind a hung one must still be acked, or they would fill the
+    // prefetch window until it times out (and be redelivered if the
+    // worker died meanwhile).
+    let mut stack = Stack::new("worker-hol", &replies(&["hang"]));
+    stack.settings.smtp.command_timeout = STATS_REFRESH * 2;
+    let (producer, worker) = start(&stack.settings).await;
+    let hung = producer.enqueue(job("hung")).await.expect("enqueued");
+    let start = Instant::now();
+    while stack.smtp.seen().is_empty() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the first job never reached DATA"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after: Vec<JobId> = producer
+        .enqueue_many((0..5).map(|i| job(&format!("after {i}"))).collect())
+        .await
+        .into_iter()
+        .map(|r| r.expect("enqueued"))
+        .collect();
+    let store = statuses(&stack.settings).await;
+    for id in &after {
+        assert_eq!(settled(&store, id).await.state, JobState::Sent);
+    }
+    tokio::time::sleep(STATS_REFRESH).await;
+    assert_eq!(
+        store.get(&hung).await.expect("status").map(|s| s.state),
+        Some(JobState::Sending),
+        "still hung"
+    );
+    let queue = wire::work_queue(Lane::Transactional);
+    assert_eq!(
+        unacked(&stack, &queue),
+        Some(1),
+        "only the hung job is unacked"
+    );
+    // The relay never answers: the send times out as uncertain, the QUIT
+    // after it is not waited for, and the retry goes through.
+    let status = settled(&store, &hung).await;
+    assert_eq!((status.state, status.attempts), (JobState::Sent, 2));
+    stop(worker, producer).await;
+}

@@ -62,7 +62,7 @@ impl Acks {
             Disposition::Ack => {
                 self.lock().done(tag, acker, Instant::now());
                 if self.closing.is_cancelled() {
-                    self.flush().await;
+                    let _held = self.flush().await;
                 } else {
                     self.wake.notify_one();
                 }
@@ -84,23 +84,31 @@ impl Acks {
     /// sends what is left.
     pub async fn run(self: Arc<Self>) {
         loop {
+            // Deliveries held behind a job in work are looked at again
+            // after `HOLD`, even if nothing else settles meanwhile.
+            let held = self.flush().await;
             tokio::select! {
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => tokio::time::sleep(LINGER).await,
+                () = tokio::time::sleep(HOLD), if held => {}
                 () = self.closing.cancelled() => break,
             }
-            tokio::time::sleep(LINGER).await;
-            self.flush().await;
         }
         self.flush().await;
     }
 
-    async fn flush(&self) {
-        let hold = if self.closing.is_cancelled() {
+    /// Sends what may be acked now; `true` if settled deliveries are
+    /// still held.
+    async fn flush(&self) -> bool {
+        let wait = if self.closing.is_cancelled() {
             Duration::ZERO
         } else {
             HOLD
         };
-        let Batch { multiple, single } = self.lock().take(Instant::now(), hold);
+        let (Batch { multiple, single }, held) = {
+            let mut pending = self.lock();
+            let batch = pending.take(Instant::now(), wait);
+            (batch, !pending.settled.is_empty())
+        };
         let multiple = multiple
             .map(|acker| async move { acker.ack(BasicAckOptions { multiple: true }).await });
         let single = single
@@ -112,6 +120,7 @@ impl Acks {
                 tracing::warn!(error = %err, "ack not sent: the broker will redeliver, dedup absorbs it");
             }
         }
+        held
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending<Acker>> {

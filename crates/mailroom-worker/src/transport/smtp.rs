@@ -35,6 +35,9 @@ use crate::message::OutgoingMessage;
 /// drop idle clients after a while, and a stale one costs a round trip.
 const MAX_IDLE: Duration = Duration::from_secs(30);
 
+/// How long a failed session is given to answer QUIT before it is closed.
+const QUIT_WAIT: Duration = Duration::from_secs(1);
+
 /// Where and how to reach the relay.
 struct Relay {
     host: String,
@@ -147,10 +150,10 @@ impl SmtpTransport {
                 // MAIL with a network error: nothing was sent, so try once
                 // more on a fresh connection instead of spending an attempt.
                 Err((Step::Before, err)) if err.is_network() => {
-                    session.smtp.abort().await;
+                    abort(&mut session.smtp).await;
                 }
                 Err((step, err)) => {
-                    session.smtp.abort().await;
+                    abort(&mut session.smtp).await;
                     return Err(err.into_send_error(step));
                 }
             }
@@ -159,7 +162,7 @@ impl SmtpTransport {
         match self.transact(&mut session, message).await {
             Ok(response) => Ok(self.keep(session, &response)),
             Err((step, err)) => {
-                session.smtp.abort().await;
+                abort(&mut session.smtp).await;
                 Err(err.into_send_error(step))
             }
         }
@@ -237,7 +240,7 @@ impl SmtpTransport {
             let upgrade = match relay.tls {
                 TlsMode::StarttlsRequired => {
                     if !connection.can_starttls() {
-                        connection.abort().await;
+                        abort(&mut connection).await;
                         return Err(SendError::transient(
                             None,
                             "the relay does not offer STARTTLS and smtp.tls is starttls-required",
@@ -401,6 +404,18 @@ impl Failure {
             ),
             Self::Unsupported(what) => SendError::permanent(555, what),
         }
+    }
+}
+
+/// Ends a session after a failure: QUIT, then close. lettre waits for the
+/// answer to QUIT without a limit, and a relay that stopped answering (the
+/// usual reason to be here) would hold the job, and its claim, forever.
+async fn abort(connection: &mut AsyncSmtpConnection) {
+    if tokio::time::timeout(QUIT_WAIT, connection.abort())
+        .await
+        .is_err()
+    {
+        tracing::debug!("the relay did not answer QUIT: connection dropped");
     }
 }
 
