@@ -161,7 +161,9 @@ impl Pool {
         let closing = shutdown.child_token();
         let _closing = closing.clone().drop_guard();
         let acks = Acks::new(closing);
-        tokio::spawn(Arc::clone(&acks).run());
+        // Tracked, so a shutdown waits for its last acks to go out before
+        // the connection closes.
+        self.tracker.spawn(Arc::clone(&acks).run());
         let mut received_any = false;
         loop {
             let next = tokio::select! {
