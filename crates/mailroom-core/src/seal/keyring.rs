@@ -7,7 +7,6 @@ use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
-use chacha20poly1305::{KeyInit as _, XChaCha20Poly1305};
 use zeroize::Zeroizing;
 
 /// Length of a sealing key in bytes.
@@ -58,8 +57,6 @@ pub enum KeyringError {
 pub struct SealKey {
     kid: String,
     bytes: Zeroizing<[u8; KEY_LEN]>,
-    // Built once: no per-job copy of the key; zeroizes itself on drop.
-    cipher: XChaCha20Poly1305,
 }
 
 impl SealKey {
@@ -70,12 +67,9 @@ impl SealKey {
 
     fn from_zeroizing(kid: &str, bytes: Zeroizing<[u8; KEY_LEN]>) -> Result<Self, &'static str> {
         check_kid(kid)?;
-        let cipher =
-            XChaCha20Poly1305::new_from_slice(&bytes[..]).map_err(|_| "key must be 32 bytes")?;
         Ok(Self {
             kid: kid.to_owned(),
             bytes,
-            cipher,
         })
     }
 
@@ -97,8 +91,8 @@ impl SealKey {
         Zeroizing::new(format!("{}:{}", self.kid, STANDARD.encode(*self.bytes)))
     }
 
-    pub(super) fn cipher(&self) -> &XChaCha20Poly1305 {
-        &self.cipher
+    pub(super) fn bytes(&self) -> &[u8; KEY_LEN] {
+        &self.bytes
     }
 }
 

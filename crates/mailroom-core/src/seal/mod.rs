@@ -10,17 +10,15 @@
 //! Body layout: `version (1 byte) | nonce (24) | ciphertext | tag (16)`.
 
 mod keyring;
+mod xchacha;
 
-use chacha20poly1305::XNonce;
-use chacha20poly1305::aead::{Aead as _, AeadInOut as _, Payload};
+use xchacha::{NONCE_LEN, TAG_LEN};
 use zeroize::{Zeroize as _, Zeroizing};
 
 pub use keyring::{KEY_LEN, Keyring, KeyringError, SealKey};
 
 use crate::job::{JobId, SCHEMA_VERSION, SendJob};
 
-const NONCE_LEN: usize = 24;
-const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 1 + NONCE_LEN;
 
 /// Why a body did not open. Deliberately says no more than which of three
@@ -86,25 +84,23 @@ impl Keyring {
         let key = self.active();
         // From the thread's CSPRNG (ChaCha, reseeded from the OS): a
         // system call a job would cost more than the sealing itself.
-        let mut nonce = XNonce::default();
-        rand::fill(nonce.as_mut_slice());
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::fill(&mut nonce[..]);
         let ad = associated_data(version, key.kid(), &job.id, &job.tenant);
         // The job is encoded straight into the body and encrypted where it
         // lies: one buffer, and no plaintext copy left behind once sealed.
         let mut body = Vec::with_capacity(HEADER_LEN + encoded_len_hint(job) + TAG_LEN);
         body.push(version);
-        body.extend_from_slice(nonce.as_slice());
+        body.extend_from_slice(&nonce);
         let encoded = serde_json::to_writer(&mut body, job);
-        let tag = encoded.ok().and_then(|()| {
-            key.cipher()
-                .encrypt_inout_detached(&nonce, &ad, (&mut body[HEADER_LEN..]).into())
-                .ok()
-        });
+        let tag = encoded
+            .ok()
+            .and_then(|()| xchacha::seal(key.bytes(), &nonce, &ad, &mut body[HEADER_LEN..]));
         let Some(tag) = tag else {
             body.zeroize();
             return Err(SealError::Encode);
         };
-        body.extend_from_slice(tag.as_slice());
+        body.extend_from_slice(&tag);
         Ok(Sealed {
             kid: key.kid().to_owned(),
             body,
@@ -127,20 +123,14 @@ impl Keyring {
         if u16::from(version) != SCHEMA_VERSION {
             return Err(SealError::Malformed);
         }
-        let nonce = XNonce::try_from(&body[1..HEADER_LEN]).map_err(|_| SealError::Malformed)?;
+        let nonce: [u8; NONCE_LEN] = body[1..HEADER_LEN]
+            .try_into()
+            .map_err(|_| SealError::Malformed)?;
         let ad = associated_data(version, kid, id, tenant);
-        let plaintext = Zeroizing::new(
-            key.cipher()
-                .decrypt(
-                    &nonce,
-                    Payload {
-                        msg: &body[HEADER_LEN..],
-                        aad: &ad,
-                    },
-                )
-                .map_err(|_| SealError::Authentication)?,
-        );
-        let job: SendJob = serde_json::from_slice(&plaintext).map_err(|_| SealError::Malformed)?;
+        let mut opened = Zeroizing::new(body[HEADER_LEN..].to_vec());
+        let plaintext = xchacha::open(key.bytes(), &nonce, &ad, &mut opened)
+            .ok_or(SealError::Authentication)?;
+        let job: SendJob = serde_json::from_slice(plaintext).map_err(|_| SealError::Malformed)?;
         // Authenticated, so ours; a mismatch here means a producer bug.
         if job.id != *id || job.tenant != tenant || job.schema != SCHEMA_VERSION {
             return Err(SealError::Malformed);
