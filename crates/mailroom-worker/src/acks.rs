@@ -36,6 +36,10 @@ pub const HOLD: Duration = Duration::from_millis(50);
 /// The acks of one channel.
 pub struct Acks {
     state: Mutex<Pending<Acker>>,
+    /// Held while a batch is taken and sent: a multiple ack that reached
+    /// the broker after a later one would name a tag already acked, which
+    /// closes the channel.
+    sending: tokio::sync::Mutex<()>,
     wake: Notify,
     closing: CancellationToken,
 }
@@ -46,6 +50,7 @@ impl Acks {
     pub fn new(closing: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(Pending::default()),
+            sending: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             closing,
         })
@@ -68,6 +73,10 @@ impl Acks {
                 }
             }
             Disposition::Requeue => {
+                // Under the send lock, so no multiple ack taken after `tag`
+                // left the work set reaches the broker before this nack:
+                // it would ack the job instead of requeueing it.
+                let _sending = self.sending.lock().await;
                 self.lock().abandon(tag);
                 let options = BasicNackOptions {
                     requeue: true,
@@ -99,6 +108,7 @@ impl Acks {
     /// Sends what may be acked now; `true` if settled deliveries are
     /// still held.
     async fn flush(&self) -> bool {
+        let _sending = self.sending.lock().await;
         let wait = if self.closing.is_cancelled() {
             Duration::ZERO
         } else {
