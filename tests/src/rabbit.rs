@@ -3,7 +3,10 @@
 
 use std::process::Command;
 
+use mailroom_core::amqp::Broker;
+use mailroom_core::job::Lane;
 use mailroom_core::settings::{AmqpSettings, Secret};
+use mailroom_core::wire::{Topology, work_queue};
 
 /// Where the tests' broker listens.
 pub const BROKER: &str = "127.0.0.1:5672";
@@ -43,6 +46,25 @@ impl TestVhost {
             urls: vec![Secret::new(self.url())],
             ..AmqpSettings::default()
         }
+    }
+
+    /// Jobs waiting in the transactional work queue (the topology is
+    /// declared first, so an untouched vhost reads 0).
+    ///
+    /// # Panics
+    /// When the broker cannot be asked.
+    pub async fn work_depth(&self) -> u32 {
+        let broker = Broker::connect(&self.settings()).await.expect("broker");
+        broker
+            .declare(&Topology::standard())
+            .await
+            .expect("topology");
+        let depth = broker
+            .queue_depth(&work_queue(Lane::Transactional))
+            .await
+            .expect("depth");
+        broker.close().await;
+        depth
     }
 
     /// Closes every connection named `name` in this vhost, as a broker

@@ -48,18 +48,6 @@ impl Stack {
         self.api_with(&self.settings).await
     }
 
-    /// Jobs waiting in the transactional queue.
-    async fn depth(&self) -> u32 {
-        let producer = Producer::connect(&self.settings).await.expect("producer");
-        let depth = producer
-            .broker()
-            .queue_depth(&wire::work_queue(Lane::Transactional))
-            .await
-            .expect("depth");
-        producer.close().await;
-        depth
-    }
-
     async fn api_with(&self, settings: &Settings) -> Api {
         let network = NetworkPolicy::new(&settings.api.trusted_proxies, &settings.api.deny_cidrs)
             .expect("network policy");
@@ -142,6 +130,16 @@ fn message(subject: &str) -> Value {
 }
 
 const LOCAL: &str = "127.0.0.1";
+
+/// POSTs an ordinary message as `key` from loopback.
+async fn send_as(router: &Router, key: &str) -> Answer {
+    call(
+        router,
+        LOCAL,
+        post("/v1/messages", Some(key), &message("x")),
+    )
+    .await
+}
 
 #[tokio::test]
 async fn an_accepted_message_is_in_the_queue_sealed_for_the_keys_tenant() {
@@ -276,12 +274,7 @@ async fn scope_and_network_rules_give_403() {
         .create(new_key("acme", &[Scope::Read]))
         .await
         .expect("key");
-    let answer = call(
-        &router,
-        LOCAL,
-        post("/v1/messages", Some(&read_only), &message("x")),
-    )
-    .await;
+    let answer = send_as(&router, &read_only).await;
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
 
     let (office_only, _) = api
@@ -424,20 +417,10 @@ async fn a_spent_rate_limit_answers_429_with_retry_after() {
         .await
         .expect("key");
     for _ in 0..2 {
-        let answer = call(
-            &router,
-            LOCAL,
-            post("/v1/messages", Some(&key), &message("x")),
-        )
-        .await;
+        let answer = send_as(&router, &key).await;
         assert_eq!(answer.status, StatusCode::ACCEPTED);
     }
-    let answer = call(
-        &router,
-        LOCAL,
-        post("/v1/messages", Some(&key), &message("x")),
-    )
-    .await;
+    let answer = send_as(&router, &key).await;
     assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = answer.headers["retry-after"]
         .to_str()
@@ -480,7 +463,11 @@ async fn idempotency_keys_replay_race_and_refuse_other_bodies() {
         .filter(|a| a.headers.get("idempotent-replayed").is_some())
         .count();
     assert_eq!(replayed, 9);
-    assert_eq!(stack.depth().await, 1, "one job for ten requests");
+    assert_eq!(
+        stack.vhost.work_depth().await,
+        1,
+        "one job for ten requests"
+    );
     let answer = call(&router, LOCAL, with_key(&message("Another body"))).await;
     assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
@@ -496,25 +483,10 @@ async fn revocation_takes_effect_on_another_replica_at_once() {
         .await
         .expect("key");
     let router = second.router();
-    assert_eq!(
-        call(
-            &router,
-            LOCAL,
-            post("/v1/messages", Some(&key), &message("x"))
-        )
-        .await
-        .status,
-        StatusCode::ACCEPTED
-    );
+    assert_eq!(send_as(&router, &key).await.status, StatusCode::ACCEPTED);
     assert!(first.keys().revoke(&record.id).await.expect("revoke"));
     assert_eq!(
-        call(
-            &router,
-            LOCAL,
-            post("/v1/messages", Some(&key), &message("x"))
-        )
-        .await
-        .status,
+        send_as(&router, &key).await.status,
         StatusCode::UNAUTHORIZED
     );
 }
@@ -525,25 +497,11 @@ async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
     let api = stack.api().await;
     let router = api.router();
     let key = key(&api, "acme").await;
-    assert_eq!(
-        call(
-            &router,
-            LOCAL,
-            post("/v1/messages", Some(&key), &message("x"))
-        )
-        .await
-        .status,
-        StatusCode::ACCEPTED
-    );
+    assert_eq!(send_as(&router, &key).await.status, StatusCode::ACCEPTED);
     // The broker refuses the producer from now on.
     rabbitmqctl(&["clear_permissions", "-p", stack.vhost.name(), "guest"]);
     stack.vhost.close_connections("mailroom-producer");
-    let answer = call(
-        &router,
-        LOCAL,
-        post("/v1/messages", Some(&key), &message("x")),
-    )
-    .await;
+    let answer = send_as(&router, &key).await;
     assert_eq!(
         answer.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -560,15 +518,10 @@ async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
         ".*",
         ".*",
     ]);
-    let answer = call(
-        &router,
-        LOCAL,
-        post("/v1/messages", Some(&key), &message("x")),
-    )
-    .await;
+    let answer = send_as(&router, &key).await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
     assert_eq!(
-        stack.depth().await,
+        stack.vhost.work_depth().await,
         2,
         "the refused request left nothing behind"
     );
@@ -811,28 +764,13 @@ async fn a_rotated_key_works_beside_the_old_one_until_its_grace_ends() {
     assert_eq!(rotated.tenant, "acme");
     assert_ne!(rotated.id, record.id);
     for key in [&old, &new] {
-        let answer = call(
-            &router,
-            LOCAL,
-            post("/v1/messages", Some(key), &message("x")),
-        )
-        .await;
+        let answer = send_as(&router, key).await;
         assert_eq!(answer.status, StatusCode::ACCEPTED);
     }
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let answer = call(
-        &router,
-        LOCAL,
-        post("/v1/messages", Some(&old), &message("x")),
-    )
-    .await;
+    let answer = send_as(&router, &old).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
-    let answer = call(
-        &router,
-        LOCAL,
-        post("/v1/messages", Some(&new), &message("x")),
-    )
-    .await;
+    let answer = send_as(&router, &new).await;
     assert_eq!(answer.status, StatusCode::ACCEPTED);
     assert!(
         api.keys()

@@ -4,11 +4,7 @@
 use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 
-use mailroom_core::job::Lane;
 use mailroom_core::seal::SealKey;
-use mailroom_core::settings::Settings;
-use mailroom_core::wire;
-use mailroom_producer::Producer;
 use mailroom_tests::rabbit::TestVhost;
 use mailroom_tests::redis::TestPrefix;
 
@@ -59,20 +55,6 @@ impl Env {
         drop(child.stdin.take());
         child.wait_with_output().expect("output")
     }
-
-    async fn depth(&self) -> u32 {
-        let mut settings = Settings::default();
-        settings.amqp = self.vhost.settings();
-        settings.seal.keys = mailroom_core::settings::Secret::new(self.seal.clone());
-        let producer = Producer::connect(&settings).await.expect("producer");
-        let depth = producer
-            .broker()
-            .queue_depth(&wire::work_queue(Lane::Transactional))
-            .await
-            .expect("depth");
-        producer.close().await;
-        depth
-    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -102,7 +84,7 @@ async fn send_from_flags_prints_the_job_id() {
         id.parse::<mailroom_core::job::JobId>().is_ok(),
         "not a job id: {id:?}"
     );
-    assert_eq!(env.depth().await, 1);
+    assert_eq!(env.vhost.work_depth().await, 1);
 
     // `status` knows nothing yet (no worker ran), and says so.
     let out = env.run(&["status", &id], None);
@@ -141,7 +123,7 @@ async fn an_invalid_message_exits_non_zero_and_publishes_nothing() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("message.from"), "{stderr}");
     assert!(stderr.contains("message.subject"), "{stderr}");
-    assert_eq!(env.depth().await, 0);
+    assert_eq!(env.vhost.work_depth().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +151,7 @@ async fn ndjson_is_sent_with_a_summary_by_line() {
         2,
         "one id per enqueued line"
     );
-    assert_eq!(env.depth().await, 2);
+    assert_eq!(env.vhost.work_depth().await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
