@@ -236,6 +236,15 @@ impl PreparedStatus {
     pub fn args(&self) -> &[String; 3] {
         &self.args
     }
+
+    /// `SET key json EX ttl`: the status written whatever is stored (add
+    /// `NX` to write it only where none is).
+    pub fn set(&self) -> redis::Cmd {
+        let [json, _, ttl] = &self.args;
+        let mut set = redis::cmd("SET");
+        set.arg(&self.key).arg(json).arg("EX").arg(ttl);
+        set
+    }
 }
 
 impl StatusStore {
@@ -258,15 +267,11 @@ impl StatusStore {
     /// Records a first `queued` status, where none is kept yet (one plain
     /// `SET NX`: the API writes it on every acceptance).
     pub async fn record_queued(&self, update: &StatusUpdate) -> Result<bool, StoreError> {
-        let json = serde_json::to_string(&update.status)
-            .map_err(|err| StoreError::Malformed(err.to_string()))?;
         let mut connection = self.store.connection();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(self.key(&update.status.job_id))
-            .arg(json)
+        let set: Option<String> = self
+            .prepare(update)?
+            .set()
             .arg("NX")
-            .arg("EX")
-            .arg(self.retention.as_secs().max(1))
             .query_async(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;

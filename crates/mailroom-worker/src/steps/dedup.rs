@@ -223,13 +223,7 @@ impl Dedup {
             .arg(millis(self.window))
             .arg("GET");
         if let Some(status) = sent {
-            let [json, _, ttl] = status.args();
-            pipe.cmd("SET")
-                .arg(status.key())
-                .arg(json)
-                .arg("EX")
-                .arg(ttl)
-                .ignore();
+            pipe.add_command(status.set()).ignore();
         }
         let mut connection = self.store.connection();
         let (before,): (Option<String>,) = pipe
