@@ -403,19 +403,25 @@ async fn bad_bodies_are_refused_with_problems() {
     assert_eq!(answer.body["results"][2]["status"], 400);
 }
 
+/// A send key of tenant `acme` limited to `rate`.
+async fn limited_key(api: &Api, rate: &str) -> String {
+    let (key, _) = api
+        .keys()
+        .create(NewKey {
+            rate: Some(rate.parse::<Rate>().expect("rate")),
+            ..new_key("acme", &[Scope::Send])
+        })
+        .await
+        .expect("key");
+    key
+}
+
 #[tokio::test]
 async fn a_spent_rate_limit_answers_429_with_retry_after() {
     let stack = Stack::new("api-429");
     let api = stack.api().await;
     let router = api.router();
-    let (key, _) = api
-        .keys()
-        .create(NewKey {
-            rate: Some("2/m".parse::<Rate>().expect("rate")),
-            ..new_key("acme", &[Scope::Send])
-        })
-        .await
-        .expect("key");
+    let key = limited_key(&api, "2/m").await;
     for _ in 0..2 {
         let answer = send_as(&router, &key).await;
         assert_eq!(answer.status, StatusCode::ACCEPTED);
@@ -428,6 +434,29 @@ async fn a_spent_rate_limit_answers_429_with_retry_after() {
         .parse()
         .expect("seconds");
     assert!((1..=30).contains(&retry), "{retry}");
+}
+
+#[tokio::test]
+async fn concurrent_requests_on_two_replicas_get_exactly_the_budget() {
+    let stack = Stack::new("api-429-race");
+    let (first, second) = (stack.api().await, stack.api().await);
+    let key = limited_key(&first, "5/m").await;
+    let routers = [first.router(), second.router()];
+    let calls = (0..24).map(|i| send_as(&routers[i % 2], &key));
+    let statuses: Vec<StatusCode> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|answer| answer.status)
+        .collect();
+    let accepted = statuses
+        .iter()
+        .filter(|status| **status == StatusCode::ACCEPTED)
+        .count();
+    let limited = statuses
+        .iter()
+        .filter(|status| **status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((accepted, limited), (5, 19), "{statuses:?}");
 }
 
 #[tokio::test]
@@ -748,14 +777,17 @@ async fn the_openapi_document_parses_and_covers_every_route() {
 async fn a_rotated_key_works_beside_the_old_one_until_its_grace_ends() {
     let stack = Stack::new("api-rotate");
     let api = stack.api().await;
+    // Another replica rotates: the one serving remembers the old record.
+    let other = stack.api().await;
     let router = api.router();
     let (old, record) = api
         .keys()
         .create(new_key("acme", &[Scope::Send]))
         .await
         .expect("key");
+    assert_eq!(send_as(&router, &old).await.status, StatusCode::ACCEPTED);
     let grace_end = OffsetDateTime::now_utc() + Duration::from_secs(1);
-    let (new, rotated) = api
+    let (new, rotated) = other
         .keys()
         .rotate(&record.id, grace_end)
         .await

@@ -93,33 +93,87 @@ pub enum Decision {
     },
 }
 
-/// GCRA over Redis time, for several limits at once: a request passes only
-/// if every limit allows it, and then spends from all of them. KEYS: the
-/// limits' keys. ARGV: cost, then an interval (µs) and a burst tolerance
-/// (µs) per key. Returns `{wait in µs (0: allowed), index of the limit}`.
+/// GCRA over Redis time, for several limits at once and several requests
+/// in a row: a request passes only if every limit allows it, and then
+/// spends from all of them; the requests are taken in order, as if each
+/// had made its own check.
+///
+/// ARGV[1] is the number of guards (0 or 1). A guard is a key that must
+/// still hold an expected value (KEYS[1], ARGV[2]), checked in the same
+/// atomic step: a caller that decided on a cached copy of that value spends
+/// only if the copy is current. Then KEYS: the limits' keys; ARGV: the
+/// number of requests, each one's cost, then an interval (µs) and a burst
+/// tolerance (µs) per limit.
+///
+/// Returns `{wait in µs (0: allowed), index of the refusing limit}` per
+/// request, flattened, or `{-1, current value of the guard}` when the guard
+/// does not hold (then nothing is spent).
 const GCRA: &str = r"
+local guards = tonumber(ARGV[1])
+if guards == 1 then
+  local current = redis.call('GET', KEYS[1])
+  if current ~= ARGV[2] then return { -1, current } end
+end
+local a = 2 + guards
+local n = tonumber(ARGV[a])
+local limits = #KEYS - guards
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
-local cost = tonumber(ARGV[1])
-local new_tats = {}
-for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 * i])
-  local tolerance = tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', key) or now)
+local tats, intervals, tolerances = {}, {}, {}
+for i = 1, limits do
+  intervals[i] = tonumber(ARGV[a + n + 2 * i - 1])
+  tolerances[i] = tonumber(ARGV[a + n + 2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[guards + i]) or now)
   if tat < now then tat = now end
-  local new_tat = tat + interval * cost
-  local allow_at = new_tat - tolerance - interval
-  if allow_at > now then
-    return { math.ceil(allow_at - now), i - 1 }
+  tats[i] = tat
+end
+local answer = {}
+local spent = false
+for j = 1, n do
+  local cost = tonumber(ARGV[a + j])
+  local wait, which = 0, 0
+  for i = 1, limits do
+    local allow_at = tats[i] + intervals[i] * (cost - 1) - tolerances[i]
+    if allow_at > now then
+      wait, which = math.ceil(allow_at - now), i - 1
+      break
+    end
   end
-  new_tats[i] = new_tat
+  if wait == 0 then
+    for i = 1, limits do tats[i] = tats[i] + intervals[i] * cost end
+    spent = true
+  end
+  answer[2 * j - 1] = wait
+  answer[2 * j] = which
 end
-for i, key in ipairs(KEYS) do
-  local new_tat = new_tats[i]
-  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+if spent then
+  for i = 1, limits do
+    redis.call('SET', KEYS[guards + i], string.format('%.0f', tats[i]), 'PX', math.ceil((tats[i] - now) / 1000) + 1)
+  end
 end
-return { 0, 0 }
+return answer
 ";
+
+/// A key that must still hold a value for a guarded check to spend (see
+/// [`RateLimiter::check_each_guarded`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Guard<'a> {
+    /// The key, under the store's prefix.
+    pub key: &'a str,
+    /// The value it must hold.
+    pub expected: &'a str,
+}
+
+/// What a guarded check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Guarded {
+    /// The guard held; the limits decided each request (and gave the index
+    /// of the limit that refused, if one did).
+    Decided(Vec<(Decision, usize)>),
+    /// The guard's key holds something else now (`None`: nothing); nothing
+    /// was spent.
+    Changed(Option<String>),
+}
 
 /// Rate limits in Redis.
 #[derive(Clone, Debug)]
@@ -154,8 +208,41 @@ impl RateLimiter {
         limits: &[(&str, Rate)],
         cost: u32,
     ) -> Result<(Decision, usize), StoreError> {
+        match self.check_each_guarded(None, limits, &[cost]).await? {
+            Guarded::Decided(decisions) => decisions.into_iter().next(),
+            Guarded::Changed(_) => None,
+        }
+        .ok_or_else(|| StoreError::Malformed("a rate limit check answered nothing".to_owned()))
+    }
+
+    /// Decides several requests (`costs`, in order) against every limit of
+    /// `limits` in one round trip, each as [`RateLimiter::check_all`] would,
+    /// but only if `guard`'s key still holds its expected value, checked in
+    /// the same atomic step. This lets a caller that decided on a cached
+    /// value (an API key's record) skip reading it first without ever
+    /// acting on a stale one, and lets concurrent requests share a check.
+    pub async fn check_each_guarded(
+        &self,
+        guard: Option<Guard<'_>>,
+        limits: &[(&str, Rate)],
+        costs: &[u32],
+    ) -> Result<Guarded, StoreError> {
         let mut invocation = self.script.prepare_invoke();
-        invocation.arg(cost.max(1));
+        match guard {
+            Some(guard) => {
+                invocation
+                    .key(self.store.key(guard.key))
+                    .arg(1)
+                    .arg(guard.expected);
+            }
+            None => {
+                invocation.arg(0);
+            }
+        }
+        invocation.arg(costs.len());
+        for cost in costs {
+            invocation.arg(cost.max(&1));
+        }
         for (key, rate) in limits {
             let interval = micros(rate.interval()).max(1);
             // A full burst of `count` fits from idle.
@@ -166,10 +253,27 @@ impl RateLimiter {
                 .arg(tolerance);
         }
         let mut connection = self.store.connection();
-        let (wait, index): (u64, usize) = invocation
+        let answer: Vec<redis::Value> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;
+        parse_answer(answer, costs.len())
+    }
+}
+
+/// Reads the script's answer for `requests` requests.
+fn parse_answer(answer: Vec<redis::Value>, requests: usize) -> Result<Guarded, StoreError> {
+    let malformed = || StoreError::Malformed("a rate limit check's answer".to_owned());
+    let mut values = answer.into_iter();
+    if let [redis::Value::Int(-1), _] = values.as_slice() {
+        let current = values.nth(1).ok_or_else(malformed)?;
+        let current = redis::from_redis_value(current).map_err(|_| malformed())?;
+        return Ok(Guarded::Changed(current));
+    }
+    let mut decisions = Vec::with_capacity(requests);
+    while let (Some(wait), Some(index)) = (values.next(), values.next()) {
+        let wait: u64 = redis::from_redis_value(wait).map_err(|_| malformed())?;
+        let index: usize = redis::from_redis_value(index).map_err(|_| malformed())?;
         let decision = if wait == 0 {
             Decision::Allowed
         } else {
@@ -177,8 +281,12 @@ impl RateLimiter {
                 retry_after: Duration::from_micros(wait),
             }
         };
-        Ok((decision, index))
+        decisions.push((decision, index));
     }
+    if decisions.len() != requests {
+        return Err(malformed());
+    }
+    Ok(Guarded::Decided(decisions))
 }
 
 fn micros(duration: Duration) -> u64 {

@@ -8,12 +8,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
-use mailroom_core::ratelimit::{Decision, Rate};
+use mailroom_core::ratelimit::Rate;
 use time::OffsetDateTime;
 
 use super::ApiState;
 use super::keys::{KEY_PREFIX, KeyRecord, Scope};
 use super::problem::Problem;
+use super::spend::Spent;
 
 /// How often a key's `last used` time is written, at most.
 const TOUCH_EVERY: Duration = Duration::from_mins(1);
@@ -60,56 +61,117 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|token| !token.is_empty())
 }
 
+/// A refused request: the answer, and the caller when it was known by
+/// then (for the access log).
+#[derive(Debug)]
+pub struct Refusal {
+    /// The answer.
+    pub problem: Problem,
+    /// Who asked, if the credential was good.
+    pub caller: Option<Principal>,
+}
+
+impl From<Problem> for Refusal {
+    fn from(problem: Problem) -> Self {
+        Self {
+            problem,
+            caller: None,
+        }
+    }
+}
+
 /// Authenticates the caller of a request from `ip` that needs `scope`, and
-/// spends `cost` of its key's and tenant's rate limits.
+/// spends `cost()` of its key's and tenant's rate limits. `cost` runs only
+/// once the credential is known to be good, so an anonymous caller cannot
+/// make the API read a large body.
+///
+/// An API key costs one Redis round trip: the record this replica last
+/// read is checked here, and the rate-limit script spends only if Redis
+/// still holds exactly that record (else it answers the current one, and
+/// the checks run again on it). A refusal is always decided on a fresh
+/// read.
 pub async fn authorize(
     state: &ApiState,
     headers: &HeaderMap,
     ip: IpAddr,
     scope: Scope,
-    cost: u32,
-) -> Result<Principal, Problem> {
-    let principal = authenticate(state, headers, ip, scope).await?;
-    spend(state, &principal, cost).await?;
-    Ok(principal)
-}
-
-/// Authenticates the caller of a request from `ip` that needs `scope`,
-/// spending nothing yet (see [`spend`]).
-pub async fn authenticate(
-    state: &ApiState,
-    headers: &HeaderMap,
-    ip: IpAddr,
-    scope: Scope,
-) -> Result<Principal, Problem> {
+    cost: impl FnOnce() -> u32,
+) -> Result<Principal, Refusal> {
     if state.network.denies(ip) {
-        return Err(Problem::forbidden("requests from this network are refused"));
+        return Err(Problem::forbidden("requests from this network are refused").into());
     }
     let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
     if !token.starts_with(KEY_PREFIX) {
-        return authenticate_token(state, token, scope);
+        let principal = authenticate_token(state, token, scope)?;
+        return match state.spender.spend(&principal, cost()).await {
+            Ok(Spent::Done) => Ok(principal),
+            // An unguarded check has nothing to go stale.
+            Ok(Spent::Stale(_)) => Err(Problem::unavailable("the rate limiter").into()),
+            Err(problem) => Err(Refusal {
+                problem,
+                caller: Some(principal),
+            }),
+        };
     }
-    let record = state
-        .keys
-        .lookup(token)
-        .await
-        .map_err(|_| Problem::unavailable("the key store"))?
-        .ok_or_else(Problem::unauthorized)?;
-    check(&record, scope, ip)?;
-    if state.touches.due(&record.id) {
+    let slot = state.keys.slot(token).ok_or_else(Problem::unauthorized)?;
+    let key_store = || Problem::unavailable("the key store");
+    let mut found = match state.keys.remembered(&slot) {
+        Some(found) if check(&found.record, scope, ip).is_ok() => Some(found),
+        _ => state.keys.fetch(&slot).await.map_err(|_| key_store())?,
+    };
+    let mut cost = Some(cost);
+    let mut spent = 0;
+    // Records change only on rotation or revocation, so a second try is
+    // rare and a third rarer still.
+    for _ in 0..3 {
+        let record = found.ok_or_else(Problem::unauthorized)?;
+        check(&record.record, scope, ip)?;
+        let principal = Principal {
+            rate: record.record.rate.unwrap_or(state.settings.key_rate),
+            key_id: record.record.id.clone(),
+            tenant: record.record.tenant.clone(),
+        };
+        if let Some(cost) = cost.take() {
+            spent = cost();
+        }
+        match state
+            .spender
+            .spend_guarded(&slot, &record, &principal, spent)
+            .await
+        {
+            Ok(Spent::Done) => {
+                touch(state, &principal.key_id);
+                return Ok(principal);
+            }
+            Ok(Spent::Stale(current)) => {
+                found = state
+                    .keys
+                    .remember(&slot, current)
+                    .map_err(|_| key_store())?;
+            }
+            Err(problem) => {
+                return Err(Refusal {
+                    problem,
+                    caller: Some(principal),
+                });
+            }
+        }
+    }
+    Err(key_store().into())
+}
+
+/// Records the key's use, at most once a minute a key, off the request's
+/// path.
+fn touch(state: &ApiState, id: &str) {
+    if state.touches.due(id) {
         let keys = state.keys.clone();
-        let id = record.id.clone();
+        let id = id.to_owned();
         tokio::spawn(async move {
             if let Err(err) = keys.touch(&id).await {
                 tracing::debug!(error = %err, "key use not recorded");
             }
         });
     }
-    Ok(Principal {
-        rate: record.rate.unwrap_or(state.settings.key_rate),
-        key_id: record.id,
-        tenant: record.tenant,
-    })
 }
 
 /// A JWT instead of an API key: the deny list applied already; keys have
@@ -129,8 +191,11 @@ fn authenticate_token(state: &ApiState, token: &str, scope: Scope) -> Result<Pri
     })
 }
 
-/// Scope and network checks of a found key.
+/// Expiry, scope and network checks of a found key.
 fn check(record: &KeyRecord, scope: Scope, ip: IpAddr) -> Result<(), Problem> {
+    if !record.is_live(OffsetDateTime::now_utc()) {
+        return Err(Problem::unauthorized());
+    }
     if !record.scopes.contains(&scope) {
         let name = match scope {
             Scope::Send => "send",
@@ -146,27 +211,6 @@ fn check(record: &KeyRecord, scope: Scope, ip: IpAddr) -> Result<(), Problem> {
         ));
     }
     Ok(())
-}
-
-/// Spends `cost` from the caller's key and tenant limits in one round
-/// trip. Both keys carry the tenant as hash tag, so they share a Cluster
-/// slot.
-pub async fn spend(state: &ApiState, principal: &Principal, cost: u32) -> Result<(), Problem> {
-    let tenant = &principal.tenant;
-    let key = format!("{{{tenant}}}:key:{}", principal.key_id);
-    let whole = format!("{{{tenant}}}:tenant");
-    let limits = [
-        (key.as_str(), principal.rate),
-        (whole.as_str(), state.settings.tenant_rate),
-    ];
-    match state.limiter.check_all(&limits, cost).await {
-        Ok((Decision::Allowed, _)) => Ok(()),
-        Ok((Decision::Limited { retry_after }, which)) => Err(Problem::rate_limited(
-            retry_after,
-            if which == 0 { "key" } else { "tenant" },
-        )),
-        Err(_) => Err(Problem::unavailable("the rate limiter")),
-    }
 }
 
 #[cfg(test)]

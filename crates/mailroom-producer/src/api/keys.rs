@@ -9,8 +9,15 @@
 //! Layout: `apikey:<hmac>` → the key's record (expiring with the key);
 //! `apikeys` → a hash of key id → the record plus its HMAC, for listing
 //! and revoking.
+//!
+//! Each replica remembers the records it has read, with their exact text.
+//! A remembered record is only ever acted on through a guarded rate-limit
+//! check (see `auth`), which spends only if Redis still holds that text: a
+//! revocation or rotation still takes effect on the very next request.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -100,6 +107,19 @@ pub struct NewKey {
     pub expires_at: Option<OffsetDateTime>,
 }
 
+/// Records a replica remembers at most; past that it forgets them all
+/// (only keys that exist get in, so this bounds legitimate churn).
+const REMEMBERED: usize = 10_000;
+
+/// A key's record as read from Redis, with the text it was stored as.
+#[derive(Debug)]
+pub struct Found {
+    /// The record.
+    pub record: KeyRecord,
+    /// Its stored text, which a guarded check compares with Redis's.
+    pub json: String,
+}
+
 /// The prefix of every key; lets secret scanners recognise one.
 pub const KEY_PREFIX: &str = "mr_live_";
 
@@ -137,6 +157,7 @@ struct IndexEntry {
 pub struct ApiKeyStore {
     store: RedisStore,
     hash: KeyedHash,
+    remembered: Arc<Mutex<HashMap<String, Arc<Found>>>>,
 }
 
 impl ApiKeyStore {
@@ -145,6 +166,7 @@ impl ApiKeyStore {
         Self {
             store,
             hash: KeyedHash::new(hash_key),
+            remembered: Arc::default(),
         }
     }
 
@@ -191,18 +213,64 @@ impl ApiKeyStore {
 
     /// The live record of the key `secret`, if there is one.
     pub async fn lookup(&self, secret: &str) -> Result<Option<KeyRecord>, StoreError> {
-        if !secret.starts_with(KEY_PREFIX) || secret.len() > 128 {
+        let Some(slot) = self.slot(secret) else {
             return Ok(None);
-        }
+        };
+        let found = self.fetch(&slot).await?;
+        Ok(found
+            .filter(|found| found.record.is_live(OffsetDateTime::now_utc()))
+            .map(|found| found.record.clone()))
+    }
+
+    /// Where the record of `secret` would be stored (relative to the
+    /// store's prefix), if `secret` has a key's shape.
+    pub fn slot(&self, secret: &str) -> Option<String> {
+        (secret.starts_with(KEY_PREFIX) && secret.len() <= 128)
+            .then(|| format!("apikey:{}", self.hmac(secret)))
+    }
+
+    /// The record last read from `slot`, if this replica remembers one.
+    pub fn remembered(&self, slot: &str) -> Option<Arc<Found>> {
+        self.memory().get(slot).cloned()
+    }
+
+    /// Reads the record at `slot` (live or not) and remembers it.
+    pub async fn fetch(&self, slot: &str) -> Result<Option<Arc<Found>>, StoreError> {
         let mut connection = self.store.connection();
         let json: Option<String> = redis::cmd("GET")
-            .arg(self.store.key(&format!("apikey:{}", self.hmac(secret))))
+            .arg(self.store.key(slot))
             .query_async(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;
-        let Some(json) = json else { return Ok(None) };
-        let record: KeyRecord = from_json(&json)?;
-        Ok(record.is_live(OffsetDateTime::now_utc()).then_some(record))
+        self.remember(slot, json)
+    }
+
+    /// Remembers `json` as what `slot` holds now (`None`: nothing).
+    pub fn remember(
+        &self,
+        slot: &str,
+        json: Option<String>,
+    ) -> Result<Option<Arc<Found>>, StoreError> {
+        let Some(json) = json else {
+            self.memory().remove(slot);
+            return Ok(None);
+        };
+        let found = Arc::new(Found {
+            record: from_json(&json)?,
+            json,
+        });
+        let mut memory = self.memory();
+        if memory.len() >= REMEMBERED {
+            memory.clear();
+        }
+        memory.insert(slot.to_owned(), Arc::clone(&found));
+        Ok(Some(found))
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Found>>> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Notes that key `id` was used now (callers throttle this).

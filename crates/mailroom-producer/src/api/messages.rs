@@ -12,7 +12,7 @@ use mailroom_core::job::{JobId, JobRequest};
 use mailroom_core::status::{JobState, StatusUpdate};
 use serde::{Deserialize, Serialize};
 
-use super::auth::{Principal, authenticate, authorize, spend};
+use super::auth::{Principal, Refusal, authorize};
 use super::idempotency::{Stored, Taken};
 use super::keys::Scope;
 use super::problem::Problem;
@@ -209,19 +209,15 @@ async fn handle(
     work: Work,
 ) -> Response {
     let ip = state.network.client_ip(peer, headers);
-    let principal = match authenticate(state, headers, ip, Scope::Send).await {
-        Ok(principal) => principal,
-        Err(problem) => return problem.into_response(),
-    };
-    let fields = LogFields {
-        key_id: Some(principal.key_id.clone()),
-        tenant: Some(principal.tenant.clone()),
-        job_ids: Vec::new(),
-    };
     let body = read_json_body(headers, body, state.settings.body_limit_bytes);
     // A refused body still costs one request.
-    let spent = spend(state, &principal, body.as_ref().map_or(1, |b| cost(b))).await;
-    let body = match spent.and(body) {
+    let cost = || body.as_ref().map_or(1, |body| cost(body));
+    let principal = match authorize(state, headers, ip, Scope::Send, cost).await {
+        Ok(principal) => principal,
+        Err(refusal) => return refused(refusal),
+    };
+    let fields = fields_of(&principal);
+    let body = match body {
         Ok(body) => body,
         Err(problem) => return with_fields(problem.into_response(), fields),
     };
@@ -300,6 +296,24 @@ fn respond(outcome: Outcome, mut fields: LogFields, replayed: bool) -> Response 
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
     with_fields(response, fields)
+}
+
+/// What the access log says about an authorized caller.
+fn fields_of(principal: &Principal) -> LogFields {
+    LogFields {
+        key_id: Some(principal.key_id.clone()),
+        tenant: Some(principal.tenant.clone()),
+        job_ids: Vec::new(),
+    }
+}
+
+/// The answer to a refused request, logged with the caller if known.
+fn refused(refusal: Refusal) -> Response {
+    let response = refusal.problem.into_response();
+    match refusal.caller {
+        Some(caller) => with_fields(response, fields_of(&caller)),
+        None => response,
+    }
 }
 
 fn with_fields(mut response: Response, fields: LogFields) -> Response {
@@ -522,15 +536,11 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> Response {
     let ip = state.network.client_ip(peer, &headers);
-    let principal = match authorize(&state, &headers, ip, Scope::Read, 1).await {
+    let principal = match authorize(&state, &headers, ip, Scope::Read, || 1).await {
         Ok(principal) => principal,
-        Err(problem) => return problem.into_response(),
+        Err(refusal) => return refused(refusal),
     };
-    let fields = LogFields {
-        key_id: Some(principal.key_id.clone()),
-        tenant: Some(principal.tenant.clone()),
-        job_ids: Vec::new(),
-    };
+    let fields = fields_of(&principal);
     let Ok(id) = id.parse::<JobId>() else {
         return with_fields(Problem::not_found().into_response(), fields);
     };

@@ -19,6 +19,7 @@ mod messages;
 mod network;
 pub mod openapi;
 pub mod problem;
+mod spend;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -92,7 +93,7 @@ pub struct ApiState {
     store: RedisStore,
     keys: ApiKeyStore,
     jwt: Option<jwt::JwtVerifier>,
-    limiter: RateLimiter,
+    spender: Arc<spend::Spender>,
     statuses: StatusStore,
     idempotency: Idempotency,
     network: NetworkPolicy,
@@ -147,7 +148,7 @@ impl Api {
             state: Arc::new(ApiState {
                 keys: ApiKeyStore::new(store.clone(), hash_key),
                 jwt,
-                limiter: RateLimiter::new(store.clone()),
+                spender: spend::Spender::new(RateLimiter::new(store.clone()), api.tenant_rate),
                 statuses: StatusStore::new(store.clone(), settings.worker.status_retention),
                 idempotency: Idempotency::new(
                     store.clone(),
