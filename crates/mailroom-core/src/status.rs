@@ -278,6 +278,19 @@ impl StatusStore {
         Ok(set.is_some())
     }
 
+    /// [`StatusStore::record_queued`] for many jobs in one round trip.
+    pub async fn record_queued_all(&self, updates: &[StatusUpdate]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for update in updates {
+            pipe.add_command(self.prepare(update)?.set().arg("NX").to_owned())
+                .ignore();
+        }
+        let mut connection = self.store.connection();
+        pipe.query_async::<()>(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))
+    }
+
     /// `update` as the key and arguments of `record_status`.
     pub fn prepare(&self, update: &StatusUpdate) -> Result<PreparedStatus, StoreError> {
         let json = serde_json::to_string(&update.status)

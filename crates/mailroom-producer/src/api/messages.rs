@@ -439,14 +439,7 @@ async fn accept(
                 Problem::unavailable("sealing")
             }
         })?;
-    // Informative only, so not waited for: the job is enqueued whatever
-    // happens here, and a worker that was quicker is never overwritten.
-    let statuses = state.statuses.clone();
-    tokio::spawn(async move {
-        if let Err(err) = statuses.record_queued(&queued).await {
-            tracing::warn!(error = %err, job_id = %id, "queued status not recorded");
-        }
-    });
+    state.queued.record(queued);
     Ok(id)
 }
 

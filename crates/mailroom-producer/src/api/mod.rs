@@ -19,6 +19,7 @@ mod messages;
 mod network;
 pub mod openapi;
 pub mod problem;
+mod queued;
 mod spend;
 pub mod tls;
 
@@ -95,6 +96,7 @@ pub struct ApiState {
     jwt: Option<jwt::JwtVerifier>,
     spender: Arc<spend::Spender>,
     statuses: StatusStore,
+    queued: queued::QueuedWriter,
     idempotency: Idempotency,
     network: NetworkPolicy,
     settings: ApiSettings,
@@ -144,12 +146,14 @@ impl Api {
         if let Some(files) = &tls {
             tls::check(files)?;
         }
+        let statuses = StatusStore::new(store.clone(), settings.worker.status_retention);
         Ok(Self {
             state: Arc::new(ApiState {
                 keys: ApiKeyStore::new(store.clone(), hash_key),
                 jwt,
                 spender: spend::Spender::new(RateLimiter::new(store.clone()), api.tenant_rate),
-                statuses: StatusStore::new(store.clone(), settings.worker.status_retention),
+                statuses: statuses.clone(),
+                queued: queued::QueuedWriter::new(statuses),
                 idempotency: Idempotency::new(
                     store.clone(),
                     hash_key,
