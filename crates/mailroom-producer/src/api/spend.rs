@@ -147,7 +147,9 @@ impl Spender {
         costs: &[u32],
     ) -> Vec<Result<Spent, Problem>> {
         let tenant = &principal.tenant;
-        // Both carry the tenant as hash tag, so they share a Cluster slot.
+        // Both carry the tenant as hash tag; the guard, the key's record,
+        // lives elsewhere, so a guarded check needs one Redis, not a
+        // Cluster (as the dedup claim does).
         let key = format!("{{{tenant}}}:key:{}", principal.key_id);
         let whole = format!("{{{tenant}}}:tenant");
         let limits = [
