@@ -199,6 +199,12 @@ impl Settings {
         if !(1..=64).contains(&self.amqp.channels) {
             return invalid("amqp.channels", "a whole number from 1 to 64");
         }
+        if self.api.header_timeout.is_zero() {
+            return invalid("api.header_timeout", "a duration above zero, e.g. 10s");
+        }
+        if !(1..=1_000_000).contains(&self.api.max_connections) {
+            return invalid("api.max_connections", "a whole number from 1 to 1000000");
+        }
         if !(1..=1024).contains(&self.smtp.pool_size) {
             return invalid("smtp.pool_size", "a whole number from 1 to 1024");
         }

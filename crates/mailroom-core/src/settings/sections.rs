@@ -271,6 +271,12 @@ pub struct ApiSettings {
     /// Longest a request may take.
     #[serde(with = "super::duration")]
     pub request_timeout: Duration,
+    /// Longest a client may take to send a request's headers; also how
+    /// long an idle keep-alive connection is kept.
+    #[serde(with = "super::duration")]
+    pub header_timeout: Duration,
+    /// Client connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
     /// Most messages in one `POST /v1/messages/batch`.
     pub max_batch: usize,
     /// Requests a tenant may make, over all its keys, fleet-wide.
@@ -343,6 +349,8 @@ impl Default for ApiSettings {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             body_limit_bytes: 16 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
             max_batch: 100,
             tenant_rate: Rate {
                 count: 500,

@@ -139,6 +139,18 @@ fn bad_values_name_the_setting_and_what_is_allowed() {
             "30s",
         ),
         (
+            "MAILROOM__API__HEADER_TIMEOUT",
+            "0s",
+            "api.header_timeout",
+            "above zero",
+        ),
+        (
+            "MAILROOM__API__MAX_CONNECTIONS",
+            "0",
+            "api.max_connections",
+            "1 to 1000000",
+        ),
+        (
             "MAILROOM__WORKER__RETRY__MULTIPLIER",
             "0.5",
             "worker.retry.multiplier",

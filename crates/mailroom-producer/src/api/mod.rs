@@ -20,6 +20,7 @@ mod network;
 pub mod openapi;
 pub mod problem;
 mod queued;
+mod serve;
 mod spend;
 pub mod tls;
 
@@ -209,16 +210,20 @@ impl Api {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let producer = self.state.producer.clone();
-        let served = if let Some(files) = self.state.tls.clone() {
-            tls::serve(listener, self.router(), files, shutdown).await
-        } else {
-            let app = self
-                .router()
-                .into_make_service_with_connect_info::<SocketAddr>();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
+        let certificates = match self.state.tls.clone() {
+            Some(files) => Some(
+                tls::Certificates::watch(files, shutdown.clone()).map_err(std::io::Error::other)?,
+            ),
+            None => None,
         };
+        let served = serve::serve(
+            listener,
+            self.router(),
+            &self.state.settings,
+            certificates,
+            shutdown,
+        )
+        .await;
         producer.close().await;
         served
     }

@@ -3,31 +3,18 @@
 //! certificate is picked up without a restart). A reload that fails keeps
 //! the old certificate and says why.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
-use axum::extract::ConnectInfo;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// How often the files are checked for a change.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
-
-/// A client has this long to finish its handshake.
-const HANDSHAKE: Duration = Duration::from_secs(10);
-
-/// Requests in flight get this long to finish on shutdown.
-const DRAIN: Duration = Duration::from_secs(25);
 
 /// The certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -76,59 +63,27 @@ pub fn check(files: &TlsFiles) -> Result<(), TlsError> {
     files.load().map(drop)
 }
 
-/// Serves `router` over HTTPS on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    files: TlsFiles,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let config = Arc::new(RwLock::new(files.load().map_err(std::io::Error::other)?));
-    tokio::spawn(reload(files, Arc::clone(&config), shutdown.clone()));
-    let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // Out of descriptors and the like: back off, keep serving.
-                tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let current = Arc::clone(
-            &config
+/// The certificate being served, replaced when the files change.
+#[derive(Clone)]
+pub struct Certificates(Arc<RwLock<Arc<ServerConfig>>>);
+
+impl Certificates {
+    /// Loads `files` and keeps them reloaded until `shutdown`.
+    pub fn watch(files: TlsFiles, shutdown: CancellationToken) -> Result<Self, TlsError> {
+        let certificates = Self(Arc::new(RwLock::new(files.load()?)));
+        tokio::spawn(reload(files, Arc::clone(&certificates.0), shutdown));
+        Ok(certificates)
+    }
+
+    /// An acceptor with the current certificate.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::clone(
+            &self
+                .0
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let acceptor = TlsAcceptor::from(current);
-        let service = router
-            .clone()
-            .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)));
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await else {
-                return;
-            };
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
+        ))
     }
-    connections.close();
-    let _ = tokio::time::timeout(DRAIN, connections.wait()).await;
-    Ok(())
 }
 
 /// Reloads the certificate on SIGHUP and when the files change.

@@ -1,0 +1,104 @@
+//! The API's listener against clients that hold connections: a deadline
+//! for a request's headers (which also ends idle keep-alive connections)
+//! and a cap on connections served at once.
+
+use std::time::{Duration, Instant};
+
+use mailroom_core::settings::Settings;
+use mailroom_producer::api::Api;
+use mailroom_tests::rabbit::TestVhost;
+use mailroom_tests::redis::TestPrefix;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Serves an API made with `settings` on a free port until the token is
+/// cancelled.
+async fn serve(settings: &Settings) -> (u16, CancellationToken) {
+    let api = Api::connect(settings).await.expect("api");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(api.serve(listener, shutdown.clone()));
+    (port, shutdown)
+}
+
+/// Reads until the server closes the connection; what it sent.
+async fn read_to_close(stream: &mut TcpStream, within: Duration) -> Option<String> {
+    let mut answer = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut answer))
+        .await
+        .ok()
+        .map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_cut_off_at_the_header_timeout() {
+    let (vhost, redis) = (TestVhost::new("api-slow"), TestPrefix::new("api-slow"));
+    let mut settings = mailroom_tests::stack::base_settings(&vhost, &redis);
+    settings.api.header_timeout = Duration::from_secs(1);
+    let (port, shutdown) = serve(&settings).await;
+
+    // Half a request's headers, then nothing more.
+    let mut slow = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    slow.write_all(b"POST /v1/messages HTTP/1.1\r\nHost: api\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let answer = read_to_close(&mut slow, Duration::from_secs(5))
+        .await
+        .expect("the server closes a slow client's connection");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(!answer.contains("202"), "{answer}");
+
+    // A keep-alive connection that served a request, then went idle.
+    let mut idle = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = read_to_close(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("the server closes an idle connection");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_a_free_slot() {
+    let (vhost, redis) = (TestVhost::new("api-cap"), TestPrefix::new("api-cap"));
+    let mut settings = mailroom_tests::stack::base_settings(&vhost, &redis);
+    settings.api.max_connections = 1;
+    settings.api.header_timeout = Duration::from_secs(30);
+    let (port, shutdown) = serve(&settings).await;
+
+    let holder = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    // Give the listener time to take the holder's connection first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut waiting = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(
+        read_to_close(&mut waiting, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "served beyond the cap"
+    );
+    drop(holder);
+    let answer = read_to_close(&mut waiting, Duration::from_secs(5))
+        .await
+        .expect("served once the slot is free");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    shutdown.cancel();
+}
