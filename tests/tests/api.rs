@@ -259,6 +259,23 @@ async fn every_bad_credential_gets_the_same_401() {
     }
     bodies.dedup();
     assert_eq!(bodies.len(), 1, "401s differ: {bodies:?}");
+
+    // The body of an unknown caller is never read (so it cannot make the
+    // API buffer megabytes).
+    let polled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = std::sync::Arc::clone(&polled);
+    let watched = futures_util::stream::once(async move {
+        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, std::io::Error>(axum::body::Bytes::from(message("x").to_string()))
+    });
+    let request = Request::post("/v1/messages")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer mr_live_unknown")
+        .body(Body::from_stream(watched))
+        .expect("request");
+    let answer = call(&router, LOCAL, request).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert!(!polled.load(std::sync::atomic::Ordering::SeqCst));
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
@@ -12,7 +12,7 @@ use mailroom_core::ratelimit::Rate;
 use time::OffsetDateTime;
 
 use super::ApiState;
-use super::keys::{KEY_PREFIX, KeyRecord, Scope};
+use super::keys::{Found, KEY_PREFIX, KeyRecord, Scope};
 use super::problem::Problem;
 use super::spend::Spent;
 
@@ -80,63 +80,100 @@ impl From<Problem> for Refusal {
     }
 }
 
-/// Authenticates the caller of a request from `ip` that needs `scope`, and
-/// spends `cost()` of its key's and tenant's rate limits. `cost` runs only
-/// once the credential is known to be good, so an anonymous caller cannot
-/// make the API read a large body.
-///
-/// An API key costs one Redis round trip: the record this replica last
-/// read is checked here, and the rate-limit script spends only if Redis
-/// still holds exactly that record (else it answers the current one, and
-/// the checks run again on it). A refusal is always decided on a fresh
-/// read.
+/// A caller whose credential passed its checks, not yet charged.
+pub enum Caller {
+    /// An API key: where its record is, and the record checked.
+    Key {
+        /// The record's place in Redis.
+        slot: String,
+        /// The record.
+        found: Arc<Found>,
+    },
+    /// A JWT.
+    Token(Principal),
+}
+
+/// [`authenticate`], then [`charge`] `cost`.
 pub async fn authorize(
     state: &ApiState,
     headers: &HeaderMap,
     ip: IpAddr,
     scope: Scope,
-    cost: impl FnOnce() -> u32,
+    cost: u32,
 ) -> Result<Principal, Refusal> {
+    let caller = authenticate(state, headers, ip, scope).await?;
+    charge(state, caller, scope, ip, cost).await
+}
+
+/// Checks the credential of a request from `ip` that needs `scope`,
+/// spending nothing yet, so a body is read only for a known caller.
+///
+/// An API key is checked against the record this replica last read; only
+/// if that refuses is Redis asked again (a refusal is always decided on a
+/// fresh read). [`charge`] makes sure the record checked is still current.
+pub async fn authenticate(
+    state: &ApiState,
+    headers: &HeaderMap,
+    ip: IpAddr,
+    scope: Scope,
+) -> Result<Caller, Refusal> {
     if state.network.denies(ip) {
         return Err(Problem::forbidden("requests from this network are refused").into());
     }
     let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
     if !token.starts_with(KEY_PREFIX) {
-        let principal = authenticate_token(state, token, scope)?;
-        return match state.spender.spend(&principal, cost()).await {
-            Ok(Spent::Done) => Ok(principal),
-            // An unguarded check has nothing to go stale.
-            Ok(Spent::Stale(_)) => Err(Problem::unavailable("the rate limiter").into()),
-            Err(problem) => Err(Refusal {
-                problem,
-                caller: Some(principal),
-            }),
-        };
+        return Ok(Caller::Token(authenticate_token(state, token, scope)?));
     }
     let slot = state.keys.slot(token).ok_or_else(Problem::unauthorized)?;
-    let key_store = || Problem::unavailable("the key store");
-    let mut found = match state.keys.remembered(&slot) {
-        Some(found) if check(&found.record, scope, ip).is_ok() => Some(found),
-        _ => state.keys.fetch(&slot).await.map_err(|_| key_store())?,
+    let found = match state.keys.remembered(&slot) {
+        Some(found) if check(&found.record, scope, ip).is_ok() => found,
+        _ => state
+            .keys
+            .fetch(&slot)
+            .await
+            .map_err(|_| key_store())?
+            .ok_or_else(Problem::unauthorized)?,
     };
-    let mut cost = Some(cost);
-    let mut spent = 0;
+    check(&found.record, scope, ip)?;
+    Ok(Caller::Key { slot, found })
+}
+
+/// Spends `cost` of the caller's key and tenant limits. For an API key
+/// this is the request's one Redis round trip: the script spends only if
+/// Redis still holds exactly the record that was checked; else it answers
+/// the current one, which is checked in turn.
+pub async fn charge(
+    state: &ApiState,
+    caller: Caller,
+    scope: Scope,
+    ip: IpAddr,
+    cost: u32,
+) -> Result<Principal, Refusal> {
+    let (slot, mut found) = match caller {
+        Caller::Token(principal) => {
+            return match state.spender.spend(&principal, cost).await {
+                Ok(Spent::Done) => Ok(principal),
+                // An unguarded check has nothing to go stale.
+                Ok(Spent::Stale(_)) => Err(Problem::unavailable("the rate limiter").into()),
+                Err(problem) => Err(Refusal {
+                    problem,
+                    caller: Some(principal),
+                }),
+            };
+        }
+        Caller::Key { slot, found } => (slot, found),
+    };
     // Records change only on rotation or revocation, so a second try is
     // rare and a third rarer still.
     for _ in 0..3 {
-        let record = found.ok_or_else(Problem::unauthorized)?;
-        check(&record.record, scope, ip)?;
         let principal = Principal {
-            rate: record.record.rate.unwrap_or(state.settings.key_rate),
-            key_id: record.record.id.clone(),
-            tenant: record.record.tenant.clone(),
+            rate: found.record.rate.unwrap_or(state.settings.key_rate),
+            key_id: found.record.id.clone(),
+            tenant: found.record.tenant.clone(),
         };
-        if let Some(cost) = cost.take() {
-            spent = cost();
-        }
         match state
             .spender
-            .spend_guarded(&slot, &record, &principal, spent)
+            .spend_guarded(&slot, &found, &principal, cost)
             .await
         {
             Ok(Spent::Done) => {
@@ -147,7 +184,9 @@ pub async fn authorize(
                 found = state
                     .keys
                     .remember(&slot, current)
-                    .map_err(|_| key_store())?;
+                    .map_err(|_| key_store())?
+                    .ok_or_else(Problem::unauthorized)?;
+                check(&found.record, scope, ip)?;
             }
             Err(problem) => {
                 return Err(Refusal {
@@ -158,6 +197,10 @@ pub async fn authorize(
         }
     }
     Err(key_store().into())
+}
+
+fn key_store() -> Problem {
+    Problem::unavailable("the key store")
 }
 
 /// Records the key's use, at most once a minute a key, off the request's

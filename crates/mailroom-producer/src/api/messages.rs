@@ -3,16 +3,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
 use mailroom_core::job::{JobId, JobRequest};
 use mailroom_core::status::{JobState, StatusUpdate};
 use serde::{Deserialize, Serialize};
 
-use super::auth::{Principal, Refusal, authorize};
+use super::auth::{Principal, Refusal, authenticate, authorize, charge};
 use super::idempotency::{Stored, Taken};
 use super::keys::Scope;
 use super::problem::Problem;
@@ -140,7 +140,7 @@ pub async fn send_one(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     handle(&state, peer, &headers, body, "send", |_| 1, enqueue_one).await
 }
@@ -162,7 +162,7 @@ pub async fn send_batch(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     handle(
         &state,
@@ -196,23 +196,28 @@ type Work = for<'a> fn(&'a ApiState, &'a Principal, &'a [u8]) -> Pending<'a>;
 /// A route's work in progress.
 type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
-/// What both POST routes share: authorization, the body's type and size,
-/// the rate limits (`cost` of the body, read only once the caller is known)
-/// and `Idempotency-Key`.
+/// What both POST routes share: authorization, the body's type and size
+/// (read only once the caller is known, so an anonymous one cannot make the
+/// API buffer large bodies), the rate limits (`cost` of the body) and
+/// `Idempotency-Key`.
 async fn handle(
     state: &ApiState,
     peer: SocketAddr,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
     route: &str,
     cost: fn(&[u8]) -> u32,
     work: Work,
 ) -> Response {
     let ip = state.network.client_ip(peer, headers);
-    let body = read_json_body(headers, body, state.settings.body_limit_bytes);
+    let caller = match authenticate(state, headers, ip, Scope::Send).await {
+        Ok(caller) => caller,
+        Err(refusal) => return refused(refusal),
+    };
+    let body = read_json_body(headers, body, state.settings.body_limit_bytes).await;
     // A refused body still costs one request.
-    let cost = || body.as_ref().map_or(1, |body| cost(body));
-    let principal = match authorize(state, headers, ip, Scope::Send, cost).await {
+    let spent = body.as_ref().map_or(1, |body| cost(body));
+    let principal = match charge(state, caller, Scope::Send, ip, spent).await {
         Ok(principal) => principal,
         Err(refusal) => return refused(refusal),
     };
@@ -340,12 +345,9 @@ fn replayed_ids(body: &str) -> Vec<JobId> {
     )
 }
 
-/// The body, if it is JSON and within the limit.
-fn read_json_body(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<Bytes, Problem> {
+/// The body, if it is JSON and within the limit (refused before a byte is
+/// read when its declared length is over).
+async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Problem> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -358,13 +360,24 @@ fn read_json_body(
     if !json {
         return Err(Problem::unsupported_media_type());
     }
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::too_large(limit)
-        } else {
-            Problem::bad_json("the body could not be read".to_owned())
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(Problem::too_large(limit));
+    }
+    let mut read = Vec::new();
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk =
+            chunk.map_err(|_| Problem::bad_json("the body could not be read".to_owned()))?;
+        if read.len() + chunk.len() > limit {
+            return Err(Problem::too_large(limit));
         }
-    })
+        read.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(read))
 }
 
 /// The `Idempotency-Key` header, if sent and well-formed.
@@ -529,7 +542,7 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> Response {
     let ip = state.network.client_ip(peer, &headers);
-    let principal = match authorize(&state, &headers, ip, Scope::Read, || 1).await {
+    let principal = match authorize(&state, &headers, ip, Scope::Read, 1).await {
         Ok(principal) => principal,
         Err(refusal) => return refused(refusal),
     };
