@@ -209,7 +209,6 @@ impl Api {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let producer = self.state.producer.clone();
         let certificates = match self.state.tls.clone() {
             Some(files) => Some(
                 tls::Certificates::watch(files, shutdown.clone()).map_err(std::io::Error::other)?,
@@ -224,7 +223,8 @@ impl Api {
             shutdown,
         )
         .await;
-        producer.close().await;
+        self.state.queued.close().await;
+        self.state.producer.close().await;
         served
     }
 }

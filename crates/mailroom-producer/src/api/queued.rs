@@ -2,10 +2,12 @@
 //! one task that pipelines whatever has piled up while its last write was
 //! in flight: under load, one Redis round trip serves many requests.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use mailroom_core::status::{StatusStore, StatusUpdate};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// Statuses waiting to be written, at most; past that a request writes
 /// its own.
@@ -14,11 +16,19 @@ const BACKLOG: usize = 4_096;
 /// Statuses one write carries at most.
 const MOST: usize = 256;
 
+/// How long [`QueuedWriter::close`] waits for the last writes.
+const FLUSH: Duration = Duration::from_secs(2);
+
 /// Writes `queued` statuses.
 pub struct QueuedWriter {
     statuses: StatusStore,
     /// Started on first use, inside the runtime that serves requests.
-    sender: OnceLock<mpsc::Sender<StatusUpdate>>,
+    writer: Mutex<Option<Writer>>,
+}
+
+struct Writer {
+    sender: mpsc::Sender<StatusUpdate>,
+    task: JoinHandle<()>,
 }
 
 impl QueuedWriter {
@@ -26,7 +36,7 @@ impl QueuedWriter {
     pub fn new(statuses: StatusStore) -> Self {
         Self {
             statuses,
-            sender: OnceLock::new(),
+            writer: Mutex::new(None),
         }
     }
 
@@ -34,12 +44,21 @@ impl QueuedWriter {
     /// it: the job is enqueued whatever happens here, and a worker that was
     /// quicker is never overwritten.
     pub fn record(&self, update: StatusUpdate) {
-        let sender = self.sender.get_or_init(|| {
-            let (sender, receiver) = mpsc::channel(BACKLOG);
-            tokio::spawn(write_all(self.statuses.clone(), receiver));
-            sender
-        });
-        if let Err(err) = sender.try_send(update) {
+        let sent = {
+            let mut writer_slot = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            let writer = writer_slot.get_or_insert_with(|| {
+                let (sender, receiver) = mpsc::channel(BACKLOG);
+                let task = tokio::spawn(write_all(self.statuses.clone(), receiver));
+                Writer { sender, task }
+            });
+            let sent = writer.sender.try_send(update);
+            if matches!(sent, Err(mpsc::error::TrySendError::Closed(_))) {
+                // The writer is gone (it never should be): start anew.
+                *writer_slot = None;
+            }
+            sent
+        };
+        if let Err(err) = sent {
             let update = err.into_inner();
             let statuses = self.statuses.clone();
             tokio::spawn(async move {
@@ -47,6 +66,22 @@ impl QueuedWriter {
                     tracing::warn!(error = %err, job_id = %update.status().job_id, "queued status not recorded");
                 }
             });
+        }
+    }
+
+    /// Writes what is still waiting (for up to two seconds), for a clean
+    /// shutdown; a later [`QueuedWriter::record`] starts a new writer.
+    pub async fn close(&self) {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(Writer { sender, task }) = writer {
+            drop(sender);
+            if tokio::time::timeout(FLUSH, task).await.is_err() {
+                tracing::warn!("queued statuses still unwritten at shutdown");
+            }
         }
     }
 }
