@@ -51,6 +51,8 @@ pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
     let message = &job.message;
     let from = mailbox("from", &message.from)?;
     let message_id = format!("<{}@{}>", job.id, from.email.domain());
+    let sender = from.email.clone();
+    let mut recipients = Vec::new();
     let mut builder = Message::builder()
         .from(from)
         .subject(message.subject.clone())
@@ -64,6 +66,9 @@ pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
     ] {
         for (i, text) in list.iter().enumerate() {
             let parsed = mailbox(&format!("{field}[{i}]"), text)?;
+            if field != "reply_to" {
+                recipients.push(parsed.email.clone());
+            }
             builder = match field {
                 "to" => builder.to(parsed),
                 "cc" => builder.cc(parsed),
@@ -77,6 +82,12 @@ pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
             .map_err(|_| MessageError::Header(name.clone()))?;
         builder = builder.raw_header(HeaderValue::new(header, value.clone()));
     }
+    // Given rather than left to lettre, which would parse the headers it
+    // was just given back into addresses (`Sender` is reserved, so the
+    // envelope's sender is always `From`).
+    let envelope = Envelope::new(Some(sender), recipients)
+        .map_err(|err| MessageError::Build(err.to_string()))?;
+    builder = builder.envelope(envelope);
     let body = match (&message.text, &message.html) {
         (Some(text), Some(html)) => Body::Alternative(MultiPart::alternative_plain_html(
             text.clone(),
@@ -150,6 +161,8 @@ mod tests {
     fn bcc_is_in_the_envelope_only() {
         let mut job = sample_job();
         job.message.bcc = vec!["hidden@example.net".to_owned()];
+        job.message.cc = vec!["Copy <copy@example.net>".to_owned()];
+        job.message.reply_to = vec!["answers@example.com".to_owned()];
         let message = build_message(&job).expect("build");
         assert!(!text(&message).contains("hidden@example.net"));
         let to: Vec<String> = message
@@ -158,7 +171,26 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert!(to.contains(&"hidden@example.net".to_owned()), "{to:?}");
+        let mut expected: Vec<String> = job
+            .message
+            .to
+            .iter()
+            .map(|to| parse_mailbox(to).expect("mailbox").email.to_string())
+            .collect();
+        expected.extend([
+            "copy@example.net".to_owned(),
+            "hidden@example.net".to_owned(),
+        ]);
+        assert_eq!(to, expected, "to, cc and bcc; never reply-to");
+        assert_eq!(
+            message.envelope.from().map(ToString::to_string),
+            Some(
+                parse_mailbox(&job.message.from)
+                    .expect("from")
+                    .email
+                    .to_string()
+            )
+        );
     }
 
     #[test]
