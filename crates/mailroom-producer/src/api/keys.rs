@@ -211,17 +211,6 @@ impl ApiKeyStore {
         Ok((key, record))
     }
 
-    /// The live record of the key `secret`, if there is one.
-    pub async fn lookup(&self, secret: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let Some(slot) = self.slot(secret) else {
-            return Ok(None);
-        };
-        let found = self.fetch(&slot).await?;
-        Ok(found
-            .filter(|found| found.record.is_live(OffsetDateTime::now_utc()))
-            .map(|found| found.record.clone()))
-    }
-
     /// Where the record of `secret` would be stored (relative to the
     /// store's prefix), if `secret` has a key's shape.
     pub fn slot(&self, secret: &str) -> Option<String> {
