@@ -573,6 +573,45 @@ async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
     );
 }
 
+#[tokio::test]
+async fn redis_out_of_reach_is_503_with_retry_after_and_nothing_enqueued() {
+    let mut stack = Stack::new("api-503-redis");
+    let mut redis = mailroom_tests::redis::PrivateRedis::start();
+    stack.settings.redis = redis.settings("mailroom-test:");
+    stack.settings.redis.timeout = Duration::from_millis(500);
+    let api = stack.api().await;
+    let router = api.router();
+    let known = key(&api, "acme").await;
+    // Remembered by this replica: only the rate-limit check needs Redis.
+    assert_eq!(send_as(&router, &known).await.status, StatusCode::ACCEPTED);
+    let unknown = "mr_live_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB";
+
+    redis.stop();
+    for key in [known.as_str(), unknown] {
+        let answer = send_as(&router, key).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            answer.body
+        );
+        assert!(answer.headers.contains_key("retry-after"));
+    }
+    assert_eq!(
+        stack.vhost.work_depth().await,
+        1,
+        "a refused request left nothing behind"
+    );
+
+    // Back, empty (it keeps nothing on disk): the old key is gone, a new
+    // one works.
+    redis.restart();
+    let answer = send_as(&router, &known).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}", answer.body);
+    let fresh = key(&api, "acme").await;
+    assert_eq!(send_as(&router, &fresh).await.status, StatusCode::ACCEPTED);
+}
+
 /// Log lines written while a closure runs.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
