@@ -537,6 +537,17 @@ async fn revocation_takes_effect_on_another_replica_at_once() {
     );
 }
 
+/// A 503 that says when to come back.
+fn assert_unavailable(answer: &Answer) {
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.body
+    );
+    assert!(answer.headers.contains_key("retry-after"));
+}
+
 #[tokio::test]
 async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
     let stack = Stack::new("api-503");
@@ -547,14 +558,7 @@ async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
     // The broker refuses the producer from now on.
     rabbitmqctl(&["clear_permissions", "-p", stack.vhost.name(), "guest"]);
     stack.vhost.close_connections("mailroom-producer");
-    let answer = send_as(&router, &key).await;
-    assert_eq!(
-        answer.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        answer.body
-    );
-    assert!(answer.headers.contains_key("retry-after"));
+    assert_unavailable(&send_as(&router, &key).await);
     rabbitmqctl(&[
         "set_permissions",
         "-p",
@@ -588,14 +592,7 @@ async fn redis_out_of_reach_is_503_with_retry_after_and_nothing_enqueued() {
 
     redis.stop();
     for key in [known.as_str(), unknown] {
-        let answer = send_as(&router, key).await;
-        assert_eq!(
-            answer.status,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "{}",
-            answer.body
-        );
-        assert!(answer.headers.contains_key("retry-after"));
+        assert_unavailable(&send_as(&router, key).await);
     }
     assert_eq!(
         stack.vhost.work_depth().await,
