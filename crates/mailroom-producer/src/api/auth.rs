@@ -125,15 +125,17 @@ pub async fn authenticate(
         return Ok(Caller::Token(authenticate_token(state, token, scope)?));
     }
     let slot = state.keys.slot(token).ok_or_else(Problem::unauthorized)?;
-    let found = match state.keys.remembered(&slot) {
-        Some(found) if check(&found.record, scope, ip).is_ok() => found,
-        _ => state
-            .keys
-            .fetch(&slot)
-            .await
-            .map_err(|_| key_store())?
-            .ok_or_else(Problem::unauthorized)?,
-    };
+    if let Some(found) = state.keys.remembered(&slot)
+        && check(&found.record, scope, ip).is_ok()
+    {
+        return Ok(Caller::Key { slot, found });
+    }
+    let found = state
+        .keys
+        .fetch(&slot)
+        .await
+        .map_err(|_| key_store())?
+        .ok_or_else(Problem::unauthorized)?;
     check(&found.record, scope, ip)?;
     Ok(Caller::Key { slot, found })
 }
