@@ -22,22 +22,24 @@ use mailroom_core::status::{PreparedStatus, RECORD_FN};
 use mailroom_core::store::{KeyedHash, RedisStore, StoreError};
 use redis::Script;
 
-/// KEYS: dedup key, status key. ARGV: owner, job id, lease (ms), then the
-/// `sending` status (JSON, state, TTL), recorded only when the claim is
-/// taken. Returns `{outcome, detail}`.
+/// KEYS: dedup key, status key. ARGV: our claim's value (see
+/// [`ClaimToken::value`]), lease (ms), then the `sending` status (JSON,
+/// state, TTL), recorded only when the claim is taken. A claim that holds
+/// our own value (a redelivery to this owner) is taken again. Returns
+/// `{outcome, detail}`.
 const CLAIM: &str = r"
 local held = redis.call('GET', KEYS[1])
-if held then
+if held and held ~= ARGV[1] then
   local state, rest = string.match(held, '^(%a+) (.*)$')
   if state == 'sent' then
     return { 'sent', rest }
   end
-  if state == 'sending' and string.match(rest, '^(%S+)') ~= ARGV[1] then
+  if state == 'sending' then
     return { 'held', tostring(redis.call('PTTL', KEYS[1])) }
   end
 end
-redis.call('SET', KEYS[1], 'sending ' .. ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
-record_status(KEYS[2], ARGV[4], ARGV[5], ARGV[6])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+record_status(KEYS[2], ARGV[3], ARGV[4], ARGV[5])
 return { 'acquired', '' }
 ";
 
@@ -170,7 +172,7 @@ impl Dedup {
             .invoke(
                 &self.scripts.claim,
                 job,
-                &[&token.owner, &token.job_id, &millis(self.lease)],
+                &[&token.value(), &millis(self.lease)],
                 Some(sending),
             )
             .await?;
