@@ -518,6 +518,95 @@ async fn idempotency_keys_replay_race_and_refuse_other_bodies() {
     assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
+/// Takes every job from the transactional queue and opens it.
+async fn queued_jobs(stack: &Stack, tenant: &str) -> Vec<mailroom_core::job::SendJob> {
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let channel = producer.broker().channel().await.expect("channel");
+    let keyring = stack.settings.keyring().expect("keyring");
+    let mut jobs = Vec::new();
+    while let Some(got) = channel
+        .basic_get(
+            wire::work_queue(Lane::Transactional).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+    {
+        let properties = &got.delivery.properties;
+        let id: JobId = properties
+            .message_id()
+            .as_ref()
+            .expect("message id")
+            .as_str()
+            .parse()
+            .expect("job id");
+        let table = properties.headers().clone().expect("headers");
+        let kid = match table.inner().get(headers::KID) {
+            Some(lapin::types::AMQPValue::LongString(text)) => text.to_string(),
+            other => panic!("kid header: {other:?}"),
+        };
+        jobs.push(
+            keyring
+                .open(&kid, &id, tenant, &got.delivery.data)
+                .expect("opens"),
+        );
+    }
+    producer.close().await;
+    jobs
+}
+
+/// A client whose request failed with 503 retries it with the same
+/// `Idempotency-Key`; the first publish may have reached the queue all the
+/// same. The key goes into the jobs, so the worker sends one of them.
+#[tokio::test]
+async fn the_idempotency_key_header_becomes_the_jobs_key() {
+    let stack = Stack::new("api-idem-job");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let with_header = |path: &str, body: &Value, header: &str| {
+        let mut request = post(path, Some(&key), body);
+        request
+            .headers_mut()
+            .insert("idempotency-key", header.parse().expect("value"));
+        request
+    };
+    let own = json!({
+        "message": message("Own key")["message"],
+        "idempotency_key": "chosen-by-the-job"
+    });
+    for request in [
+        with_header("/v1/messages", &message("Single"), "order-7"),
+        with_header("/v1/messages", &own, "order-8"),
+        with_header(
+            "/v1/messages/batch",
+            &json!({"messages": [message("First"), message("Second")]}),
+            "batch-9",
+        ),
+        post("/v1/messages", Some(&key), &message("No header")),
+    ] {
+        let answer = call(&router, LOCAL, request).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    }
+    let mut keys: Vec<(String, Option<String>)> = queued_jobs(&stack, "acme")
+        .await
+        .into_iter()
+        .map(|job| (job.message.subject, job.idempotency_key))
+        .collect();
+    keys.sort();
+    let some = |text: &str| Some(text.to_owned());
+    assert_eq!(
+        keys,
+        vec![
+            ("First".to_owned(), some("batch-9#0")),
+            ("No header".to_owned(), None),
+            ("Own key".to_owned(), some("chosen-by-the-job")),
+            ("Second".to_owned(), some("batch-9#1")),
+            ("Single".to_owned(), some("order-7")),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn revocation_takes_effect_on_another_replica_at_once() {
     let stack = Stack::new("api-revoke");

@@ -11,6 +11,7 @@ use futures_util::StreamExt as _;
 use mailroom_core::job::{JobId, JobRequest};
 use mailroom_core::status::{JobState, StatusUpdate};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use super::auth::{Principal, Refusal, authenticate, authorize, charge};
 use super::idempotency::{Stored, Taken};
@@ -191,7 +192,9 @@ fn batch_cost(body: &[u8]) -> u32 {
 }
 
 /// The work of a route, once the request is authorized and its body read.
-type Work = for<'a> fn(&'a ApiState, &'a Principal, &'a [u8]) -> Pending<'a>;
+/// The request's `Idempotency-Key`, if any, is passed on (see
+/// [`accept`]).
+type Work = for<'a> fn(&'a ApiState, &'a Principal, &'a [u8], Option<&'a str>) -> Pending<'a>;
 
 /// A route's work in progress.
 type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
@@ -231,7 +234,7 @@ async fn handle(
         Err(problem) => return with_fields(problem.into_response(), fields),
     };
     let Some(key) = idempotency_key else {
-        let outcome = work(state, &principal, &body).await;
+        let outcome = work(state, &principal, &body, None).await;
         return respond(outcome, fields, false);
     };
     let slot = match state
@@ -261,7 +264,7 @@ async fn handle(
             );
         }
     };
-    let outcome = work(state, &principal, &body).await;
+    let outcome = work(state, &principal, &body, Some(&key)).await;
     let kept = if outcome.status.is_server_error() {
         state.idempotency.abandon(slot).await
     } else {
@@ -422,11 +425,20 @@ fn json_error(err: &serde_json::Error) -> String {
 }
 
 /// Parses, checks and enqueues one request for `principal`.
+///
+/// A request without an idempotency key of its own takes `key`, from the
+/// `Idempotency-Key` header: a publish that failed (503) may still have
+/// reached the queue, and the client's retry of the same request is a new
+/// job; with the key, the worker's dedup sends only one of them.
 async fn accept(
     state: &ApiState,
     principal: &Principal,
-    request: JobRequest,
+    mut request: JobRequest,
+    key: Option<String>,
 ) -> Result<JobId, Problem> {
+    if request.idempotency_key.is_none() {
+        request.idempotency_key = key;
+    }
     if request
         .tenant
         .as_ref()
@@ -456,20 +468,30 @@ async fn accept(
     Ok(id)
 }
 
-fn enqueue_one<'a>(state: &'a ApiState, principal: &'a Principal, body: &'a [u8]) -> Pending<'a> {
+fn enqueue_one<'a>(
+    state: &'a ApiState,
+    principal: &'a Principal,
+    body: &'a [u8],
+    key: Option<&'a str>,
+) -> Pending<'a> {
     Box::pin(async move {
         let request: JobRequest = match serde_json::from_slice(body) {
             Ok(request) => request,
             Err(err) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
         };
-        match accept(state, principal, request).await {
+        match accept(state, principal, request, key.map(str::to_owned)).await {
             Ok(id) => Outcome::json(StatusCode::ACCEPTED, &Accepted::new(id), vec![id]),
             Err(problem) => Outcome::problem(&problem),
         }
     })
 }
 
-fn enqueue_batch<'a>(state: &'a ApiState, principal: &'a Principal, body: &'a [u8]) -> Pending<'a> {
+fn enqueue_batch<'a>(
+    state: &'a ApiState,
+    principal: &'a Principal,
+    body: &'a [u8],
+    key: Option<&'a str>,
+) -> Pending<'a> {
     Box::pin(async move {
         let batch: Batch = match serde_json::from_slice(body) {
             Ok(batch) => batch,
@@ -485,7 +507,10 @@ fn enqueue_batch<'a>(state: &'a ApiState, principal: &'a Principal, body: &'a [u
         let accepted = futures_util::future::join_all(batch.messages.into_iter().enumerate().map(
             |(index, value)| async move {
                 let result = match serde_json::from_value::<JobRequest>(value) {
-                    Ok(request) => accept(state, principal, request).await,
+                    Ok(request) => {
+                        let key = key.map(|key| item_key(key, index, &state.limits));
+                        accept(state, principal, request, key).await
+                    }
                     Err(err) => Err(Problem::bad_json(json_error(&err))),
                 };
                 match result {
@@ -518,6 +543,17 @@ fn enqueue_batch<'a>(state: &'a ApiState, principal: &'a Principal, body: &'a [u
         };
         Outcome::json(status, &answer, job_ids)
     })
+}
+
+/// The idempotency key of item `index` of a batch sent with `key`:
+/// `KEY#INDEX`, or a digest of the key in its place if that would be too
+/// long for a job's key.
+fn item_key(key: &str, index: usize, limits: &mailroom_core::validate::Limits) -> String {
+    let suffix = format!("#{index}");
+    if key.len() + suffix.len() <= limits.max_idempotency_key_chars {
+        return format!("{key}{suffix}");
+    }
+    format!("{}{suffix}", hex::encode(Sha256::digest(key.as_bytes())))
 }
 
 /// `GET /v1/messages/{id}`: the status, to the owning tenant only; another
@@ -566,6 +602,17 @@ pub async fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_items_get_keys_of_their_own_within_the_limit() {
+        let limits = mailroom_core::validate::Limits::default();
+        assert_eq!(item_key("order-1", 3, &limits), "order-1#3");
+        let long = "k".repeat(255);
+        let derived = item_key(&long, 12, &limits);
+        assert_eq!(derived.len(), 64 + 3);
+        assert!(derived.ends_with("#12"));
+        assert_ne!(derived, item_key(&"j".repeat(255), 12, &limits));
+    }
 
     #[test]
     fn json_errors_keep_names_and_drop_values() {
