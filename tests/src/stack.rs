@@ -93,6 +93,10 @@ impl Stack {
                 "MAILROOM__WORKER__SHUTDOWN_GRACE",
                 format!("{}s", s.worker.shutdown_grace.as_secs()),
             ),
+            (
+                "MAILROOM__WORKER__ON_UNCERTAIN",
+                s.worker.on_uncertain.as_str().to_owned(),
+            ),
             ("MAILROOM__WORKER__HEALTH_BIND", "127.0.0.1:0".to_owned()),
             ("MAILROOM__WORKER__RETRY__INITIAL", "1s".to_owned()),
             ("MAILROOM__WORKER__RETRY__MULTIPLIER", "1.0".to_owned()),

@@ -33,7 +33,7 @@ use crate::incoming::Incoming;
 use crate::retry::RetryPolicy;
 use crate::steps::dedup::{Claim, ClaimToken, Dedup};
 use crate::steps::{check, open, outcome, send};
-use crate::transport::Transport;
+use crate::transport::{HandOver, Transport};
 use crate::verdict::{DeadReason, Verdict};
 use mailroom_core::status::{JobState, PreparedStatus, StatusStore, StatusUpdate};
 
@@ -171,6 +171,15 @@ impl Pipeline {
             Ok(Claim::AlreadySent { job_id }) => {
                 return end(Some(job), None, Verdict::Duplicate { first: job_id });
             }
+            Ok(Claim::Uncertain) => {
+                let verdict = Verdict::DeadLetter {
+                    reason: DeadReason::Uncertain,
+                    detail: "an earlier delivery stopped after handing the message to the relay, \
+                             before its reply"
+                        .to_owned(),
+                };
+                return end(Some(job), None, verdict);
+            }
             Ok(Claim::HeldByOther { retry_after }) => {
                 let verdict = Verdict::Defer {
                     delay: retry_after.min(HELD_RECHECK),
@@ -200,7 +209,16 @@ impl Pipeline {
     /// Sends while renewing the claim's lease, so a slow relay does not let
     /// another worker take the job over mid-send.
     async fn send_holding_claim(&self, job: &SendJob, token: &ClaimToken) -> send::Sent {
-        let sending = send::send(&self.transport, job, self.on_uncertain)
+        let hand_over: Option<HandOver<'_>> = match self.on_uncertain {
+            OnUncertain::Park => Some(Box::pin(async move {
+                self.dedup
+                    .hand_over(job, token)
+                    .await
+                    .map_err(|err| format!("handed marker not written: {err}"))
+            })),
+            OnUncertain::Retry => None,
+        };
+        let sending = send::send(&self.transport, job, self.on_uncertain, hand_over)
             .instrument(debug_span!("mailroom.smtp", otel.kind = "client"));
         tokio::pin!(sending);
         let mut renew = tokio::time::interval(self.dedup.lease() / 3);

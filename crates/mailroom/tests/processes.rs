@@ -7,9 +7,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use mailroom_core::job::{EmailMessage, JobId, JobRequest, SendJob};
+use mailroom_core::settings::OnUncertain;
 use mailroom_producer::Producer;
 use mailroom_tests::smtp::{Seen, SmtpOptions};
 use mailroom_tests::stack::Stack;
+use mailroom_worker::dlq;
 
 /// Bound on waits that only a broken build reaches.
 const PATIENCE: Duration = Duration::from_mins(2);
@@ -126,6 +128,19 @@ fn assert_exactly_once(ids: &[JobId], seen: &[Seen]) {
     assert_eq!(got, wanted, "every job delivered");
 }
 
+/// Starts a worker and kills it with SIGKILL once the relay has its
+/// message and sits on the reply (the relay must be told to `hang`).
+async fn kill_after_hand_over(stack: &Stack, dir: &Path) {
+    let mut first = WorkerProcess::start(stack, dir, "first");
+    let start = Instant::now();
+    while stack.smtp.seen().is_empty() {
+        assert!(start.elapsed() < PATIENCE, "{}", first.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.signal("KILL");
+    first.wait(PATIENCE);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_redelivered_after_its_worker_was_killed_mid_send_is_delivered_once() {
     let stack = Stack::new(
@@ -137,15 +152,7 @@ async fn a_job_redelivered_after_its_worker_was_killed_mid_send_is_delivered_onc
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = enqueue(&stack, 1).await;
-    let mut first = WorkerProcess::start(&stack, dir.path(), "first");
-    // Wait until the relay has the message and is sitting on its reply.
-    let start = Instant::now();
-    while stack.smtp.seen().is_empty() {
-        assert!(start.elapsed() < PATIENCE, "{}", first.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    first.signal("KILL");
-    first.wait(PATIENCE);
+    kill_after_hand_over(&stack, dir.path()).await;
 
     let mut second = WorkerProcess::start(&stack, dir.path(), "second");
     let accepted = stack.smtp.wait_accepted(1, PATIENCE);
@@ -153,6 +160,48 @@ async fn a_job_redelivered_after_its_worker_was_killed_mid_send_is_delivered_onc
     // Give a wrongly repeated send time to show up.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_exactly_once(&ids, &stack.smtp.seen());
+    second.signal("TERM");
+    assert!(second.wait(PATIENCE).success());
+}
+
+/// With `worker.on_uncertain = park`, a worker killed after the relay had
+/// the whole message leaves a job that may have been sent: the next worker
+/// parks it instead of sending it again, and an operator's replay sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_park_a_job_whose_worker_died_after_handing_it_over_is_parked_not_resent() {
+    let mut stack = Stack::new(
+        "kill9-park",
+        &SmtpOptions {
+            replies: vec!["hang"],
+            ..SmtpOptions::default()
+        },
+    );
+    stack.settings.worker.on_uncertain = OnUncertain::Park;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = enqueue(&stack, 1).await;
+    kill_after_hand_over(&stack, dir.path()).await;
+
+    let mut second = WorkerProcess::start(&stack, dir.path(), "second");
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let start = Instant::now();
+    let parked = loop {
+        let letters = dlq::list(producer.broker(), 10).await.expect("dlq list");
+        if let Some(letter) = letters.into_iter().next() {
+            break letter;
+        }
+        assert!(start.elapsed() < PATIENCE, "{}", second.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(parked.id, ids[0].to_string());
+    assert_eq!(parked.reason, "uncertain");
+    assert_eq!(stack.smtp.seen().len(), 1, "not sent a second time");
+
+    dlq::replay(producer.broker(), &dlq::Selection::All)
+        .await
+        .expect("replay");
+    let accepted = stack.smtp.wait_accepted(1, PATIENCE);
+    assert_eq!(accepted.len(), 1, "{}", second.log_text());
+    producer.close().await;
     second.signal("TERM");
     assert!(second.wait(PATIENCE).success());
 }

@@ -250,7 +250,7 @@ impl Default for WorkerSettings {
             transport: TransportKind::default(),
             outbox_dir: PathBuf::from("mailroom-outbox"),
             dedup_window: Duration::from_hours(24),
-            dedup_lease: Duration::from_mins(2),
+            dedup_lease: Duration::from_secs(30),
             on_uncertain: OnUncertain::default(),
             shutdown_grace: Duration::from_secs(25),
             status_retention: Duration::from_hours(7 * 24),

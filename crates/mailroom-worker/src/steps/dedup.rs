@@ -12,7 +12,13 @@
 //! After a 2xx the key becomes `sent` for `worker.dedup_window`; after a
 //! failure it is released so the retry can claim it. A worker killed
 //! mid-send leaves `sending` behind until its lease runs out; then the
-//! redelivered job is claimed and sent, once.
+//! redelivered job is claimed and sent again.
+//!
+//! That resend is a double when the worker died after the relay had the
+//! whole message, before its reply. With `worker.on_uncertain = park`, a
+//! *handed* marker (kept for the dedup window) is written just before the
+//! end of DATA and cleared by every outcome; a claim that finds a dead
+//! owner's marker is uncertain, and the job is parked instead of resent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,11 +28,11 @@ use mailroom_core::status::{PreparedStatus, RECORD_FN};
 use mailroom_core::store::{KeyedHash, RedisStore, StoreError};
 use redis::Script;
 
-/// KEYS: dedup key, status key. ARGV: our claim's value (see
-/// [`ClaimToken::value`]), lease (ms), then the `sending` status (JSON,
-/// state, TTL), recorded only when the claim is taken. A claim that holds
-/// our own value (a redelivery to this owner) is taken again. Returns
-/// `{outcome, detail}`.
+/// KEYS: dedup key, handed marker, status key. ARGV: our claim's value
+/// (see [`ClaimToken::value`]), lease (ms), then the `sending` status
+/// (JSON, state, TTL), recorded only when the claim is taken. A claim that
+/// holds our own value (a redelivery to this owner) is taken again.
+/// Returns `{outcome, detail}`.
 const CLAIM: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then
@@ -38,8 +44,12 @@ if held and held ~= ARGV[1] then
     return { 'held', tostring(redis.call('PTTL', KEYS[1])) }
   end
 end
+local handed = redis.call('GET', KEYS[2])
+if handed and handed ~= ARGV[1] then
+  return { 'uncertain', '' }
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-record_status(KEYS[2], ARGV[3], ARGV[4], ARGV[5])
+record_status(KEYS[3], ARGV[3], ARGV[4], ARGV[5])
 return { 'acquired', '' }
 ";
 
@@ -52,9 +62,12 @@ end
 return 0
 ";
 
-/// ARGV: our claim's value. Deletes the claim if it is ours and still
-/// `sending`.
+/// KEYS: dedup key, handed marker. ARGV: our claim's value. Deletes the
+/// claim and the marker where they are ours.
 const RELEASE: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
@@ -76,6 +89,9 @@ pub enum Claim {
         /// When its lease runs out, at the latest.
         retry_after: Duration,
     },
+    /// A delivery handed the message to the relay and died before it knew
+    /// the outcome: it may have been sent.
+    Uncertain,
 }
 
 /// What marking a job sent found.
@@ -160,6 +176,37 @@ impl Dedup {
         self.store.key(&format!("claim:{digest}"))
     }
 
+    /// The key of `job`'s handed marker.
+    fn handed_key(&self, job: &SendJob) -> String {
+        format!("{}:handed", self.key(job))
+    }
+
+    /// Notes that `token`'s delivery is about to hand the whole message to
+    /// the relay: from here until an outcome clears it, a claim by another
+    /// delivery is uncertain.
+    pub async fn hand_over(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
+        let mut connection = self.store.connection();
+        redis::cmd("SET")
+            .arg(self.handed_key(job))
+            .arg(token.value())
+            .arg("PX")
+            .arg(millis(self.window))
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))
+    }
+
+    /// Clears `job`'s handed marker, whoever left it: once its uncertain
+    /// outcome is parked, an operator's replay must be sent.
+    pub async fn forget_handed(&self, job: &SendJob) -> Result<(), StoreError> {
+        let mut connection = self.store.connection();
+        redis::cmd("DEL")
+            .arg(self.handed_key(job))
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))
+    }
+
     /// Claims `job` for `token`; once it is ours, records `sending` in the
     /// same step.
     pub async fn claim(
@@ -173,11 +220,13 @@ impl Dedup {
                 &self.scripts.claim,
                 job,
                 &[&token.value(), &millis(self.lease)],
+                true,
                 Some(sending),
             )
             .await?;
         match outcome.as_str() {
             "acquired" => Ok(Claim::Acquired),
+            "uncertain" => Ok(Claim::Uncertain),
             "sent" => Ok(Claim::AlreadySent { job_id: detail }),
             "held" => {
                 // PTTL is -1 for a key without expiry, which the scripts
@@ -200,6 +249,7 @@ impl Dedup {
                 &self.scripts.renew,
                 job,
                 &[&token.value(), &millis(self.lease)],
+                false,
                 None,
             )
             .await?;
@@ -210,12 +260,14 @@ impl Dedup {
     /// status in the same round trip. The mail has gone: the key becomes
     /// `sent` whatever it held, so nobody sends it again, and so does the
     /// status (no script needed: both are plain writes, and the key's old
-    /// value says whether the claim was still ours).
+    /// value says whether the claim was still ours). With `hand_over`, the
+    /// handed marker is cleared too.
     pub async fn mark_sent(
         &self,
         job: &SendJob,
         token: &ClaimToken,
         sent: Option<&PreparedStatus>,
+        hand_over: bool,
     ) -> Result<MarkOutcome, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -224,6 +276,9 @@ impl Dedup {
             .arg("PX")
             .arg(millis(self.window))
             .arg("GET");
+        if hand_over {
+            pipe.cmd("DEL").arg(self.handed_key(job)).ignore();
+        }
         if let Some(status) = sent {
             pipe.add_command(status.set()).ignore();
         }
@@ -242,7 +297,7 @@ impl Dedup {
     /// Releases our claim, so a retry can take it at once.
     pub async fn release(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
         let _: i64 = self
-            .invoke(&self.scripts.release, job, &[&token.value()], None)
+            .invoke(&self.scripts.release, job, &[&token.value()], true, None)
             .await?;
         Ok(())
     }
@@ -252,9 +307,13 @@ impl Dedup {
         script: &Script,
         job: &SendJob,
         args: &[&str],
+        with_handed: bool,
         status: Option<&PreparedStatus>,
     ) -> Result<T, StoreError> {
         let mut invocation = script.key(self.key(job));
+        if with_handed {
+            invocation.key(self.handed_key(job));
+        }
         for arg in args {
             invocation.arg(*arg);
         }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable as _};
 use mailroom_core::job::SendJob;
+use mailroom_core::settings::OnUncertain;
 use time::OffsetDateTime;
 
 use crate::incoming::Incoming;
@@ -155,6 +156,12 @@ async fn dead_letter(
         return Disposition::Requeue;
     }
     tracing::warn!(%reason, detail, attempt = incoming.attempt, "dead-lettered");
+    if let (DeadReason::Uncertain, Some(job)) = (reason, job)
+        && let Err(err) = pipeline.dedup.forget_handed(job).await
+    {
+        // Until it expires, a replay of this job is parked again.
+        tracing::warn!(error = %err, "handed marker not cleared");
+    }
     metrics::dead_letter(reason.as_str());
     metrics::job("dead");
     if let Some(job) = job {
@@ -189,7 +196,12 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
         .prepare(&update)
         .inspect_err(|err| tracing::error!(error = %err, "sent, but its status cannot be written"))
         .ok();
-    let attempt = || pipeline.dedup.mark_sent(job, token, sent.as_ref());
+    let hand_over = pipeline.on_uncertain == OnUncertain::Park;
+    let attempt = || {
+        pipeline
+            .dedup
+            .mark_sent(job, token, sent.as_ref(), hand_over)
+    };
     let result = attempt
         .retry(
             ExponentialBuilder::new()

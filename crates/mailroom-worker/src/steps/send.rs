@@ -13,7 +13,7 @@ use mailroom_core::job::SendJob;
 use mailroom_core::settings::OnUncertain;
 
 use crate::message::build_message;
-use crate::transport::{SendError, Transport};
+use crate::transport::{HandOver, SendError, Transport};
 use crate::verdict::{DeadReason, Verdict};
 
 /// What a send came to, and how long the SMTP part took.
@@ -26,7 +26,12 @@ pub struct Sent {
 }
 
 /// Sends `job` through `transport`.
-pub async fn send(transport: &Transport, job: &SendJob, on_uncertain: OnUncertain) -> Sent {
+pub async fn send(
+    transport: &Transport,
+    job: &SendJob,
+    on_uncertain: OnUncertain,
+    hand_over: Option<HandOver<'_>>,
+) -> Sent {
     let message = match build_message(job) {
         Ok(message) => message,
         Err(err) => {
@@ -40,7 +45,7 @@ pub async fn send(transport: &Transport, job: &SendJob, on_uncertain: OnUncertai
         }
     };
     let start = Instant::now();
-    let result = transport.send(&job.id, &message).await;
+    let result = transport.send(&job.id, &message, hand_over).await;
     let elapsed = start.elapsed();
     Sent {
         verdict: verdict_of(result.map(|delivered| delivered.code), on_uncertain),

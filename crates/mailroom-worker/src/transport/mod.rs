@@ -10,6 +10,8 @@ mod data;
 mod file;
 mod smtp;
 
+use std::pin::Pin;
+
 use mailroom_core::job::JobId;
 use mailroom_core::settings::{Settings, TransportKind};
 use mailroom_core::telemetry::redact_error;
@@ -115,6 +117,10 @@ pub enum TransportError {
     },
 }
 
+/// Awaited just before a message is handed over whole; an error stops the
+/// send before that point.
+pub type HandOver<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
 /// The transport of a worker.
 pub enum Transport {
     /// An SMTP relay.
@@ -132,14 +138,18 @@ impl Transport {
         })
     }
 
-    /// Delivers `message` of job `id`.
+    /// Delivers `message` of job `id`; `hand_over`, if given, is awaited
+    /// just before the relay gets the end of DATA, and its failure stops
+    /// the send there (the file transport, whose writes are idempotent, has
+    /// no such point).
     pub async fn send(
         &self,
         id: &JobId,
         message: &OutgoingMessage,
+        hand_over: Option<HandOver<'_>>,
     ) -> Result<Delivered, SendError> {
         match self {
-            Self::Smtp(smtp) => smtp.send(message).await,
+            Self::Smtp(smtp) => smtp.send(message, hand_over).await,
             Self::File(file) => file.send(id, message).await,
         }
     }

@@ -28,7 +28,7 @@ use mailroom_core::settings::{SmtpSettings, TlsMode};
 use tokio::sync::Semaphore;
 
 use super::data::data_section;
-use super::{Delivered, SendError, TransportError};
+use super::{Delivered, HandOver, SendError, TransportError};
 use crate::message::OutgoingMessage;
 
 /// An idle connection older than this is closed rather than reused: relays
@@ -136,15 +136,20 @@ impl SmtpTransport {
         )
     }
 
-    /// Sends `message` over a pooled connection.
-    pub async fn send(&self, message: &OutgoingMessage) -> Result<Delivered, SendError> {
+    /// Sends `message` over a pooled connection, awaiting `hand_over`
+    /// before the end of DATA.
+    pub async fn send(
+        &self,
+        message: &OutgoingMessage,
+        mut hand_over: Option<HandOver<'_>>,
+    ) -> Result<Delivered, SendError> {
         let _permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| SendError::transient(None, "transport shut down"))?;
         if let Some(mut session) = self.take_idle() {
-            match self.transact(&mut session, message).await {
+            match self.transact(&mut session, message, &mut hand_over).await {
                 Ok(response) => return Ok(self.keep(session, &response)),
                 // A pooled connection the relay dropped while idle fails at
                 // MAIL with a network error: nothing was sent, so try once
@@ -159,7 +164,7 @@ impl SmtpTransport {
             }
         }
         let mut session = self.connect().await?;
-        match self.transact(&mut session, message).await {
+        match self.transact(&mut session, message, &mut hand_over).await {
             Ok(response) => Ok(self.keep(session, &response)),
             Err((step, err)) => {
                 abort(&mut session.smtp).await;
@@ -302,6 +307,7 @@ impl SmtpTransport {
         &self,
         session: &mut Session,
         message: &OutgoingMessage,
+        hand_over: &mut Option<HandOver<'_>>,
     ) -> Result<Response, (Step, Failure)> {
         let before = |failure| (Step::Before, failure);
         let connection = &mut session.smtp;
@@ -333,6 +339,13 @@ impl SmtpTransport {
                 self.command(connection, rcpt).await.map_err(before)?;
             }
             self.command(connection, Data).await.map_err(before)?;
+        }
+        if let Some(hand_over) = hand_over.take() {
+            // Nothing was handed over yet: the aborted session drops the
+            // partial message, and the retry is safe.
+            hand_over
+                .await
+                .map_err(|err| before(Failure::HandOver(err)))?;
         }
         let after = |failure| (Step::AfterData, failure);
         match data_section(&message.raw) {
@@ -373,13 +386,15 @@ enum Failure {
     Timeout(Duration),
     /// The message needs an extension the relay lacks.
     Unsupported(&'static str),
+    /// The hand-over could not be noted.
+    HandOver(String),
 }
 
 impl Failure {
     fn is_network(&self) -> bool {
         match self {
             Self::Smtp(err) => err.status().is_none() && !err.is_client(),
-            Self::Timeout(_) | Self::Unsupported(_) => false,
+            Self::Timeout(_) | Self::Unsupported(_) | Self::HandOver(_) => false,
         }
     }
 
@@ -403,6 +418,7 @@ impl Failure {
                 &format!("no reply within smtp.command_timeout ({timeout:?})"),
             ),
             Self::Unsupported(what) => SendError::permanent(555, what),
+            Self::HandOver(err) => SendError::transient(None, &err),
         }
     }
 }

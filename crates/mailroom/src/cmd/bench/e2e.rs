@@ -222,7 +222,7 @@ async fn sink_ceiling(
     let results: Vec<anyhow::Result<Duration>> = futures_util::stream::iter(0..count)
         .map(|_| async {
             let start = Instant::now();
-            transport.send(&message).await?;
+            transport.send(&message, None).await?;
             Ok(start.elapsed())
         })
         .buffer_unordered(usize::from(concurrency))
