@@ -50,6 +50,9 @@ pub mod headers {
     pub const LAST_ERROR: &str = "mailroom-last-error";
     /// When a message was dead-lettered (RFC 3339), for `dlq list`'s age.
     pub const DEAD_AT: &str = "mailroom-dead-at";
+    /// Set (`true`) by `dlq replay`: an operator chose to send a job whose
+    /// earlier outcome was uncertain.
+    pub const REPLAYED: &str = "mailroom-replayed";
     /// Sender-selected extra routing keys (RabbitMQ's `CC`); carries the lane
     /// through the retry tiers.
     pub const CC: &str = "CC";

@@ -152,8 +152,10 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
             continue;
         }
         let incoming = Incoming::new(delivery.properties.clone(), delivery.data);
-        let mut properties =
-            incoming.republish_properties(&[(headers::ATTEMPT, AMQPValue::LongLongInt(1))]);
+        let mut properties = incoming.republish_properties(&[
+            (headers::ATTEMPT, AMQPValue::LongLongInt(1)),
+            (headers::REPLAYED, AMQPValue::Boolean(true)),
+        ]);
         properties = strip(
             properties,
             &[headers::REASON, headers::LAST_ERROR, headers::DEAD_AT],

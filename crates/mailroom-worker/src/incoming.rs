@@ -23,6 +23,8 @@ pub struct Incoming {
     pub lane: Lane,
     /// `mailroom-attempt`: this delivery's attempt, from 1.
     pub attempt: u32,
+    /// `mailroom-replayed`: an operator replayed it from the dead letters.
+    pub replayed: bool,
     /// Times the broker handed this message out before (quorum queues'
     /// `x-delivery-count`), when it says.
     pub delivery_count: Option<i64>,
@@ -54,6 +56,10 @@ impl Incoming {
             tenant: text(table, headers::TENANT),
             lane,
             attempt,
+            replayed: matches!(
+                table.inner().get(headers::REPLAYED),
+                Some(AMQPValue::Boolean(true))
+            ),
             delivery_count: integer(table, "x-delivery-count"),
             body,
             properties,

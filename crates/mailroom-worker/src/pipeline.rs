@@ -163,7 +163,7 @@ impl Pipeline {
         };
         let claim = self
             .dedup
-            .claim(&job, &token, &sending)
+            .claim(&job, &token, incoming.replayed, &sending)
             .instrument(debug_span!("mailroom.dedup"))
             .await;
         match claim {
@@ -175,7 +175,7 @@ impl Pipeline {
                 let verdict = Verdict::DeadLetter {
                     reason: DeadReason::Uncertain,
                     detail: "an earlier delivery stopped after handing the message to the relay, \
-                             before its reply"
+                             before its reply: replay it to send it"
                         .to_owned(),
                 };
                 return end(Some(job), None, verdict);

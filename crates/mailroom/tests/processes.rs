@@ -166,7 +166,9 @@ async fn a_job_redelivered_after_its_worker_was_killed_mid_send_is_delivered_onc
 
 /// With `worker.on_uncertain = park`, a worker killed after the relay had
 /// the whole message leaves a job that may have been sent: the next worker
-/// parks it instead of sending it again, and an operator's replay sends it.
+/// parks it instead of sending it again, so does any other copy of the job
+/// (a republish whose confirm was lost), and an operator's replay sends it
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_park_a_job_whose_worker_died_after_handing_it_over_is_parked_not_resent() {
     let mut stack = Stack::new(
@@ -178,29 +180,51 @@ async fn with_park_a_job_whose_worker_died_after_handing_it_over_is_parked_not_r
     );
     stack.settings.worker.on_uncertain = OnUncertain::Park;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ids = enqueue(&stack, 1).await;
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let the_job = job(0);
+    let id = producer.enqueue(the_job.clone()).await.expect("enqueued");
     kill_after_hand_over(&stack, dir.path()).await;
 
     let mut second = WorkerProcess::start(&stack, dir.path(), "second");
-    let producer = Producer::connect(&stack.settings).await.expect("producer");
-    let start = Instant::now();
-    let parked = loop {
-        let letters = dlq::list(producer.broker(), 10).await.expect("dlq list");
-        if let Some(letter) = letters.into_iter().next() {
-            break letter;
+    let parked = |count: usize| {
+        let producer = &producer;
+        let second = &second;
+        async move {
+            let start = Instant::now();
+            loop {
+                let letters = dlq::list(producer.broker(), 10).await.expect("dlq list");
+                if letters.len() >= count {
+                    return letters;
+                }
+                assert!(start.elapsed() < PATIENCE, "{}", second.log_text());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        assert!(start.elapsed() < PATIENCE, "{}", second.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(parked.id, ids[0].to_string());
-    assert_eq!(parked.reason, "uncertain");
+    let letters = parked(1).await;
+    assert_eq!(letters[0].id, id.to_string());
+    assert_eq!(letters[0].reason, "uncertain");
+    // A second copy of the same job is parked too.
+    producer.enqueue(the_job).await.expect("enqueued again");
+    let letters = parked(2).await;
+    assert!(letters.iter().all(|letter| letter.reason == "uncertain"));
     assert_eq!(stack.smtp.seen().len(), 1, "not sent a second time");
 
-    dlq::replay(producer.broker(), &dlq::Selection::All)
+    // Replaying both sends the job once.
+    let replayed = dlq::replay(producer.broker(), &dlq::Selection::All)
         .await
         .expect("replay");
+    assert_eq!(replayed.len(), 2);
     let accepted = stack.smtp.wait_accepted(1, PATIENCE);
     assert_eq!(accepted.len(), 1, "{}", second.log_text());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stack.smtp.accepted().len(), 1, "{}", second.log_text());
+    assert!(
+        dlq::list(producer.broker(), 10)
+            .await
+            .expect("dlq")
+            .is_empty()
+    );
     producer.close().await;
     second.signal("TERM");
     assert!(second.wait(PATIENCE).success());

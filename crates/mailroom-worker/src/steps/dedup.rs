@@ -18,7 +18,9 @@
 //! whole message, before its reply. With `worker.on_uncertain = park`, a
 //! *handed* marker (kept for the dedup window) is written just before the
 //! end of DATA and cleared by every outcome; a claim that finds a dead
-//! owner's marker is uncertain, and the job is parked instead of resent.
+//! owner's marker turns the key `parked`. A parked key makes every copy of
+//! the job uncertain (to be dead-lettered, not sent), except one an
+//! operator replayed from the dead letters, which claims it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,10 +31,11 @@ use mailroom_core::store::{KeyedHash, RedisStore, StoreError};
 use redis::Script;
 
 /// KEYS: dedup key, handed marker, status key. ARGV: our claim's value
-/// (see [`ClaimToken::value`]), lease (ms), then the `sending` status
-/// (JSON, state, TTL), recorded only when the claim is taken. A claim that
-/// holds our own value (a redelivery to this owner) is taken again.
-/// Returns `{outcome, detail}`.
+/// (see [`ClaimToken::value`]), lease (ms), `1` for an operator's replay,
+/// the dedup window (ms), then the `sending` status (JSON, state, TTL),
+/// recorded only when the claim is taken. A claim that holds our own value
+/// (a redelivery to this owner) is taken again. Returns `{outcome,
+/// detail}`.
 const CLAIM: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then
@@ -43,13 +46,20 @@ if held and held ~= ARGV[1] then
   if state == 'sending' then
     return { 'held', tostring(redis.call('PTTL', KEYS[1])) }
   end
+  if state == 'parked' and ARGV[3] ~= '1' then
+    return { 'uncertain', '' }
+  end
 end
 local handed = redis.call('GET', KEYS[2])
 if handed and handed ~= ARGV[1] then
-  return { 'uncertain', '' }
+  redis.call('DEL', KEYS[2])
+  if ARGV[3] ~= '1' then
+    redis.call('SET', KEYS[1], 'parked ' .. handed, 'PX', ARGV[4])
+    return { 'uncertain', '' }
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-record_status(KEYS[3], ARGV[3], ARGV[4], ARGV[5])
+record_status(KEYS[3], ARGV[5], ARGV[6], ARGV[7])
 return { 'acquired', '' }
 ";
 
@@ -62,13 +72,18 @@ end
 return 0
 ";
 
-/// KEYS: dedup key, handed marker. ARGV: our claim's value. Deletes the
-/// claim and the marker where they are ours.
+/// KEYS: dedup key, handed marker. ARGV: our claim's value, then the dedup
+/// window (ms) to park the key for, or nothing to delete it. Touches the
+/// claim and the marker only where they are ours.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[2]) == ARGV[1] then
   redis.call('DEL', KEYS[2])
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if ARGV[2] then
+    redis.call('SET', KEYS[1], 'parked ' .. ARGV[1], 'PX', ARGV[2])
+    return 1
+  end
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -90,7 +105,8 @@ pub enum Claim {
         retry_after: Duration,
     },
     /// A delivery handed the message to the relay and died before it knew
-    /// the outcome: it may have been sent.
+    /// the outcome, or the job was parked for that: it may have been sent.
+    /// The key is `parked` now.
     Uncertain,
 }
 
@@ -196,30 +212,40 @@ impl Dedup {
             .map_err(|err| self.store.error(&err))
     }
 
-    /// Clears `job`'s handed marker, whoever left it: once its uncertain
-    /// outcome is parked, an operator's replay must be sent.
-    pub async fn forget_handed(&self, job: &SendJob) -> Result<(), StoreError> {
-        let mut connection = self.store.connection();
-        redis::cmd("DEL")
-            .arg(self.handed_key(job))
-            .query_async::<()>(&mut connection)
-            .await
-            .map_err(|err| self.store.error(&err))
+    /// Parks our claim after an uncertain outcome: until an operator
+    /// replays the job, no copy of it is sent.
+    pub async fn park(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
+        let _: i64 = self
+            .invoke(
+                &self.scripts.release,
+                job,
+                &[&token.value(), &millis(self.window)],
+                true,
+                None,
+            )
+            .await?;
+        Ok(())
     }
 
     /// Claims `job` for `token`; once it is ours, records `sending` in the
-    /// same step.
+    /// same step. A `replayed` delivery may claim a parked key.
     pub async fn claim(
         &self,
         job: &SendJob,
         token: &ClaimToken,
+        replayed: bool,
         sending: &PreparedStatus,
     ) -> Result<Claim, StoreError> {
         let (outcome, detail): (String, String) = self
             .invoke(
                 &self.scripts.claim,
                 job,
-                &[&token.value(), &millis(self.lease)],
+                &[
+                    &token.value(),
+                    &millis(self.lease),
+                    if replayed { "1" } else { "0" },
+                    &millis(self.window),
+                ],
                 true,
                 Some(sending),
             )

@@ -98,7 +98,11 @@ pub async fn settle(pipeline: &Pipeline, incoming: &Incoming, trip: Trip) -> Dis
             }
         }
         Verdict::DeadLetter { reason, detail } => {
-            release(pipeline, job.as_ref(), claim.as_ref()).await;
+            if reason == DeadReason::Uncertain {
+                park(pipeline, job.as_ref(), claim.as_ref()).await;
+            } else {
+                release(pipeline, job.as_ref(), claim.as_ref()).await;
+            }
             dead_letter(pipeline, incoming, job.as_ref(), reason, &detail).await
         }
     }
@@ -156,12 +160,6 @@ async fn dead_letter(
         return Disposition::Requeue;
     }
     tracing::warn!(%reason, detail, attempt = incoming.attempt, "dead-lettered");
-    if let (DeadReason::Uncertain, Some(job)) = (reason, job)
-        && let Err(err) = pipeline.dedup.forget_handed(job).await
-    {
-        // Until it expires, a replay of this job is parked again.
-        tracing::warn!(error = %err, "handed marker not cleared");
-    }
     metrics::dead_letter(reason.as_str());
     metrics::job("dead");
     if let Some(job) = job {
@@ -215,6 +213,18 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
         Ok(MarkOutcome::Marked) => {}
         Ok(other) => tracing::warn!(outcome = ?other, "sent, but the claim had changed hands"),
         Err(err) => tracing::error!(error = %err, "sent, but not marked sent in Redis"),
+    }
+}
+
+/// Parks our claim after an uncertain outcome, so no other copy of the job
+/// is sent until an operator replays it.
+async fn park(pipeline: &Pipeline, job: Option<&SendJob>, claim: Option<&ClaimToken>) {
+    if let (Some(job), Some(token)) = (job, claim)
+        && let Err(err) = pipeline.dedup.park(job, token).await
+    {
+        // The lease runs out on its own and the marker stays: a copy that
+        // claims it later is parked as well.
+        tracing::warn!(error = %err, "claim not parked");
     }
 }
 
