@@ -138,7 +138,13 @@ impl Pool {
         lane: Lane,
         shutdown: &CancellationToken,
     ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>> {
-        let channel = self.broker.channel().await?;
+        // Reconnecting can take a while with the broker down; a shutdown
+        // does not wait for it.
+        let channel = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(Ended::Shutdown),
+            channel = self.broker.channel() => channel?,
+        };
         let prefetch = match lane {
             Lane::Transactional => self.size.prefetch,
             Lane::Bulk => u16::try_from(bulk_share(usize::from(self.size.prefetch)))

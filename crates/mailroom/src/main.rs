@@ -89,7 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let role = match command {
             Command::Worker => "worker",
             Command::Api => "api",
@@ -114,5 +114,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("mailroom: telemetry: {err}");
         }
         result
-    })
+    });
+    // Dropping a runtime waits for every blocking task without a limit; one
+    // stuck on a dead peer must not keep a stopped worker from exiting.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    result
 }
+
+/// How long blocking tasks get to end once a command is done.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use mailroom_core::job::{EmailMessage, JobId, JobRequest, SendJob};
 use mailroom_core::settings::OnUncertain;
 use mailroom_producer::Producer;
+use mailroom_tests::rabbit::rabbitmqctl;
 use mailroom_tests::smtp::{Seen, SmtpOptions};
 use mailroom_tests::stack::Stack;
 use mailroom_worker::dlq;
@@ -228,6 +229,28 @@ async fn with_park_a_job_whose_worker_died_after_handing_it_over_is_parked_not_r
     producer.close().await;
     second.signal("TERM");
     assert!(second.wait(PATIENCE).success());
+}
+
+/// A worker whose broker went away (its vhost deleted: every reconnect is
+/// refused) still stops at once on SIGTERM, with exit code 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_broker_gone_exits_at_once() {
+    let stack = Stack::new("term-no-broker", &SmtpOptions::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut worker = WorkerProcess::start(&stack, dir.path(), "lonely");
+    let start = Instant::now();
+    while !worker.log_text().contains("consuming") {
+        assert!(start.elapsed() < PATIENCE, "{}", worker.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rabbitmqctl(&["delete_vhost", stack.vhost.name()]);
+    while !worker.log_text().contains("consumer lost") {
+        assert!(start.elapsed() < PATIENCE, "{}", worker.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.signal("TERM");
+    let status = worker.wait(Duration::from_secs(10));
+    assert!(status.success(), "{}", worker.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,12 +181,18 @@ impl Broker {
     }
 
     /// Closes the connection; unacked deliveries return to their queues.
+    /// A broker that does not answer within `amqp.connect_timeout` is left
+    /// to notice the closed socket.
     pub async fn close(&self) {
         let session = self.inner.session.read().await.clone();
-        if session.alive()
-            && let Err(err) = session.connection.close(200, "bye".into()).await
-        {
-            tracing::debug!(error = %err, "closing the broker connection");
+        if !session.alive() {
+            return;
+        }
+        let closing = session.connection.close(200, "bye".into());
+        match tokio::time::timeout(self.inner.settings.connect_timeout, closing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(error = %err, "closing the broker connection"),
+            Err(_) => tracing::warn!("the broker did not answer the connection close"),
         }
     }
 

@@ -173,14 +173,15 @@ impl SmtpTransport {
         }
     }
 
-    /// Sends QUIT on every idle connection.
+    /// Sends QUIT on every idle connection, all at once, each given
+    /// [`QUIT_WAIT`] to answer.
     pub async fn shutdown(&self) {
         self.permits.close();
         let idle: Vec<Idle> = self.lock_idle().drain(..).collect();
-        for mut idle in idle {
-            let _ =
-                tokio::time::timeout(self.relay.command_timeout, idle.session.smtp.quit()).await;
-        }
+        futures_util::future::join_all(idle.into_iter().map(|mut idle| async move {
+            let _ = tokio::time::timeout(QUIT_WAIT, idle.session.smtp.quit()).await;
+        }))
+        .await;
     }
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
