@@ -12,6 +12,7 @@
 //! A republish the broker does not confirm means no ack: the delivery is
 //! requeued and tried again, so nothing is lost.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable as _};
@@ -195,7 +196,9 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
         .inspect_err(|err| tracing::error!(error = %err, "sent, but its status cannot be written"))
         .ok();
     let hand_over = pipeline.on_uncertain == OnUncertain::Park;
+    let tries = AtomicU32::new(0);
     let attempt = || {
+        tries.fetch_add(1, Ordering::Relaxed);
         pipeline
             .dedup
             .mark_sent(job, token, sent.as_ref(), hand_over)
@@ -211,6 +214,10 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
         .await;
     match result {
         Ok(MarkOutcome::Marked) => {}
+        // A try whose reply was lost (Redis slow, a timeout) did mark it.
+        Ok(MarkOutcome::AlreadySent) if tries.load(Ordering::Relaxed) > 1 => {
+            tracing::debug!("marked sent by an earlier try");
+        }
         Ok(other) => tracing::warn!(outcome = ?other, "sent, but the claim had changed hands"),
         Err(err) => tracing::error!(error = %err, "sent, but not marked sent in Redis"),
     }
