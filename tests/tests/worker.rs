@@ -225,6 +225,42 @@ async fn the_same_idempotency_key_three_times_is_delivered_once() {
     stop(worker, producer).await;
 }
 
+/// A body with a lone CR before a dot (`<CR>.<CR><LF>`, which some
+/// relays read as the end of DATA) cannot end the message early and smuggle
+/// the lines after it in as SMTP commands: the relay gets one message, whole.
+#[tokio::test]
+async fn a_body_that_tries_to_end_data_early_arrives_as_one_message() {
+    let stack = Stack::new("smuggle", &SmtpOptions::default());
+    let (producer, worker) = start(&stack.settings).await;
+    let mut job = job("Smuggler");
+    job.message.text = Some(
+        "first\r.\r\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nlast"
+            .to_owned(),
+    );
+    let id = producer.enqueue(job).await.expect("enqueued");
+    let store = statuses(&stack.settings).await;
+    assert_eq!(settled(&store, &id).await.state, JobState::Sent);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = stack.smtp.seen();
+    assert_eq!(seen.len(), 1, "one message, no smuggled second one");
+    assert_eq!(seen[0].rcpt_tos, ["ada@example.org"]);
+    let raw = seen[0].raw.clone().expect("accepted");
+    // What a lenient relay would misread never reaches one: every CR on
+    // the wire is followed by LF, every LF preceded by CR.
+    let bare = raw.iter().enumerate().any(|(i, &b)| {
+        (b == b'\r' && raw.get(i + 1) != Some(&b'\n'))
+            || (b == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+    });
+    let text = String::from_utf8_lossy(&raw);
+    assert!(!bare, "a bare CR or LF reached the relay: {text:?}");
+    assert!(
+        text.contains("first\r\n.\r\nMAIL FROM:<evil@example.net>"),
+        "{text:?}"
+    );
+    assert!(text.contains("last"), "{text:?}");
+    stop(worker, producer).await;
+}
+
 #[tokio::test]
 async fn two_transient_failures_then_delivered_once_on_attempt_three() {
     let stack = Stack::new("retry", &replies(&["451", "451", "250"]));

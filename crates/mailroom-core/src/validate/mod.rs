@@ -321,6 +321,10 @@ fn check_bodies(message: &EmailMessage, report: &mut Report) {
         if body.as_deref().is_some_and(|b| b.trim().is_empty()) {
             report.add(path, RULE_EMPTY);
         }
+        // SMTP forbids NUL in a message, and a 7bit body carries it raw.
+        if body.as_deref().is_some_and(|b| b.contains('\0')) {
+            report.add(path, "must not contain NUL characters");
+        }
     }
 }
 

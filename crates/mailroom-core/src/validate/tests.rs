@@ -323,6 +323,11 @@ fn a_body_is_required_and_not_empty() {
         "message.html",
         EMPTY,
     );
+    assert_only(
+        &job(|j| j.message.text = Some("a\0b".into())),
+        "message.text",
+        "must not contain NUL characters",
+    );
     assert_eq!(
         validate_job(&job(|j| j.message.html = None), &Limits::default()),
         Ok(())
