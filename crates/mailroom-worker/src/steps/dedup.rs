@@ -63,8 +63,8 @@ record_status(KEYS[3], ARGV[5], ARGV[6], ARGV[7])
 return { 'acquired', '' }
 ";
 
-/// ARGV: our claim's value, lease (ms). Returns 1 if the lease was ours
-/// and renewed.
+/// KEYS: dedup key (the handed marker, second, is not used). ARGV: our
+/// claim's value, lease (ms). Returns 1 if the lease was ours and renewed.
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -192,9 +192,9 @@ impl Dedup {
         self.store.key(&format!("claim:{digest}"))
     }
 
-    /// The key of `job`'s handed marker.
-    fn handed_key(&self, job: &SendJob) -> String {
-        format!("{}:handed", self.key(job))
+    /// The key of the handed marker beside the dedup key `key`.
+    fn handed_key(key: &str) -> String {
+        format!("{key}:handed")
     }
 
     /// Notes that `token`'s delivery is about to hand the whole message to
@@ -203,7 +203,7 @@ impl Dedup {
     pub async fn hand_over(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
         let mut connection = self.store.connection();
         redis::cmd("SET")
-            .arg(self.handed_key(job))
+            .arg(Self::handed_key(&self.key(job)))
             .arg(token.value())
             .arg("PX")
             .arg(millis(self.window))
@@ -220,7 +220,6 @@ impl Dedup {
                 &self.scripts.release,
                 job,
                 &[&token.value(), &millis(self.window)],
-                true,
                 None,
             )
             .await?;
@@ -246,7 +245,6 @@ impl Dedup {
                     if replayed { "1" } else { "0" },
                     &millis(self.window),
                 ],
-                true,
                 Some(sending),
             )
             .await?;
@@ -275,7 +273,6 @@ impl Dedup {
                 &self.scripts.renew,
                 job,
                 &[&token.value(), &millis(self.lease)],
-                false,
                 None,
             )
             .await?;
@@ -295,15 +292,16 @@ impl Dedup {
         sent: Option<&PreparedStatus>,
         hand_over: bool,
     ) -> Result<MarkOutcome, StoreError> {
+        let key = self.key(job);
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
-            .arg(self.key(job))
+            .arg(&key)
             .arg(format!("sent {}", token.job_id))
             .arg("PX")
             .arg(millis(self.window))
             .arg("GET");
         if hand_over {
-            pipe.cmd("DEL").arg(self.handed_key(job)).ignore();
+            pipe.cmd("DEL").arg(Self::handed_key(&key)).ignore();
         }
         if let Some(status) = sent {
             pipe.add_command(status.set()).ignore();
@@ -323,7 +321,7 @@ impl Dedup {
     /// Releases our claim, so a retry can take it at once.
     pub async fn release(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
         let _: i64 = self
-            .invoke(&self.scripts.release, job, &[&token.value()], true, None)
+            .invoke(&self.scripts.release, job, &[&token.value()], None)
             .await?;
         Ok(())
     }
@@ -333,13 +331,13 @@ impl Dedup {
         script: &Script,
         job: &SendJob,
         args: &[&str],
-        with_handed: bool,
         status: Option<&PreparedStatus>,
     ) -> Result<T, StoreError> {
-        let mut invocation = script.key(self.key(job));
-        if with_handed {
-            invocation.key(self.handed_key(job));
-        }
+        // Every script gets the dedup key and its handed marker, in that
+        // order; the key's HMAC is computed once.
+        let key = self.key(job);
+        let mut invocation = script.key(&key);
+        invocation.key(Self::handed_key(&key));
         for arg in args {
             invocation.arg(*arg);
         }
