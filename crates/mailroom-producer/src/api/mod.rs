@@ -281,8 +281,10 @@ async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(peer)| state.network.client_ip(*peer, request.headers()));
     // The request's span continues the caller's trace (`traceparent`), so
-    // one trace runs from the caller through enqueue, worker and SMTP.
-    let span = tracing::info_span!(
+    // one trace runs from the caller through enqueue, worker and SMTP. It
+    // is DEBUG, as the other hot-path spans: the exporter takes it, the log
+    // does not format it for every request (the access line says it all).
+    let span = tracing::debug_span!(
         "mailroom.http",
         otel.kind = "server",
         http.request.method = %method,
