@@ -1,42 +1,68 @@
-//! `mailroom worker` as processes: killed with SIGKILL mid-send, two of
-//! them on one queue, SIGTERM under load. Real RabbitMQ, Redis and SMTP.
+//! `mailroom` as processes: workers killed with SIGKILL mid-send, two of
+//! them on one queue, SIGTERM under load, and one trace exported from the
+//! API's request to the SMTP reply. Real RabbitMQ, Redis and SMTP.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use mailroom_core::job::{EmailMessage, JobId, JobRequest, SendJob};
 use mailroom_core::settings::OnUncertain;
 use mailroom_producer::Producer;
+use mailroom_producer::api::Api;
+use mailroom_producer::api::keys::{NewKey, Scope};
 use mailroom_tests::rabbit::rabbitmqctl;
 use mailroom_tests::smtp::{Seen, SmtpOptions};
 use mailroom_tests::stack::Stack;
 use mailroom_worker::dlq;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Bound on waits that only a broken build reaches.
 const PATIENCE: Duration = Duration::from_mins(2);
 
-/// A `mailroom worker` process; SIGKILLed if still running when dropped.
-struct WorkerProcess {
+/// A `mailroom` process; SIGKILLed if still running when dropped.
+struct MailroomProcess {
     child: Child,
     log: std::path::PathBuf,
 }
 
-impl WorkerProcess {
-    fn start(stack: &Stack, dir: &Path, name: &str) -> Self {
+impl MailroomProcess {
+    /// `mailroom worker` on `stack`.
+    fn worker(stack: &Stack, dir: &Path, name: &str) -> Self {
+        Self::start(stack, dir, name, "worker", &[])
+    }
+
+    /// `mailroom COMMAND` on `stack`, with `extra` variables; its stderr
+    /// goes to `NAME.log` in `dir`.
+    fn start(
+        stack: &Stack,
+        dir: &Path,
+        name: &str,
+        command: &str,
+        extra: &[(&str, String)],
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_mailroom"))
-            .arg("worker")
+            .arg(command)
             .current_dir(dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(stack.env())
+            .envs(extra.iter().map(|(name, value)| (name, value)))
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
-            .expect("mailroom worker starts");
+            .expect("mailroom starts");
         Self { child, log }
     }
 
@@ -57,10 +83,26 @@ impl WorkerProcess {
             }
             assert!(
                 start.elapsed() < limit,
-                "worker did not exit; its log:\n{}",
+                "mailroom did not exit; its log:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for a line of the log that contains `text`; that line.
+    async fn wait_for_line(&self, text: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.log_text().lines().find(|line| line.contains(text)) {
+                return line.to_owned();
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "no {text:?} in:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -69,7 +111,7 @@ impl WorkerProcess {
     }
 }
 
-impl Drop for WorkerProcess {
+impl Drop for MailroomProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -132,7 +174,7 @@ fn assert_exactly_once(ids: &[JobId], seen: &[Seen]) {
 /// Starts a worker and kills it with SIGKILL once the relay has its
 /// message and sits on the reply (the relay must be told to `hang`).
 async fn kill_after_hand_over(stack: &Stack, dir: &Path) {
-    let mut first = WorkerProcess::start(stack, dir, "first");
+    let mut first = MailroomProcess::worker(stack, dir, "first");
     let start = Instant::now();
     while stack.smtp.seen().is_empty() {
         assert!(start.elapsed() < PATIENCE, "{}", first.log_text());
@@ -155,7 +197,7 @@ async fn a_job_redelivered_after_its_worker_was_killed_mid_send_is_delivered_onc
     let ids = enqueue(&stack, 1).await;
     kill_after_hand_over(&stack, dir.path()).await;
 
-    let mut second = WorkerProcess::start(&stack, dir.path(), "second");
+    let mut second = MailroomProcess::worker(&stack, dir.path(), "second");
     let accepted = stack.smtp.wait_accepted(1, PATIENCE);
     assert_eq!(accepted.len(), 1, "{}", second.log_text());
     // Give a wrongly repeated send time to show up.
@@ -186,7 +228,7 @@ async fn with_park_a_job_whose_worker_died_after_handing_it_over_is_parked_not_r
     let id = producer.enqueue(the_job.clone()).await.expect("enqueued");
     kill_after_hand_over(&stack, dir.path()).await;
 
-    let mut second = WorkerProcess::start(&stack, dir.path(), "second");
+    let mut second = MailroomProcess::worker(&stack, dir.path(), "second");
     let parked = |count: usize| {
         let producer = &producer;
         let second = &second;
@@ -237,17 +279,10 @@ async fn with_park_a_job_whose_worker_died_after_handing_it_over_is_parked_not_r
 async fn sigterm_with_the_broker_gone_exits_at_once() {
     let stack = Stack::new("term-no-broker", &SmtpOptions::default());
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut worker = WorkerProcess::start(&stack, dir.path(), "lonely");
-    let start = Instant::now();
-    while !worker.log_text().contains("consuming") {
-        assert!(start.elapsed() < PATIENCE, "{}", worker.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut worker = MailroomProcess::worker(&stack, dir.path(), "lonely");
+    worker.wait_for_line("consuming").await;
     rabbitmqctl(&["delete_vhost", stack.vhost.name()]);
-    while !worker.log_text().contains("consumer lost") {
-        assert!(start.elapsed() < PATIENCE, "{}", worker.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    worker.wait_for_line("consumer lost").await;
     worker.signal("TERM");
     let status = worker.wait(Duration::from_secs(10));
     assert!(status.success(), "{}", worker.log_text());
@@ -258,8 +293,8 @@ async fn two_worker_processes_on_one_queue_deliver_every_job_exactly_once() {
     let stack = Stack::new("two", &SmtpOptions::default());
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = enqueue(&stack, 300).await;
-    let mut a = WorkerProcess::start(&stack, dir.path(), "a");
-    let mut b = WorkerProcess::start(&stack, dir.path(), "b");
+    let mut a = MailroomProcess::worker(&stack, dir.path(), "a");
+    let mut b = MailroomProcess::worker(&stack, dir.path(), "b");
     let accepted = stack.smtp.wait_accepted(ids.len(), PATIENCE);
     assert_eq!(
         accepted.len(),
@@ -287,7 +322,7 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = enqueue(&stack, 200).await;
-    let mut first = WorkerProcess::start(&stack, dir.path(), "first");
+    let mut first = MailroomProcess::worker(&stack, dir.path(), "first");
     let start = Instant::now();
     while stack.smtp.accepted().len() < 20 {
         assert!(start.elapsed() < PATIENCE, "{}", first.log_text());
@@ -303,11 +338,194 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     let before = stack.smtp.accepted().len();
     assert!(before < ids.len(), "SIGTERM came after the work was done");
 
-    let mut second = WorkerProcess::start(&stack, dir.path(), "second");
+    let mut second = MailroomProcess::worker(&stack, dir.path(), "second");
     let accepted = stack.smtp.wait_accepted(ids.len(), PATIENCE);
     assert_eq!(accepted.len(), ids.len(), "{}", second.log_text());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_exactly_once(&ids, &stack.smtp.seen());
     second.signal("TERM");
     assert!(second.wait(PATIENCE).success());
+}
+
+/// An OTLP/gRPC collector: what the processes export, kept as sent.
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    /// Serves on a free port of the loopback; its endpoint URL.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{address}")
+    }
+
+    /// Every span received, with the service that sent it.
+    fn spans(&self) -> Vec<(String, Span)> {
+        let requests = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut spans = Vec::new();
+        for resource_spans in requests.iter().flat_map(|r| &r.resource_spans) {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|resource| &resource.attributes)
+                .find(|attribute| attribute.key == "service.name")
+                .map(|attribute| format!("{:?}", attribute.value))
+                .unwrap_or_default();
+            for scope in &resource_spans.scope_spans {
+                spans.extend(
+                    scope
+                        .spans
+                        .iter()
+                        .map(|span| (service.clone(), span.clone())),
+                );
+            }
+        }
+        spans
+    }
+
+    /// Everything received, as text.
+    fn text(&self) -> String {
+        format!(
+            "{:?}",
+            self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        )
+    }
+}
+
+/// POSTs `body` to the API at `address`; the status line and the body.
+async fn post(address: &str, headers: &str, body: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: api\r\nConnection: close\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    answer
+}
+
+/// The caller's `traceparent` starts one trace that runs through the API's
+/// request, the enqueue, the worker's processing and its SMTP exchange,
+/// each span the child of the one before, across two processes; and none
+/// of it holds the recipient, the subject, the body or the API key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_runs_from_the_callers_request_to_the_smtp_reply() {
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let stack = Stack::new("trace", &SmtpOptions::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, _) = Api::connect(&stack.settings)
+        .await
+        .expect("api")
+        .keys()
+        .create(NewKey {
+            tenant: "acme".to_owned(),
+            scopes: vec![Scope::Send],
+            allow_cidrs: Vec::new(),
+            rate: None,
+            expires_at: None,
+        })
+        .await
+        .expect("key");
+    let otlp = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("MAILROOM__API__BIND", "127.0.0.1:0".to_owned()),
+    ];
+    let mut worker = MailroomProcess::start(&stack, dir.path(), "worker", "worker", &otlp);
+    let mut api = MailroomProcess::start(&stack, dir.path(), "api", "api", &otlp);
+    let listening = api.wait_for_line("listening on http://").await;
+    let address = listening
+        .rsplit("http://")
+        .next()
+        .expect("address")
+        .trim()
+        .to_owned();
+    worker.wait_for_line("consuming").await;
+
+    let (trace_id, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let (recipient, subject, text) = (
+        "traced.reader@example.org",
+        "Your traced order",
+        "traced body text",
+    );
+    let body = serde_json::json!({
+        "message": {"from": "shop@example.com", "to": [recipient], "subject": subject, "text": text}
+    })
+    .to_string();
+    let headers =
+        format!("Authorization: Bearer {key}\r\ntraceparent: 00-{trace_id}-{caller_span}-01\r\n");
+    let answer = post(&address, &headers, &body).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert_eq!(stack.smtp.wait_accepted(1, PATIENCE).len(), 1);
+
+    // Both export what is left when they stop.
+    api.signal("TERM");
+    worker.signal("TERM");
+    assert!(api.wait(PATIENCE).success(), "{}", api.log_text());
+    assert!(worker.wait(PATIENCE).success(), "{}", worker.log_text());
+
+    let spans = collector.spans();
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|(_, span)| span.name == name)
+            .unwrap_or_else(|| panic!("no {name} span among {spans:#?}"))
+    };
+    let (api_service, http) = named("mailroom.http");
+    let (_, enqueue) = named("mailroom.enqueue");
+    let (worker_service, process) = named("mailroom.process");
+    let (_, smtp) = named("mailroom.smtp");
+    assert_ne!(api_service, worker_service, "two processes, two services");
+    for (child, parent) in [
+        (http, None),
+        (enqueue, Some(http)),
+        (process, Some(enqueue)),
+        (smtp, Some(process)),
+    ] {
+        assert_eq!(
+            hex::encode(&child.trace_id),
+            trace_id,
+            "{} is in the caller's trace",
+            child.name
+        );
+        let parent_id = parent.map_or_else(
+            || caller_span.to_owned(),
+            |parent| hex::encode(&parent.span_id),
+        );
+        assert_eq!(
+            hex::encode(&child.parent_span_id),
+            parent_id,
+            "{}'s parent",
+            child.name
+        );
+    }
+    let exported = collector.text();
+    for secret in [recipient, subject, text, key.as_str()] {
+        assert!(!exported.contains(secret), "{secret:?} was exported");
+    }
 }
