@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::measure::{Run, parse_size};
+use super::measure::{Run, cpu_time, cpu_used_since, parse_size};
 use super::setup::{bench_broker, body_text, clean_up, purge_work_queues};
 
 /// `mailroom bench api`
@@ -94,9 +94,13 @@ pub async fn run(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     // Warm up connections, caches and the broker's queue.
     post_all(address, &key, &body, 1_000.min(args.count), concurrency).await?;
     purge_work_queues(&broker).await?;
-    let http = post_all(address, &key, &body, args.count, concurrency).await?;
+    let cpu = cpu_time();
+    let mut http = post_all(address, &key, &body, args.count, concurrency).await?;
+    http.cpu = cpu_used_since(cpu);
     purge_work_queues(&broker).await?;
-    let library = library(&producer, &settings, &body, args.count, concurrency).await?;
+    let cpu = cpu_time();
+    let mut library = library(&producer, &settings, &body, args.count, concurrency).await?;
+    library.cpu = cpu_used_since(cpu);
     purge_work_queues(&broker).await?;
 
     shutdown.cancel();
@@ -110,6 +114,10 @@ pub async fn run(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     println!(
         "ratio API / library: {:.2} (target >= 0.7)",
         http.rate() / library.rate()
+    );
+    println!(
+        "CPU is this process's (user + system) a message; on the API run it \
+         includes the HTTP client's share, and the broker shares the cores"
     );
     Ok(())
 }

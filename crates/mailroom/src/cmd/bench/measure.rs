@@ -85,7 +85,7 @@ impl Run {
         }
         if let Some(cpu) = self.cpu {
             line.push_str(&format!(
-                "   client CPU {:.1} us/msg",
+                "   CPU {:.1} us/msg",
                 cpu.as_secs_f64() * 1e6 / self.count.max(1) as f64
             ));
         }
