@@ -126,11 +126,12 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
     clean_up(&store, &settings.redis.key_prefix).await;
     purge_work_queues(&broker).await?;
     broker.close().await;
-    let (throughput, paced) = outcome?;
+    let (throughput, paced, confirms) = outcome?;
 
     let lower = sink.rate().min(consumer.rate());
     println!("{}", throughput.report());
     println!("{}", paced.report());
+    println!("{}", confirms.report());
     let rss_mib = rss.map(|kib| kib as f64 / 1024.0);
     println!(
         "worker peak RSS: {}",
@@ -245,7 +246,7 @@ async fn measure(
     body: &str,
     worker: &mut WorkerProcess,
     store: &RedisStore,
-) -> anyhow::Result<(Run, Run)> {
+) -> anyhow::Result<(Run, Run, Run)> {
     worker.wait_ready()?;
     let started = Instant::now();
     worker.wait_sent(args.count)?;
@@ -260,7 +261,7 @@ async fn measure(
     // segment clean-up), so the paced phase reads a steady state.
     tokio::time::sleep(SETTLE).await;
     let rate = throughput.rate() / 2.0;
-    let ids = paced(producer, body, rate, args.paced).await?;
+    let (ids, confirms) = paced(producer, body, rate, args.paced).await?;
     worker.wait_sent(args.count + ids.len())?;
     let statuses = StatusStore::new(store.clone(), settings.worker.status_retention);
     let mut latencies = Vec::with_capacity(ids.len());
@@ -279,38 +280,50 @@ async fn measure(
     }
     let mut run = Run::new("mailroom at half that rate", latencies, args.paced);
     run.count = ids.len();
-    Ok((throughput, run))
+    let confirms = Run::new("  of which enqueue, to its confirm", confirms, args.paced);
+    Ok((throughput, run, confirms))
 }
 
-/// Enqueues at `rate` jobs a second for `length`; returns their ids.
+/// Enqueues at `rate` jobs a second for `length`; returns their ids and
+/// how long each took from its creation to the broker's confirm (the
+/// producer's and the broker's share of the end-to-end latency).
 async fn paced(
     producer: &Producer,
     body: &str,
     rate: f64,
     length: Duration,
-) -> anyhow::Result<Vec<JobId>> {
+) -> anyhow::Result<(Vec<JobId>, Vec<Duration>)> {
     const TICK: Duration = Duration::from_millis(10);
     let mut ticker = tokio::time::interval(TICK);
     let started = Instant::now();
     let mut sent = 0_usize;
     let mut pending = FuturesUnordered::new();
     let mut ids = Vec::new();
+    let mut confirms = Vec::new();
+    let timed = |job| async {
+        let created = Instant::now();
+        let id = producer.enqueue(job).await?;
+        anyhow::Ok((id, created.elapsed()))
+    };
     while started.elapsed() < length {
         ticker.tick().await;
         let due = rate * started.elapsed().as_secs_f64();
         while (sent as f64) < due {
-            let job = job(body);
-            pending.push(producer.enqueue(job));
+            pending.push(timed(job(body)));
             sent += 1;
         }
         while let Some(Some(result)) = futures_util::FutureExt::now_or_never(pending.next()) {
-            ids.push(result?);
+            let (id, took) = result?;
+            ids.push(id);
+            confirms.push(took);
         }
     }
     while let Some(result) = pending.next().await {
-        ids.push(result?);
+        let (id, took) = result?;
+        ids.push(id);
+        confirms.push(took);
     }
-    Ok(ids)
+    Ok((ids, confirms))
 }
 
 /// A `mailroom worker` child process with a health port of its own.
