@@ -1,61 +1,69 @@
 //! The DATA section of an SMTP transaction (RFC 5321 §4.5.2): every line
 //! that starts with `.` gets one more, and `CRLF.CRLF` ends it.
 
-use std::borrow::Cow;
-
 /// `raw` as DATA carries it, end included, so the body and its end go out
 /// in one write: on its own, the five-byte end costs a segment and a
 /// system call on each side for every message. `None` when `raw` is not
 /// UTF-8, which lettre's encoded messages always are (the caller then
 /// lets lettre write it).
 ///
-/// Every bare CR and bare LF becomes CRLF before the dots are doubled:
-/// lettre ends its own lines with CRLF but passes a lone CR in a 7bit body
+/// Every bare CR and bare LF becomes CRLF as the dots are doubled: lettre
+/// ends its own lines with CRLF but passes a lone CR in a 7bit body
 /// through, and a relay that reads `<CR>.<CR><LF>` or `<LF>.<CR><LF>` as
 /// the end of DATA would take what follows as commands (SMTP smuggling).
 pub fn data_section(raw: &[u8]) -> Option<String> {
-    let text = crlf_only(std::str::from_utf8(raw).ok()?);
-    let mut out = String::with_capacity(text.len() + 8);
-    let mut line_start = true;
-    for piece in text.split_inclusive('\n') {
-        if line_start && piece.starts_with('.') {
+    let text = std::str::from_utf8(raw).ok()?;
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + text.len() / 32 + 8);
+    let mut line = 0;
+    loop {
+        if bytes.get(line) == Some(&b'.') {
             out.push('.');
         }
-        out.push_str(piece);
-        line_start = piece.ends_with('\n');
+        let Some(offset) = memchr::memchr2(b'\r', b'\n', &bytes[line..]) else {
+            out.push_str(&text[line..]);
+            break;
+        };
+        let brk = line + offset;
+        out.push_str(&text[line..brk]);
+        out.push_str("\r\n");
+        let crlf = bytes[brk] == b'\r' && bytes.get(brk + 1) == Some(&b'\n');
+        line = brk + if crlf { 2 } else { 1 };
     }
     out.push_str("\r\n.\r\n");
     Some(out)
 }
 
-/// `text` with every line break a CRLF; borrowed when it already is.
-fn crlf_only(text: &str) -> Cow<'_, str> {
-    let bytes = text.as_bytes();
-    let bare_cr = text
-        .match_indices('\r')
-        .any(|(i, _)| bytes.get(i + 1) != Some(&b'\n'));
-    let bare_lf = text
-        .match_indices('\n')
-        .any(|(i, _)| i == 0 || bytes[i - 1] != b'\r');
-    if !bare_cr && !bare_lf {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    let mut after_cr = false;
-    for c in text.chars() {
-        match c {
-            '\n' if after_cr => {}
-            '\r' | '\n' => out.push_str("\r\n"),
-            c => out.push(c),
-        }
-        after_cr = c == '\r';
-    }
-    Cow::Owned(out)
-}
-
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::data_section;
+
+    /// `text` with every line break (CRLF, bare CR, bare LF) a CRLF.
+    fn crlf_lines(text: &str) -> String {
+        text.replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .replace('\n', "\r\n")
+    }
+
+    proptest! {
+        /// Whatever the body, only the end ends the DATA, and a relay that
+        /// undoes the dots reads the body back with CRLF line breaks.
+        #[test]
+        fn only_the_end_ends_the_data(text in "[a.\r\n]{0,40}") {
+            let data = data_section(text.as_bytes()).expect("utf-8");
+            let body = data.strip_suffix("\r\n.\r\n").expect("the end");
+            let framed = format!("\r\n{body}\r\n");
+            prop_assert!(!framed.contains("\r\n.\r\n"));
+            prop_assert!(!body.replace("\r\n", "").contains(['\r', '\n']));
+            let undone: Vec<&str> = body
+                .split("\r\n")
+                .map(|line| line.strip_prefix('.').unwrap_or(line))
+                .collect();
+            prop_assert_eq!(undone.join("\r\n"), crlf_lines(&text));
+        }
+    }
 
     #[test]
     fn leading_dots_are_doubled_and_the_end_added() {
