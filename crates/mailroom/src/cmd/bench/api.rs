@@ -36,6 +36,10 @@ pub struct ApiArgs {
     /// Size of each message's text body, e.g. 2KiB.
     #[arg(long, default_value = "2KiB", value_parser = parse_size)]
     size: usize,
+    /// Messages a `POST /v1/messages/batch` carries in the batch run (0:
+    /// no batch run).
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
     /// Vhost the benchmark uses (made with `rabbitmqctl add_vhost`).
     #[arg(long, default_value = "mailroom-bench")]
     vhost: String,
@@ -90,13 +94,38 @@ pub async fn run(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(api.serve(listener, shutdown.clone()));
 
-    let body = serde_json::to_string(&request(&body_text(args.size)))?;
+    let one = request(&body_text(args.size));
+    let body = serde_json::to_string(&one)?;
+    let single = Post {
+        label: "API: POST /v1/messages",
+        path: "/v1/messages",
+        body: &body,
+        messages: 1,
+    };
     // Warm up connections, caches and the broker's queue.
-    post_all(address, &key, &body, 1_000.min(args.count), concurrency).await?;
+    single
+        .run(address, &key, 1_000.min(args.count), concurrency)
+        .await?;
     purge_work_queues(&broker).await?;
-    let cpu = cpu_time();
-    let mut http = post_all(address, &key, &body, args.count, concurrency).await?;
-    http.cpu = cpu_used_since(cpu);
+    let http = single.run(address, &key, args.count, concurrency).await?;
+    purge_work_queues(&broker).await?;
+    let batch_body = serde_json::to_string(&serde_json::json!({
+        "messages": vec![&one; args.batch],
+    }))?;
+    let batch = Post {
+        label: "API: POST /v1/messages/batch",
+        path: "/v1/messages/batch",
+        body: &batch_body,
+        messages: args.batch,
+    };
+    let batched = match args.batch {
+        0 => None,
+        n => Some(
+            batch
+                .run(address, &key, args.count.div_ceil(n), concurrency)
+                .await?,
+        ),
+    };
     purge_work_queues(&broker).await?;
     let cpu = cpu_time();
     let mut library = library(&producer, &settings, &body, args.count, concurrency).await?;
@@ -109,17 +138,30 @@ pub async fn run(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     clean_up(&store, &settings.redis.key_prefix).await;
     broker.close().await;
 
+    report(&http, batched.as_ref(), &library);
+    Ok(())
+}
+
+fn report(http: &Run, batched: Option<&Run>, library: &Run) {
     println!("{}", http.report());
+    if let Some(batched) = batched {
+        println!("{}", batched.report());
+    }
     println!("{}", library.report());
     println!(
         "ratio API / library: {:.2} (target >= 0.7)",
         http.rate() / library.rate()
     );
     println!(
-        "CPU is this process's (user + system) a message; on the API run it \
+        "CPU is this process's (user + system) a message; on the API runs it \
          includes the HTTP client's share, and the broker shares the cores"
     );
-    Ok(())
+    if batched.is_some() {
+        println!(
+            "the batch run counts messages a second; its latencies are a \
+             request's, of the whole batch"
+        );
+    }
 }
 
 fn request(text: &str) -> JobRequest {
@@ -135,43 +177,55 @@ fn request(text: &str) -> JobRequest {
     }
 }
 
-/// `count` POSTs over `concurrency` keep-alive connections.
-async fn post_all(
-    address: SocketAddr,
-    key: &str,
-    body: &str,
-    count: usize,
-    concurrency: usize,
-) -> anyhow::Result<Run> {
-    let per_connection = count.div_ceil(concurrency);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for connection in 0..concurrency {
-        let n = per_connection.min(count.saturating_sub(connection * per_connection));
-        let (key, body) = (key.to_owned(), body.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let mut client = Client::connect(address).await?;
-            let mut latencies = Vec::with_capacity(n);
-            for _ in 0..n {
-                let start = Instant::now();
-                let status = client.post("/v1/messages", &key, &body).await?;
-                if status != 202 {
-                    bail!("the API answered {status}");
+/// One kind of POST the benchmark makes.
+struct Post<'a> {
+    label: &'static str,
+    path: &'static str,
+    body: &'a str,
+    /// Messages one request carries.
+    messages: usize,
+}
+
+impl Post<'_> {
+    /// `count` POSTs over `concurrency` keep-alive connections; the run
+    /// counts messages.
+    async fn run(
+        &self,
+        address: SocketAddr,
+        key: &str,
+        count: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<Run> {
+        let per_connection = count.div_ceil(concurrency);
+        let cpu = cpu_time();
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for connection in 0..concurrency {
+            let n = per_connection.min(count.saturating_sub(connection * per_connection));
+            let (key, body, path) = (key.to_owned(), self.body.to_owned(), self.path);
+            tasks.push(tokio::spawn(async move {
+                let mut client = Client::connect(address).await?;
+                let mut latencies = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let start = Instant::now();
+                    let status = client.post(path, &key, &body).await?;
+                    if status != 202 {
+                        bail!("the API answered {status} to POST {path}");
+                    }
+                    latencies.push(start.elapsed());
                 }
-                latencies.push(start.elapsed());
-            }
-            Ok(latencies)
-        }));
+                Ok(latencies)
+            }));
+        }
+        let mut latencies = Vec::with_capacity(count);
+        for task in tasks {
+            latencies.extend(task.await??);
+        }
+        let mut run = Run::new(self.label, latencies, started.elapsed());
+        run.count *= self.messages;
+        run.cpu = cpu_used_since(cpu);
+        Ok(run)
     }
-    let mut latencies = Vec::with_capacity(count);
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
-    Ok(Run::new(
-        "API: POST /v1/messages",
-        latencies,
-        started.elapsed(),
-    ))
 }
 
 /// The same jobs through `Producer::enqueue`, `concurrency` in flight.
