@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
+use mailroom_core::wire::RETRY_TIERS;
 use metrics::{counter, gauge, histogram};
+
+use crate::verdict::DeadReason;
 
 /// Jobs finished, by outcome (`sent`, `retry`, `deferred`, `duplicate`, `dead`).
 pub const JOBS: &str = "mailroom_jobs_total";
@@ -23,8 +26,32 @@ pub const DEAD_LETTERS: &str = "mailroom_dead_letters_total";
 /// Deliveries being processed now.
 pub const IN_FLIGHT: &str = "mailroom_in_flight";
 
+/// Outcomes [`job`] counts.
+const OUTCOMES: [&str; 5] = ["sent", "retry", "deferred", "duplicate", "dead"];
+
+/// Puts every counter's series, each outcome, tier and reason, at zero, so
+/// each exists from the start: Prometheus' `increase()` needs a sample
+/// before the first event, or the first dead letter after a restart
+/// raises no alert.
+pub fn register() {
+    for outcome in OUTCOMES {
+        counter!(JOBS, "outcome" => outcome).increment(0);
+    }
+    for tier in &RETRY_TIERS {
+        counter!(RETRIES, "tier" => tier.name).increment(0);
+    }
+    for reason in DeadReason::ALL {
+        counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
+    }
+    gauge!(IN_FLIGHT).increment(0.0);
+}
+
 /// Counts a finished job.
 pub fn job(outcome: &'static str) {
+    debug_assert!(
+        OUTCOMES.contains(&outcome),
+        "unregistered outcome {outcome}"
+    );
     counter!(JOBS, "outcome" => outcome).increment(1);
 }
 

@@ -102,11 +102,13 @@ impl Worker {
         &self,
         shutdown: CancellationToken,
     ) -> Result<SocketAddr, WorkerError> {
+        let recorder = mailroom_core::telemetry::prometheus();
+        crate::metrics::register();
         health::serve(
             self.health_bind,
             self.broker.clone(),
             self.store.clone(),
-            mailroom_core::telemetry::prometheus(),
+            recorder,
             shutdown,
         )
         .await

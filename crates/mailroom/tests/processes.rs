@@ -347,6 +347,40 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     assert!(second.wait(PATIENCE).success());
 }
 
+/// Every counter a dashboard or an alert reads is exported at 0 before its
+/// first event: `increase()` over a series that appears at 1 is 0, so the
+/// first dead letter after a restart would raise no alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_worker_exports_every_counter_at_zero() {
+    let stack = Stack::new("metrics", &SmtpOptions::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut worker = MailroomProcess::worker(&stack, dir.path(), "worker");
+    let started = worker.wait_for_line("worker started").await;
+    let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON log line");
+    let health = line["fields"]["health"].as_str().expect("health address");
+    let mut stream = tokio::net::TcpStream::connect(health)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut metrics = String::new();
+    stream.read_to_string(&mut metrics).await.expect("read");
+    for series in [
+        r#"mailroom_jobs_total{outcome="sent"} 0"#,
+        r#"mailroom_jobs_total{outcome="dead"} 0"#,
+        r#"mailroom_retries_total{tier="30s"} 0"#,
+        r#"mailroom_dead_letters_total{reason="rejected"} 0"#,
+        r#"mailroom_dead_letters_total{reason="seal"} 0"#,
+        "mailroom_in_flight 0",
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+    worker.signal("TERM");
+    assert!(worker.wait(PATIENCE).success(), "{}", worker.log_text());
+}
+
 /// An OTLP/gRPC collector: what the processes export, kept as sent.
 #[derive(Clone, Default)]
 struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
