@@ -5,40 +5,61 @@
 /// in one write: on its own, the five-byte end costs a segment and a
 /// system call on each side for every message. `None` when `raw` is not
 /// UTF-8, which lettre's encoded messages always are (the caller then
-/// lets lettre write it).
+/// hands [`crlf_breaks`] of it to lettre, which doubles the dots itself).
 ///
 /// Every bare CR and bare LF becomes CRLF as the dots are doubled: lettre
 /// ends its own lines with CRLF but passes a lone CR in a 7bit body
 /// through, and a relay that reads `<CR>.<CR><LF>` or `<LF>.<CR><LF>` as
 /// the end of DATA would take what follows as commands (SMTP smuggling).
 pub fn data_section(raw: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(raw).ok()?;
-    let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len() + text.len() / 32 + 8);
-    let mut line = 0;
-    loop {
-        if bytes.get(line) == Some(&b'.') {
-            out.push('.');
+    let mut out = Vec::with_capacity(raw.len() + raw.len() / 32 + 8);
+    for (i, line) in lines(raw).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\r\n");
         }
-        let Some(offset) = memchr::memchr2(b'\r', b'\n', &bytes[line..]) else {
-            out.push_str(&text[line..]);
-            break;
-        };
-        let brk = line + offset;
-        out.push_str(&text[line..brk]);
-        out.push_str("\r\n");
-        let crlf = bytes[brk] == b'\r' && bytes.get(brk + 1) == Some(&b'\n');
-        line = brk + if crlf { 2 } else { 1 };
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
     }
-    out.push_str("\r\n.\r\n");
-    Some(out)
+    out.extend_from_slice(b"\r\n.\r\n");
+    String::from_utf8(out).ok()
+}
+
+/// `raw` with every line break a CRLF and its dots as they are.
+pub fn crlf_breaks(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + 8);
+    for (i, line) in lines(raw).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(line);
+    }
+    out
+}
+
+/// The lines of `raw` without their breaks, where a break is CRLF, a bare
+/// CR or a bare LF; what follows the last break is one more line (empty
+/// if `raw` ends with a break).
+fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(raw);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        let Some(at) = memchr::memchr2(b'\r', b'\n', text) else {
+            rest = None;
+            return Some(text);
+        };
+        let crlf = text[at] == b'\r' && text.get(at + 1) == Some(&b'\n');
+        rest = Some(&text[at + if crlf { 2 } else { 1 }..]);
+        Some(&text[..at])
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
-    use super::data_section;
+    use super::{crlf_breaks, data_section};
 
     /// `text` with every line break (CRLF, bare CR, bare LF) a CRLF.
     fn crlf_lines(text: &str) -> String {
@@ -62,6 +83,14 @@ mod tests {
                 .map(|line| line.strip_prefix('.').unwrap_or(line))
                 .collect();
             prop_assert_eq!(undone.join("\r\n"), crlf_lines(&text));
+        }
+
+        /// What lettre gets when the message is not UTF-8: the same
+        /// breaks, no dots added (lettre adds them).
+        #[test]
+        fn crlf_breaks_leaves_no_bare_cr_or_lf(text in "[a.\r\n]{0,40}") {
+            let broken = crlf_breaks(text.as_bytes());
+            prop_assert_eq!(broken, crlf_lines(&text).into_bytes());
         }
     }
 

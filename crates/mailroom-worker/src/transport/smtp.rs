@@ -27,7 +27,7 @@ use lettre::transport::smtp::response::Response;
 use mailroom_core::settings::{SmtpSettings, TlsMode};
 use tokio::sync::Semaphore;
 
-use super::data::data_section;
+use super::data::{crlf_breaks, data_section};
 use super::{Delivered, HandOver, SendError, TransportError};
 use crate::message::OutgoingMessage;
 
@@ -349,15 +349,14 @@ impl SmtpTransport {
                 .map_err(|err| before(Failure::HandOver(err)))?;
         }
         let after = |failure| (Step::AfterData, failure);
-        match data_section(&message.raw) {
-            Some(data) => self.command(connection, data).await.map_err(after),
-            None => {
-                tokio::time::timeout(self.relay.command_timeout, connection.message(&message.raw))
-                    .await
-                    .map_err(|_| after(Failure::Timeout(self.relay.command_timeout)))?
-                    .map_err(|err| after(Failure::Smtp(err)))
-            }
+        if let Some(data) = data_section(&message.raw) {
+            return self.command(connection, data).await.map_err(after);
         }
+        let raw = crlf_breaks(&message.raw);
+        tokio::time::timeout(self.relay.command_timeout, connection.message(&raw))
+            .await
+            .map_err(|_| after(Failure::Timeout(self.relay.command_timeout)))?
+            .map_err(|err| after(Failure::Smtp(err)))
     }
 
     async fn reply(&self, connection: &mut AsyncSmtpConnection) -> Result<Response, Failure> {
