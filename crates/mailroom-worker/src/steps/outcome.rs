@@ -12,7 +12,6 @@
 //! A republish the broker does not confirm means no ack: the delivery is
 //! requeued and tried again, so nothing is lost.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable as _};
@@ -196,9 +195,9 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
         .inspect_err(|err| tracing::error!(error = %err, "sent, but its status cannot be written"))
         .ok();
     let hand_over = pipeline.on_uncertain == OnUncertain::Park;
-    let tries = AtomicU32::new(0);
+    let mut tries = 0_u32;
     let attempt = || {
-        tries.fetch_add(1, Ordering::Relaxed);
+        tries += 1;
         pipeline
             .dedup
             .mark_sent(job, token, sent.as_ref(), hand_over)
@@ -215,7 +214,7 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
     match result {
         Ok(MarkOutcome::Marked) => {}
         // A try whose reply was lost (Redis slow, a timeout) did mark it.
-        Ok(MarkOutcome::AlreadySent) if tries.load(Ordering::Relaxed) > 1 => {
+        Ok(MarkOutcome::AlreadySent) if tries > 1 => {
             tracing::debug!("marked sent by an earlier try");
         }
         Ok(other) => tracing::warn!(outcome = ?other, "sent, but the claim had changed hands"),
