@@ -12,26 +12,26 @@
 /// through, and a relay that reads `<CR>.<CR><LF>` or `<LF>.<CR><LF>` as
 /// the end of DATA would take what follows as commands (SMTP smuggling).
 pub fn data_section(raw: &[u8]) -> Option<String> {
-    let mut out = Vec::with_capacity(raw.len() + raw.len() / 32 + 8);
-    for (i, line) in lines(raw).enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b"\r\n");
-        }
-        if line.first() == Some(&b'.') {
-            out.push(b'.');
-        }
-        out.extend_from_slice(line);
-    }
+    let mut out = rebroken(raw, true);
     out.extend_from_slice(b"\r\n.\r\n");
     String::from_utf8(out).ok()
 }
 
 /// `raw` with every line break a CRLF and its dots as they are.
 pub fn crlf_breaks(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() + 8);
+    rebroken(raw, false)
+}
+
+/// The [`lines`] of `raw` joined by CRLF, a dot added before each that
+/// starts with one if `double_dots`.
+fn rebroken(raw: &[u8], double_dots: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + raw.len() / 32 + 8);
     for (i, line) in lines(raw).enumerate() {
         if i > 0 {
             out.extend_from_slice(b"\r\n");
+        }
+        if double_dots && line.first() == Some(&b'.') {
+            out.push(b'.');
         }
         out.extend_from_slice(line);
     }
