@@ -358,15 +358,11 @@ async fn a_fresh_worker_exports_every_counter_at_zero() {
     let started = worker.wait_for_line("worker started").await;
     let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON log line");
     let health = line["fields"]["health"].as_str().expect("health address");
-    let mut stream = tokio::net::TcpStream::connect(health)
-        .await
-        .expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut metrics = String::new();
-    stream.read_to_string(&mut metrics).await.expect("read");
+    let metrics = exchange(
+        health,
+        "GET /metrics HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     for series in [
         r#"mailroom_jobs_total{outcome="sent"} 0"#,
         r#"mailroom_jobs_total{outcome="dead"} 0"#,
@@ -448,19 +444,25 @@ impl Collector {
     }
 }
 
-/// POSTs `body` to the API at `address`; the status line and the body.
-async fn post(address: &str, headers: &str, body: &str) -> String {
+/// Sends `request` (one that asks to close the connection) to `address`;
+/// the whole answer.
+async fn exchange(address: &str, request: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
-    let request = format!(
-        "POST /v1/messages HTTP/1.1\r\nHost: api\r\nConnection: close\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.expect("read");
     answer
+}
+
+/// POSTs `body` to the API at `address`; the status line and the body.
+async fn post(address: &str, headers: &str, body: &str) -> String {
+    let request = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: api\r\nConnection: close\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(address, &request).await
 }
 
 /// The caller's `traceparent` starts one trace that runs through the API's
