@@ -83,6 +83,10 @@ impl Drop for TestPrefix {
 pub struct PrivateRedis {
     port: u16,
     child: Option<std::process::Child>,
+    /// Settings after the defaults, e.g. `["--appendonly", "yes"]`.
+    extra: Vec<String>,
+    /// Its working folder (append-only file, cluster state).
+    dir: tempfile::TempDir,
 }
 
 impl PrivateRedis {
@@ -91,11 +95,25 @@ impl PrivateRedis {
     /// # Panics
     /// When `redis-server` is missing, with the command that installs it.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with `extra` settings after the defaults (it keeps
+    /// nothing on disk unless they say so).
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_with(extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut redis = Self { port, child: None };
+        let mut redis = Self {
+            port,
+            child: None,
+            extra: extra.iter().map(ToString::to_string).collect(),
+            dir: tempfile::tempdir().expect("a folder for redis-server"),
+        };
         redis.restart();
         redis
     }
@@ -123,11 +141,15 @@ impl PrivateRedis {
         }
     }
 
-    /// Starts it again on the same port (empty: it keeps nothing on disk).
+    /// Starts it again on the same port (empty, unless its settings keep
+    /// an append-only file).
     pub fn restart(&mut self) {
         self.stop();
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

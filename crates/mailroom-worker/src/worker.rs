@@ -62,6 +62,7 @@ impl Worker {
         let broker = Broker::connect_as(&settings.amqp, "mailroom-worker").await?;
         broker.declare(&Topology::standard()).await?;
         let store = RedisStore::connect(&settings.redis).await?;
+        store.check_setup().await?;
         let transport = Transport::from_settings(settings)?;
         let worker = &settings.worker;
         let pipeline = Pipeline::new(

@@ -4,6 +4,7 @@
 //! command.
 
 mod hash;
+mod setup;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::settings::{RedisSettings, redact_url};
 
 pub use hash::KeyedHash;
+pub use setup::Risk;
 
 /// Why Redis did not answer as asked. Messages never hold the URL's
 /// password.
@@ -38,6 +40,16 @@ pub enum StoreError {
     /// Redis answered with an error.
     #[error("Redis refused a command: {0}")]
     Command(String),
+    /// Redis runs as a cluster: the scripts touch several keys at once, which
+    /// a cluster refuses unless they share a slot.
+    #[error(
+        "Redis at {url} runs in cluster mode; mailroom needs a single Redis server \
+         (its scripts touch several keys at once)"
+    )]
+    Cluster {
+        /// The URL, password redacted.
+        url: String,
+    },
     /// A stored value could not be read back.
     #[error("a stored value is malformed: {0}")]
     Malformed(String),

@@ -119,6 +119,7 @@ impl Api {
         let hash_key = settings.hash_key()?.to_vec();
         let producer = Producer::connect(settings).await?;
         let store = RedisStore::connect(&settings.redis).await?;
+        store.check_setup().await?;
         Self::from_parts(producer, store, &hash_key, network, settings)
     }
 
