@@ -9,6 +9,7 @@
 //! recipients out of logs and spans.
 
 mod amqp;
+mod batched;
 
 use std::io::IsTerminal as _;
 use std::time::Duration;
@@ -37,9 +38,6 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 /// How long dropping a [`TelemetryGuard`] waits for the last spans to go out.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Bytes of log lines gathered into one write to stderr, at most.
-const LOG_BUFFER: usize = 64 * 1024;
 
 /// The `[telemetry]` settings section.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +71,9 @@ crate::setting_enum! {
 /// Why telemetry could not be set up or shut down.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The thread that writes the log could not start.
+    #[error("the log writer thread could not start: {0}")]
+    LogThread(std::io::Error),
     /// The log filter does not parse; `origin` says where it came from.
     #[error("invalid log filter {filter:?} from {origin}: {error}")]
     Filter {
@@ -110,7 +111,7 @@ pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
     shutdown_timeout: Duration,
     /// Flushes the log writer's queue when dropped (after the provider).
-    _logs: Option<tracing_appender::non_blocking::WorkerGuard>,
+    _logs: Option<batched::BatchGuard>,
 }
 
 impl TelemetryGuard {
@@ -170,18 +171,11 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
         LogFormat::Json => true,
         LogFormat::Pretty => false,
     };
-    // Log lines are written by a thread of their own, so a request or a
-    // delivery never waits on stderr; when its queue is full, callers wait
-    // rather than lines being dropped (the access log must be complete).
-    // The thread flushes each time its queue runs dry, so under load the
-    // lines queued meanwhile leave in one write instead of one each.
-    let (writer, logs) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("mailroom-log")
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_BUFFER,
-            std::io::stderr(),
-        ));
+    // Log lines are written in batches by a thread of their own, so a
+    // request or a delivery never waits on stderr nor wakes a thread for
+    // each line; no line is dropped (the access log must be complete).
+    let (writer, logs) = batched::batched(Box::new(std::io::stderr()), "mailroom-log")
+        .map_err(TelemetryError::LogThread)?;
     let fmt_layer = tracing_subscriber::fmt::layer().with_writer(writer);
     let fmt_layer = if json {
         fmt_layer.json().boxed()
