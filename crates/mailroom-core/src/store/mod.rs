@@ -15,7 +15,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::settings::{RedisSettings, redact_url};
 
 pub use hash::KeyedHash;
-pub use setup::Risk;
+pub use setup::{MINIMUM_VERSION, Risk};
 
 /// Why Redis did not answer as asked. Messages never hold the URL's
 /// password.
@@ -49,6 +49,17 @@ pub enum StoreError {
     Cluster {
         /// The URL, password redacted.
         url: String,
+    },
+    /// Redis is older than mailroom's commands need.
+    #[error(
+        "Redis at {url} is version {version}; mailroom needs 6.2 or later \
+         (it uses SET ... GET and EXAT)"
+    )]
+    TooOld {
+        /// The URL, password redacted.
+        url: String,
+        /// What the server says it is.
+        version: String,
     },
     /// A stored value could not be read back.
     #[error("a stored value is malformed: {0}")]

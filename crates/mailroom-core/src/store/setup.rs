@@ -1,9 +1,15 @@
 //! What of the Redis server's set-up bears on mailroom's guarantees: it
-//! must be one server, since the scripts touch several keys at once, and
+//! must be one server, since the scripts touch several keys at once, of
+//! [`MINIMUM_VERSION`] or later, and
 //! it should keep what it was told (dedup markers, API keys, statuses)
 //! through memory pressure and restarts.
 
 use super::{RedisStore, StoreError};
+
+/// The oldest Redis whose commands mailroom uses throughout (`SET … GET`,
+/// `EXAT`): on an older one, marking a job sent would fail after the send,
+/// and a duplicate could go out.
+pub const MINIMUM_VERSION: (u32, u32) = (6, 2);
 
 /// A set-up that weakens mailroom's guarantees without breaking it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +53,14 @@ impl RedisStore {
                 url: self.url.to_string(),
             });
         }
+        if let Some(version) = fields.get("redis_version")
+            && fields.too_old()
+        {
+            return Err(StoreError::TooOld {
+                url: self.url.to_string(),
+                version: version.to_owned(),
+            });
+        }
         Ok(fields.risks())
     }
 
@@ -68,6 +82,19 @@ impl<'a> Info<'a> {
             let (name, value) = line.split_once(':')?;
             (name == field).then(|| value.trim())
         })
+    }
+
+    /// Older than [`MINIMUM_VERSION`]; a version that does not parse is
+    /// given the benefit of the doubt.
+    fn too_old(&self) -> bool {
+        let Some(version) = self.get("redis_version") else {
+            return false;
+        };
+        let mut parts = version.split('.').map(str::parse::<u32>);
+        match (parts.next(), parts.next()) {
+            (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < MINIMUM_VERSION,
+            _ => false,
+        }
     }
 
     fn risks(&self) -> Vec<Risk> {
@@ -106,6 +133,17 @@ mod tests {
             Info(&info).risks(),
             vec![Risk::Eviction("volatile-lru".to_owned()), Risk::NoAppendLog]
         );
+    }
+
+    #[test]
+    fn versions_before_6_2_are_too_old() {
+        let with = |version: &str| format!("# Server\r\nredis_version:{version}\r\n");
+        for old in ["6.0.16", "5.0.7", "6.1.0"] {
+            assert!(Info(&with(old)).too_old(), "{old}");
+        }
+        for fine in ["6.2.0", "7.0.15", "8.2.1", "255.255.255", "unstable"] {
+            assert!(!Info(&with(fine)).too_old(), "{fine}");
+        }
     }
 
     #[test]
