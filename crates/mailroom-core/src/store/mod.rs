@@ -52,8 +52,10 @@ pub enum StoreError {
     },
     /// Redis is older than mailroom's commands need.
     #[error(
-        "Redis at {url} is version {version}; mailroom needs 6.2 or later \
-         (it uses SET ... GET and EXAT)"
+        "Redis at {url} is version {version}; mailroom needs {}.{} or later \
+         (it uses SET ... GET and EXAT)",
+        MINIMUM_VERSION.0,
+        MINIMUM_VERSION.1
     )]
     TooOld {
         /// The URL, password redacted.

@@ -144,6 +144,15 @@ mod tests {
         for fine in ["6.2.0", "7.0.15", "8.2.1", "255.255.255", "unstable"] {
             assert!(!Info(&with(fine)).too_old(), "{fine}");
         }
+        let refused = StoreError::TooOld {
+            url: "redis://redis:6379".to_owned(),
+            version: "6.0.16".to_owned(),
+        };
+        assert!(
+            refused
+                .to_string()
+                .contains("is version 6.0.16; mailroom needs 6.2 or later")
+        );
     }
 
     #[test]
