@@ -53,9 +53,7 @@ impl RedisStore {
                 url: self.url.to_string(),
             });
         }
-        if let Some(version) = fields.get("redis_version")
-            && fields.too_old()
-        {
+        if let Some(version) = fields.get("redis_version").filter(|v| too_old(v)) {
             return Err(StoreError::TooOld {
                 url: self.url.to_string(),
                 version: version.to_owned(),
@@ -73,6 +71,16 @@ impl RedisStore {
     }
 }
 
+/// Whether `version` is older than [`MINIMUM_VERSION`]; one that does not
+/// parse is given the benefit of the doubt.
+fn too_old(version: &str) -> bool {
+    let mut parts = version.split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < MINIMUM_VERSION,
+        _ => false,
+    }
+}
+
 /// The `field:value` lines of an `INFO` answer.
 struct Info<'a>(&'a str);
 
@@ -82,19 +90,6 @@ impl<'a> Info<'a> {
             let (name, value) = line.split_once(':')?;
             (name == field).then(|| value.trim())
         })
-    }
-
-    /// Older than [`MINIMUM_VERSION`]; a version that does not parse is
-    /// given the benefit of the doubt.
-    fn too_old(&self) -> bool {
-        let Some(version) = self.get("redis_version") else {
-            return false;
-        };
-        let mut parts = version.split('.').map(str::parse::<u32>);
-        match (parts.next(), parts.next()) {
-            (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < MINIMUM_VERSION,
-            _ => false,
-        }
     }
 
     fn risks(&self) -> Vec<Risk> {
@@ -137,13 +132,16 @@ mod tests {
 
     #[test]
     fn versions_before_6_2_are_too_old() {
-        let with = |version: &str| format!("# Server\r\nredis_version:{version}\r\n");
         for old in ["6.0.16", "5.0.7", "6.1.0"] {
-            assert!(Info(&with(old)).too_old(), "{old}");
+            assert!(too_old(old), "{old}");
         }
         for fine in ["6.2.0", "7.0.15", "8.2.1", "255.255.255", "unstable"] {
-            assert!(!Info(&with(fine)).too_old(), "{fine}");
+            assert!(!too_old(fine), "{fine}");
         }
+        assert_eq!(
+            Info("# Server\r\nredis_version:6.0.16\r\n").get("redis_version"),
+            Some("6.0.16")
+        );
         let refused = StoreError::TooOld {
             url: "redis://redis:6379".to_owned(),
             version: "6.0.16".to_owned(),
