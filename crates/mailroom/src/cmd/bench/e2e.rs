@@ -298,8 +298,7 @@ async fn paced(
     let started = Instant::now();
     let mut sent = 0_usize;
     let mut pending = FuturesUnordered::new();
-    let mut ids = Vec::new();
-    let mut confirms = Vec::new();
+    let mut done = Vec::new();
     let timed = |job| async {
         let created = Instant::now();
         let id = producer.enqueue(job).await?;
@@ -313,17 +312,13 @@ async fn paced(
             sent += 1;
         }
         while let Some(Some(result)) = futures_util::FutureExt::now_or_never(pending.next()) {
-            let (id, took) = result?;
-            ids.push(id);
-            confirms.push(took);
+            done.push(result?);
         }
     }
     while let Some(result) = pending.next().await {
-        let (id, took) = result?;
-        ids.push(id);
-        confirms.push(took);
+        done.push(result?);
     }
-    Ok((ids, confirms))
+    Ok(done.into_iter().unzip())
 }
 
 /// A `mailroom worker` child process with a health port of its own.
