@@ -103,6 +103,7 @@ impl Worker {
         &self,
         shutdown: CancellationToken,
     ) -> Result<SocketAddr, WorkerError> {
+        // Installs the recorder, which must exist before the series are put in it.
         let recorder = mailroom_core::telemetry::prometheus();
         crate::metrics::register();
         health::serve(
