@@ -885,6 +885,15 @@ async fn the_openapi_document_parses_and_covers_every_route() {
         ROUTES.len(),
         "the document has operations the router lacks"
     );
+    // The bodies are described, not free-form: a client can generate them.
+    for (path, schema) in [
+        ("/v1/messages", "JobRequest"),
+        ("/v1/messages/batch", "Batch"),
+    ] {
+        let body = &paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"];
+        assert_eq!(body["$ref"], format!("#/components/schemas/{schema}"));
+        assert_eq!(doc["components"]["schemas"][schema]["type"], "object");
+    }
     // Every documented route is served (the fallback answers 404 "Not found"
     // with no route; a served one never says that without a reason).
     for (method, path) in ROUTES {

@@ -281,8 +281,18 @@ impl SendJob {
 /// Serde for `Vec<u8>` as standard base64 text.
 mod base64_bytes {
     use base64::Engine as _;
-    use base64::engine::general_purpose::STANDARD;
+    use base64::alphabet;
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    /// Standard base64 that also takes non-zero bits after the last full
+    /// byte (`QR==` as well as `QQ==`), as Python's and most other decoders
+    /// do: they carry no data, and refusing them refuses a sender's file
+    /// for its encoder's rounding.
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+    );
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&STANDARD.encode(bytes))
@@ -290,7 +300,7 @@ mod base64_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD
+        LENIENT
             .decode(text.as_bytes())
             .map_err(|e| D::Error::custom(format!("content is not valid base64: {e}")))
     }
@@ -341,6 +351,16 @@ mod tests {
         )
         .expect_err("not base64");
         assert!(err.to_string().contains("base64"), "{err}");
+    }
+
+    #[test]
+    fn base64_with_stray_trailing_bits_is_taken() {
+        // `QR==` is `QQ==` (the byte `A`) with bits set after the byte.
+        let attachment = serde_json::from_str::<Attachment>(
+            r#"{"filename": "a.txt", "content_type": "text/plain", "content": "QR=="}"#,
+        )
+        .expect("lenient about trailing bits");
+        assert_eq!(attachment.content, b"A");
     }
 
     #[test]

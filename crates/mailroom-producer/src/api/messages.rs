@@ -123,6 +123,12 @@ enum PostRefusals {
         description = "Broker or Redis unavailable; nothing done; see Retry-After"
     )]
     Unavailable,
+    /// 504.
+    #[response(
+        status = 504,
+        description = "The request took longer than api.request_timeout"
+    )]
+    TimedOut,
 }
 
 /// `POST /v1/messages`
@@ -561,13 +567,15 @@ fn item_key(key: &str, index: usize, limits: &mailroom_core::validate::Limits) -
 #[utoipa::path(
     get,
     path = "/v1/messages/{id}",
-    params(("id" = String, Path, description = "The job id")),
+    params(("id" = uuid::Uuid, Path, description = "The job id")),
     responses(
         (status = 200, description = "{job_id, tenant, state, attempts, recipients (masked), created_at, updated_at, last_error, reason}", content_type = "application/json"),
         (status = 401, description = "Missing or invalid credentials", content_type = "application/problem+json"),
         (status = 403, description = "Scope or network refused", content_type = "application/problem+json"),
         (status = 404, description = "No such job for this tenant", content_type = "application/problem+json"),
+        (status = 429, description = "Rate limit spent; see Retry-After", content_type = "application/problem+json"),
         (status = 503, description = "Redis unavailable", content_type = "application/problem+json"),
+        (status = 504, description = "The request took longer than api.request_timeout", content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

@@ -20,6 +20,7 @@ mod network;
 pub mod openapi;
 pub mod problem;
 mod queued;
+mod schema;
 mod serve;
 mod spend;
 pub mod tls;
@@ -104,6 +105,8 @@ pub struct ApiState {
     limits: Limits,
     touches: Touches,
     tls: Option<tls::TlsFiles>,
+    /// `GET /openapi.json`'s answer, made once for this server's limits.
+    openapi: String,
 }
 
 /// A connected API, ready to serve.
@@ -169,6 +172,7 @@ impl Api {
                 limits: settings.limits.clone(),
                 touches: Touches::default(),
                 tls,
+                openapi: openapi::document(&settings.limits, api.max_batch),
             }),
         })
     }
@@ -231,13 +235,13 @@ impl Api {
 }
 
 /// `/healthz`: the process answers.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Alive")))]
+#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "Alive")))]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
 /// `/readyz`: broker and Redis reachable.
-#[utoipa::path(get, path = "/readyz", responses(
+#[utoipa::path(get, path = "/readyz", tag = "service", responses(
     (status = 200, description = "Broker and Redis reachable"),
     (status = 503, description = "Broker or Redis unreachable"),
 ))]
@@ -257,7 +261,7 @@ async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, String) {
 }
 
 /// `/metrics`: Prometheus text.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
+#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text format")))]
 async fn render_metrics() -> (StatusCode, String) {
     match mailroom_core::telemetry::prometheus() {
         Some(handle) => (StatusCode::OK, handle.render()),
