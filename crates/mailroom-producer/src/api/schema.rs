@@ -85,7 +85,7 @@ fn message(limits: &Limits) -> Value {
             "items": mailbox(limits),
         })
     };
-    let one_of_list = |name: &str| {
+    let non_empty = |name: &str| {
         json!({
             "required": [name],
             "properties": { name: { "minItems": 1 } },
@@ -95,7 +95,7 @@ fn message(limits: &Limits) -> Value {
         "type": "object",
         "additionalProperties": false,
         "required": ["from", "subject"],
-        "anyOf": [one_of_list("to"), one_of_list("cc"), one_of_list("bcc")],
+        "anyOf": [non_empty("to"), non_empty("cc"), non_empty("bcc")],
         "allOf": [{ "anyOf": [{ "required": ["text"] }, { "required": ["html"] }] }],
         "properties": {
             "from": mailbox(limits),
@@ -159,11 +159,7 @@ fn label(max: usize) -> Value {
 }
 
 fn headers(limits: &Limits) -> Value {
-    let denied = DENIED_HEADER_PREFIXES
-        .iter()
-        .map(|prefix| case_insensitive(prefix))
-        .collect::<Vec<_>>()
-        .join("|");
+    let denied = any_case_of(DENIED_HEADER_PREFIXES.iter().copied());
     json!({
         "type": "object",
         "maxProperties": limits.max_custom_headers,
@@ -187,12 +183,12 @@ fn headers(limits: &Limits) -> Value {
 fn attachment(limits: &Limits) -> Value {
     // Every dot-separated part is an extension to the check; the pattern
     // allows one, and not a blocked one.
-    let blocked = limits
-        .blocked_extensions
-        .iter()
-        .map(|ext| case_insensitive(ext.trim_start_matches('.')))
-        .collect::<Vec<_>>()
-        .join("|");
+    let blocked = any_case_of(
+        limits
+            .blocked_extensions
+            .iter()
+            .map(|ext| ext.trim_start_matches('.')),
+    );
     json!({
         "type": "object",
         "additionalProperties": false,
@@ -220,6 +216,12 @@ fn attachment(limits: &Limits) -> Value {
             },
         },
     })
+}
+
+/// An alternation matching any of `words` in any case (`exe|bat` as
+/// `[Ee][Xx][Ee]|[Bb][Aa][Tt]`).
+fn any_case_of<'a>(words: impl Iterator<Item = &'a str>) -> String {
+    words.map(case_insensitive).collect::<Vec<_>>().join("|")
 }
 
 /// `exe` as `[Ee][Xx][Ee]`: ECMA-262 patterns have no inline flags.
@@ -313,5 +315,6 @@ mod tests {
         assert_eq!(case_insensitive("7z"), "7[Zz]");
         assert_eq!(case_insensitive("X-Spam-"), "[Xx]-[Ss][Pp][Aa][Mm]-");
         assert_eq!(case_insensitive("a.b"), "[Aa]\\.[Bb]");
+        assert_eq!(any_case_of(["exe", "7z"].into_iter()), "[Ee][Xx][Ee]|7[Zz]");
     }
 }
