@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -106,7 +107,7 @@ pub struct ApiState {
     touches: Touches,
     tls: Option<tls::TlsFiles>,
     /// `GET /openapi.json`'s answer, made once for this server's limits.
-    openapi: String,
+    openapi: Bytes,
 }
 
 /// A connected API, ready to serve.

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::header;
 use mailroom_core::validate::Limits;
@@ -65,9 +66,10 @@ impl Modify for Bearer {
 #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This document")))]
 pub async fn openapi_json(
     State(state): State<Arc<ApiState>>,
-) -> ([(header::HeaderName, &'static str); 1], String) {
+) -> ([(header::HeaderName, &'static str); 1], Bytes) {
     (
         [(header::CONTENT_TYPE, "application/json")],
+        // A shared buffer: the answer copies nothing.
         state.openapi.clone(),
     )
 }
@@ -75,7 +77,7 @@ pub async fn openapi_json(
 /// The document for a server with these limits: [`ApiDoc`], with the
 /// request bodies' schemas (see the `schema` module) in place of the
 /// free-form objects the handlers' annotations name.
-pub fn document(limits: &Limits, max_batch: usize) -> String {
+pub fn document(limits: &Limits, max_batch: usize) -> Bytes {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
     doc["components"]["schemas"]["JobRequest"] = schema::job_request(limits);
     doc["components"]["schemas"]["Batch"] = schema::batch(max_batch);
@@ -86,5 +88,5 @@ pub fn document(limits: &Limits, max_batch: usize) -> String {
         doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] =
             json!({ "$ref": format!("#/components/schemas/{name}") });
     }
-    doc.to_string()
+    Bytes::from(doc.to_string())
 }
