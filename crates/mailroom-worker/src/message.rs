@@ -14,6 +14,8 @@ use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use mailroom_core::job::SendJob;
 use mailroom_core::validate::parse_mailbox;
 
+mod text;
+
 /// A job that cannot become a message. Validation refuses these before
 /// they are queued; this is the last guard.
 #[derive(Debug, thiserror::Error)]
@@ -88,13 +90,16 @@ pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
     let envelope = Envelope::new(Some(sender), recipients)
         .map_err(|err| MessageError::Build(err.to_string()))?;
     builder = builder.envelope(envelope);
+    let plain = |text: &str| text::part(text, ContentType::TEXT_PLAIN);
+    let html = |html: &str| text::part(html, ContentType::TEXT_HTML);
     let body = match (&message.text, &message.html) {
-        (Some(text), Some(html)) => Body::Alternative(MultiPart::alternative_plain_html(
-            text.clone(),
-            html.clone(),
-        )),
-        (None, Some(html)) => Body::Single(SinglePart::html(html.clone())),
-        (text, None) => Body::Single(SinglePart::plain(text.clone().unwrap_or_default())),
+        (Some(text), Some(markup)) => Body::Alternative(
+            MultiPart::alternative()
+                .singlepart(plain(text))
+                .singlepart(html(markup)),
+        ),
+        (None, Some(markup)) => Body::Single(html(markup)),
+        (text, None) => Body::Single(plain(text.as_deref().unwrap_or_default())),
     };
     let built = if message.attachments.is_empty() {
         match body {

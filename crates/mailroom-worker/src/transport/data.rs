@@ -41,7 +41,7 @@ fn rebroken(raw: &[u8], double_dots: bool) -> Vec<u8> {
 /// The lines of `raw` without their breaks, where a break is CRLF, a bare
 /// CR or a bare LF; what follows the last break is one more line (empty
 /// if `raw` ends with a break).
-fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = Some(raw);
     std::iter::from_fn(move || {
         let text = rest?;

@@ -18,6 +18,7 @@ use mailroom_core::telemetry::redact_error;
 
 use crate::message::OutgoingMessage;
 
+pub(crate) use data::{crlf_breaks, lines};
 pub use file::FileTransport;
 pub use smtp::SmtpTransport;
 
