@@ -225,6 +225,28 @@ async fn the_same_idempotency_key_three_times_is_delivered_once() {
     stop(worker, producer).await;
 }
 
+/// A job larger than `worker.max_inflight_bytes` takes the whole budget
+/// and runs alone; it does not wait forever for more than there is.
+#[tokio::test]
+async fn jobs_larger_than_the_byte_budget_all_arrive() {
+    let mut stack = Stack::new("budget", &SmtpOptions::default());
+    stack.settings.worker.max_inflight_bytes = 1024;
+    let (producer, worker) = start(&stack.settings).await;
+    let text = "a line of a long letter\n".repeat(400);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let mut job = job(&format!("Long letter {i}"));
+        job.message.text = Some(text.clone());
+        ids.push(producer.enqueue(job).await.expect("enqueued"));
+    }
+    let store = statuses(&stack.settings).await;
+    for id in &ids {
+        assert_eq!(settled(&store, id).await.state, JobState::Sent);
+    }
+    assert_eq!(stack.smtp.accepted().len(), 4);
+    stop(worker, producer).await;
+}
+
 /// A body with a lone CR before a dot (`<CR>.<CR><LF>`, which some
 /// relays read as the end of DATA) cannot end the message early and smuggle
 /// the lines after it in as SMTP commands: the relay gets one message, whole.

@@ -8,6 +8,12 @@
 //! needs: at least a quarter of the pool is always free for
 //! `transactional`.
 //!
+//! **Bytes.** A delivery also takes its size (in KiB) of the pool's
+//! `worker.max_inflight_bytes`, so a burst of large messages is worked a
+//! few at a time; one larger than the whole budget takes all of it and
+//! runs alone. Small jobs never notice: 64 of 2 KiB use 0.2 % of the
+//! default.
+//!
 //! **Connection loss.** A consumer whose channel or connection dies starts
 //! again on a fresh one after a jittered backoff; the broker requeues what
 //! it had not seen acked, and the dedup claim keeps a job from being sent
@@ -46,6 +52,8 @@ pub struct PoolSize {
     pub concurrency: usize,
     /// Channel prefetch of the transactional lane.
     pub prefetch: u16,
+    /// Sealed bytes in work at once (see the module's doc).
+    pub inflight_bytes: usize,
     /// Time in-flight jobs get on shutdown.
     pub grace: Duration,
 }
@@ -57,6 +65,9 @@ pub struct Pool {
     size: PoolSize,
     all: Arc<Semaphore>,
     bulk: Arc<Semaphore>,
+    /// KiB of sealed bodies in work.
+    kib: Arc<Semaphore>,
+    kib_total: u32,
     tracker: TaskTracker,
 }
 
@@ -71,12 +82,15 @@ impl Pool {
     /// A pool consuming through `broker` into `pipeline`.
     pub fn new(broker: Broker, pipeline: Arc<Pipeline>, size: PoolSize) -> Self {
         let concurrency = size.concurrency.max(1);
+        let kib_total = u32::try_from(kib(size.inflight_bytes)).unwrap_or(u32::MAX);
         Self {
             broker,
             pipeline,
             size,
             all: Arc::new(Semaphore::new(concurrency)),
             bulk: Arc::new(Semaphore::new(bulk_share(concurrency))),
+            kib: Arc::new(Semaphore::new(kib_total as usize)),
+            kib_total,
             tracker: TaskTracker::new(),
         }
     }
@@ -197,7 +211,7 @@ impl Pool {
                     stop(&channel, consumer.tag()).await;
                     return Ok(Ended::Shutdown);
                 }
-                permits = self.permits(lane) => permits,
+                permits = self.permits(lane, delivery.data.len()) => permits,
             };
             let Some(permits) = permits else {
                 requeue(&acks, delivery).await;
@@ -216,12 +230,14 @@ impl Pool {
         }
     }
 
-    async fn permits(&self, lane: Lane) -> Option<Vec<OwnedSemaphorePermit>> {
-        let mut permits = Vec::with_capacity(2);
+    async fn permits(&self, lane: Lane, bytes: usize) -> Option<Vec<OwnedSemaphorePermit>> {
+        let mut permits = Vec::with_capacity(3);
         if lane == Lane::Bulk {
             permits.push(Arc::clone(&self.bulk).acquire_owned().await.ok()?);
         }
         permits.push(Arc::clone(&self.all).acquire_owned().await.ok()?);
+        let share = u32::try_from(kib(bytes)).map_or(self.kib_total, |n| n.min(self.kib_total));
+        permits.push(Arc::clone(&self.kib).acquire_many_owned(share).await.ok()?);
         Some(permits)
     }
 }
@@ -233,6 +249,11 @@ enum Ended {
     /// The broker cancelled the consumer after it had delivered (e.g. the
     /// queue was deleted); start again.
     Consumed,
+}
+
+/// `bytes` in whole KiB, at least one.
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024).max(1)
 }
 
 /// The share of the pool bulk may hold.
@@ -286,12 +307,19 @@ async fn handle(
 
 #[cfg(test)]
 mod tests {
-    use super::bulk_share;
+    use super::{bulk_share, kib};
 
     #[test]
     fn bulk_never_takes_the_whole_pool() {
         assert_eq!(bulk_share(64), 48);
         assert_eq!(bulk_share(4), 3);
         assert_eq!(bulk_share(1), 1);
+    }
+
+    #[test]
+    fn every_delivery_costs_at_least_a_kib() {
+        assert_eq!(kib(0), 1);
+        assert_eq!(kib(2_400), 3);
+        assert_eq!(kib(1024), 1);
     }
 }

@@ -218,6 +218,11 @@ pub struct WorkerSettings {
     /// Unacked deliveries the broker may push; defaults to `concurrency`
     /// and a quarter.
     pub prefetch: Option<u16>,
+    /// Sealed bytes of the jobs in work at once: a job waits until its
+    /// size fits, and one larger than this runs alone. Bounds the memory
+    /// large messages take in work (each costs several times its size);
+    /// not the prefetched deliveries, which RabbitMQ counts only by number.
+    pub max_inflight_bytes: usize,
     /// Where mail goes.
     pub transport: TransportKind,
     /// Folder of the `file` transport.
@@ -247,6 +252,7 @@ impl Default for WorkerSettings {
         Self {
             concurrency: 64,
             prefetch: None,
+            max_inflight_bytes: 64 * 1024 * 1024,
             transport: TransportKind::default(),
             outbox_dir: PathBuf::from("mailroom-outbox"),
             dedup_window: Duration::from_hours(24),

@@ -127,6 +127,12 @@ fn bad_values_name_the_setting_and_what_is_allowed() {
             "1 to 4096",
         ),
         (
+            "MAILROOM__WORKER__MAX_INFLIGHT_BYTES",
+            "100",
+            "worker.max_inflight_bytes",
+            "from 1024",
+        ),
+        (
             "MAILROOM__SMTP__TLS",
             "maybe",
             "smtp.tls",
