@@ -344,6 +344,38 @@ async fn scope_and_network_rules_give_403() {
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
 }
 
+/// Bodies larger than `api.max_inflight_bytes` wait for the whole budget
+/// and are taken alone; they are not refused and never wait forever.
+#[tokio::test]
+async fn large_bodies_beyond_the_byte_budget_are_all_accepted() {
+    let stack = Stack::new("api-budget");
+    let mut settings = stack.settings.clone();
+    settings.api.max_inflight_bytes = 1024;
+    let api = stack.api_with(&settings).await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let mut large = message("large");
+    large["message"]["text"] = Value::from("a long line of a long letter\n".repeat(4000));
+    let request = || {
+        let body = large.to_string();
+        Request::post("/v1/messages")
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::from(body))
+            .expect("request")
+    };
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all((0..3).map(|_| call(&router, LOCAL, request()))),
+    )
+    .await
+    .expect("no request waits forever for the budget");
+    for answer in answers {
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    }
+}
+
 #[tokio::test]
 async fn bad_bodies_are_refused_with_problems() {
     let stack = Stack::new("api-bodies");

@@ -6,6 +6,7 @@
 //! - [`seal`]: authenticated encryption of jobs under a rotating keyring.
 //! - [`wire`]: the RabbitMQ wire contract as data: names, headers, queue arguments, retry tiers.
 //! - [`amqp`]: the broker plumbing both roles use: connect, reconnect, declare, confirmed publish.
+//! - [`budget`]: bytes large messages may take in work at once (worker and API).
 //! - [`ratelimit`]: fleet-wide GCRA rate limits in Redis, shared by the API and the worker.
 //! - [`store`]: Redis as both roles use it, and keyed hashes of what must not be stored as given.
 //! - [`status`]: what became of each job, kept in Redis for a retention window.
@@ -15,6 +16,7 @@
 //!   [`telemetry::extract_context`], [`telemetry::mask_email`]).
 
 pub mod amqp;
+pub mod budget;
 pub mod job;
 pub mod ratelimit;
 pub mod seal;

@@ -34,6 +34,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, options::BasicCancelOptions};
 use mailroom_core::amqp::Broker;
+use mailroom_core::budget::{ByteBudget, Share};
 use mailroom_core::job::Lane;
 use mailroom_core::wire;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -65,9 +66,7 @@ pub struct Pool {
     size: PoolSize,
     all: Arc<Semaphore>,
     bulk: Arc<Semaphore>,
-    /// KiB of sealed bodies in work.
-    kib: Arc<Semaphore>,
-    kib_total: u32,
+    bytes: ByteBudget,
     tracker: TaskTracker,
 }
 
@@ -82,15 +81,13 @@ impl Pool {
     /// A pool consuming through `broker` into `pipeline`.
     pub fn new(broker: Broker, pipeline: Arc<Pipeline>, size: PoolSize) -> Self {
         let concurrency = size.concurrency.max(1);
-        let kib_total = u32::try_from(kib(size.inflight_bytes)).unwrap_or(u32::MAX);
         Self {
             broker,
             pipeline,
             size,
             all: Arc::new(Semaphore::new(concurrency)),
             bulk: Arc::new(Semaphore::new(bulk_share(concurrency))),
-            kib: Arc::new(Semaphore::new(kib_total as usize)),
-            kib_total,
+            bytes: ByteBudget::new(size.inflight_bytes),
             tracker: TaskTracker::new(),
         }
     }
@@ -230,16 +227,24 @@ impl Pool {
         }
     }
 
-    async fn permits(&self, lane: Lane, bytes: usize) -> Option<Vec<OwnedSemaphorePermit>> {
-        let mut permits = Vec::with_capacity(3);
+    async fn permits(&self, lane: Lane, bytes: usize) -> Option<Permits> {
+        let mut slots = Vec::with_capacity(2);
         if lane == Lane::Bulk {
-            permits.push(Arc::clone(&self.bulk).acquire_owned().await.ok()?);
+            slots.push(Arc::clone(&self.bulk).acquire_owned().await.ok()?);
         }
-        permits.push(Arc::clone(&self.all).acquire_owned().await.ok()?);
-        let share = u32::try_from(kib(bytes)).map_or(self.kib_total, |n| n.min(self.kib_total));
-        permits.push(Arc::clone(&self.kib).acquire_many_owned(share).await.ok()?);
-        Some(permits)
+        slots.push(Arc::clone(&self.all).acquire_owned().await.ok()?);
+        let bytes = self.bytes.reserve(bytes).await;
+        Some(Permits {
+            _slots: slots,
+            _bytes: bytes,
+        })
     }
+}
+
+/// What a delivery holds while it is worked.
+struct Permits {
+    _slots: Vec<OwnedSemaphorePermit>,
+    _bytes: Share,
 }
 
 /// Why a consumer loop returned without an error.
@@ -249,11 +254,6 @@ enum Ended {
     /// The broker cancelled the consumer after it had delivered (e.g. the
     /// queue was deleted); start again.
     Consumed,
-}
-
-/// `bytes` in whole KiB, at least one.
-fn kib(bytes: usize) -> usize {
-    bytes.div_ceil(1024).max(1)
 }
 
 /// The share of the pool bulk may hold.
@@ -280,7 +280,7 @@ async fn requeue(acks: &Acks, delivery: Delivery) {
 async fn handle(
     pipeline: Arc<Pipeline>,
     delivery: Delivery,
-    _permits: Vec<OwnedSemaphorePermit>,
+    _permits: Permits,
     acks: Arc<Acks>,
     _channel: Channel,
 ) {
@@ -307,19 +307,12 @@ async fn handle(
 
 #[cfg(test)]
 mod tests {
-    use super::{bulk_share, kib};
+    use super::bulk_share;
 
     #[test]
     fn bulk_never_takes_the_whole_pool() {
         assert_eq!(bulk_share(64), 48);
         assert_eq!(bulk_share(4), 3);
         assert_eq!(bulk_share(1), 1);
-    }
-
-    #[test]
-    fn every_delivery_costs_at_least_a_kib() {
-        assert_eq!(kib(0), 1);
-        assert_eq!(kib(2_400), 3);
-        assert_eq!(kib(1024), 1);
     }
 }

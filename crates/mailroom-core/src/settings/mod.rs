@@ -211,11 +211,13 @@ impl Settings {
         if !(1..=4096).contains(&self.worker.concurrency) {
             return invalid("worker.concurrency", "a whole number from 1 to 4096");
         }
-        if !(1024..=1 << 40).contains(&self.worker.max_inflight_bytes) {
-            return invalid(
-                "worker.max_inflight_bytes",
-                "a number of bytes from 1024 to 1099511627776",
-            );
+        for (key, bytes) in [
+            ("worker.max_inflight_bytes", self.worker.max_inflight_bytes),
+            ("api.max_inflight_bytes", self.api.max_inflight_bytes),
+        ] {
+            if !(1024..=1 << 40).contains(&bytes) {
+                return invalid(key, "a number of bytes from 1024 to 1099511627776");
+            }
         }
         if self.worker.prefetch == Some(0) {
             return invalid(

@@ -274,6 +274,11 @@ pub struct ApiSettings {
     pub bind: SocketAddr,
     /// Largest request body accepted.
     pub body_limit_bytes: usize,
+    /// Bytes of large request bodies (over 64 KiB) read and worked at
+    /// once, across connections: such a request waits until its declared
+    /// length fits (a larger one is taken alone), so a burst of large
+    /// bodies cannot take the memory.
+    pub max_inflight_bytes: usize,
     /// Longest a request may take.
     #[serde(with = "super::duration")]
     pub request_timeout: Duration,
@@ -354,6 +359,7 @@ impl Default for ApiSettings {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             body_limit_bytes: 16 * 1024 * 1024,
+            max_inflight_bytes: 64 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
             max_connections: 10_000,

@@ -223,7 +223,17 @@ async fn handle(
         Ok(caller) => caller,
         Err(refusal) => return refused(refusal),
     };
-    let body = read_json_body(headers, body, state.settings.body_limit_bytes).await;
+    let limit = state.settings.body_limit_bytes;
+    let length = declared_length(headers).map_or(limit, |length| length.min(limit));
+    // Held until the answer, as the body and what is made of it are. Small
+    // bodies go by: a client trickling a large one then holds up only
+    // other large ones, for at most `api.request_timeout`.
+    let _bytes = if length > SMALL_BODY {
+        Some(state.bodies.reserve(length).await)
+    } else {
+        None
+    };
+    let body = read_json_body(headers, body, limit).await;
     // A refused body still costs one request.
     let spent = body.as_ref().map_or(1, |body| cost(body));
     let principal = match charge(state, caller, Scope::Send, ip, spent).await {
@@ -354,6 +364,20 @@ fn replayed_ids(body: &str) -> Vec<JobId> {
     )
 }
 
+/// Bodies up to this size are not counted against
+/// `api.max_inflight_bytes`.
+const SMALL_BODY: usize = 64 * 1024;
+
+/// The body's length as its `Content-Length` declares it (none when
+/// chunked).
+fn declared_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .map(|length| usize::try_from(length).unwrap_or(usize::MAX))
+}
+
 /// The body, if it is JSON and within the limit (refused before a byte is
 /// read when its declared length is over).
 async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Problem> {
@@ -369,11 +393,7 @@ async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result
     if !json {
         return Err(Problem::unsupported_media_type());
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
+    if declared_length(headers).is_some_and(|length| length > limit) {
         return Err(Problem::too_large(limit));
     }
     let mut read = Vec::new();
