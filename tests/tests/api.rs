@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use lapin::options::BasicGetOptions;
@@ -266,7 +266,7 @@ async fn every_bad_credential_gets_the_same_401() {
     let seen = std::sync::Arc::clone(&polled);
     let watched = futures_util::stream::once(async move {
         seen.store(true, std::sync::atomic::Ordering::SeqCst);
-        Ok::<_, std::io::Error>(axum::body::Bytes::from(message("x").to_string()))
+        Ok::<_, std::io::Error>(Bytes::from(message("x").to_string()))
     });
     let request = Request::post("/v1/messages")
         .header("content-type", "application/json")
@@ -374,6 +374,69 @@ async fn large_bodies_beyond_the_byte_budget_are_all_accepted() {
     for answer in answers {
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
     }
+}
+
+/// A client trickling a large body holds up only other large ones: with
+/// the whole budget taken, a second large body waits and a small one
+/// (chunked, so of no declared length) goes by.
+#[tokio::test]
+async fn a_trickled_large_body_holds_up_only_large_ones() {
+    let stack = Stack::new("api-trickle");
+    let mut settings = stack.settings.clone();
+    settings.api.max_inflight_bytes = 1024;
+    let api = stack.api_with(&settings).await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let request = |length: Option<usize>, body: Body| {
+        let mut request = Request::post("/v1/messages")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"));
+        if let Some(length) = length {
+            request = request.header("content-length", length);
+        }
+        request.body(body).expect("request")
+    };
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let first = futures_util::stream::once(async { Ok::<_, std::io::Error>(Bytes::from("{")) });
+    let rest = futures_util::stream::once(async move {
+        let _ = released.await;
+        Ok::<_, std::io::Error>(Bytes::from("}"))
+    });
+    let trickled = request(
+        Some(1 << 20),
+        Body::from_stream(futures_util::StreamExt::chain(first, rest)),
+    );
+    let holder = tokio::spawn({
+        let router = router.clone();
+        async move { call(&router, LOCAL, trickled).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let large = request(Some(1 << 20), Body::from(message("large").to_string()));
+    let waiting = tokio::time::timeout(Duration::from_millis(300), call(&router, LOCAL, large));
+    assert!(
+        waiting.await.is_err(),
+        "a second large body waits for the budget"
+    );
+
+    let small = message("small").to_string();
+    let chunked =
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(small)) });
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        call(&router, LOCAL, request(None, Body::from_stream(chunked))),
+    )
+    .await
+    .expect("a small body goes by");
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+
+    let _ = release.send(());
+    let held = holder.await.expect("the trickled request ends");
+    assert!(
+        held.status.is_client_error(),
+        "`{{}}` is no job: {}",
+        held.status
+    );
 }
 
 #[tokio::test]

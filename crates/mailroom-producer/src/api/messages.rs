@@ -8,7 +8,9 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
+use mailroom_core::budget::{ByteBudget, Share};
 use mailroom_core::job::{JobId, JobRequest};
+use mailroom_core::settings::ApiSettings;
 use mailroom_core::status::{JobState, StatusUpdate};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -223,17 +225,9 @@ async fn handle(
         Ok(caller) => caller,
         Err(refusal) => return refused(refusal),
     };
-    let limit = state.settings.body_limit_bytes;
-    let length = declared_length(headers).map_or(limit, |length| length.min(limit));
-    // Held until the answer, as the body and what is made of it are. Small
-    // bodies go by: a client trickling a large one then holds up only
-    // other large ones, for at most `api.request_timeout`.
-    let _bytes = if length > SMALL_BODY {
-        Some(state.bodies.reserve(length).await)
-    } else {
-        None
-    };
-    let body = read_json_body(headers, body, limit).await;
+    // Held until the answer, as the body and what is made of it are.
+    let mut share = None;
+    let body = read_json_body(headers, body, &state.settings, &state.bodies, &mut share).await;
     // A refused body still costs one request.
     let spent = body.as_ref().map_or(1, |body| cost(body));
     let principal = match charge(state, caller, Scope::Send, ip, spent).await {
@@ -380,7 +374,19 @@ fn declared_length(headers: &HeaderMap) -> Option<usize> {
 
 /// The body, if it is JSON and within the limit (refused before a byte is
 /// read when its declared length is over).
-async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Problem> {
+///
+/// A body over 64 KiB, by its declared length or once that much of it has
+/// come, first takes its share of `bodies` (its declared length, or the
+/// limit when it has none) into `share`. Small bodies go by, so a client
+/// trickling a large one holds up only other large ones, for at most
+/// `api.request_timeout`.
+async fn read_json_body(
+    headers: &HeaderMap,
+    body: Body,
+    settings: &ApiSettings,
+    bodies: &ByteBudget,
+    share: &mut Option<Share>,
+) -> Result<Bytes, Problem> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -393,12 +399,22 @@ async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result
     if !json {
         return Err(Problem::unsupported_media_type());
     }
-    if declared_length(headers).is_some_and(|length| length > limit) {
+    let limit = settings.body_limit_bytes;
+    let declared = declared_length(headers);
+    if declared.is_some_and(|length| length > limit) {
         return Err(Problem::too_large(limit));
     }
-    let mut read = Vec::new();
+    let expected = declared.unwrap_or(limit);
+    let mut read = Vec::with_capacity(expected.min(SMALL_BODY));
     let mut chunks = body.into_data_stream();
-    while let Some(chunk) = chunks.next().await {
+    loop {
+        if share.is_none() && (read.len() > SMALL_BODY || declared.is_some_and(|n| n > SMALL_BODY))
+        {
+            *share = Some(bodies.reserve(expected).await);
+        }
+        let Some(chunk) = chunks.next().await else {
+            break;
+        };
         let chunk =
             chunk.map_err(|_| Problem::bad_json("the body could not be read".to_owned()))?;
         if read.len() + chunk.len() > limit {
