@@ -12,7 +12,7 @@
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Body, SinglePart};
 
-use crate::transport::{crlf_breaks, lines};
+use crate::transport::{crlf_breaks, lines, rejoined};
 
 /// Longest line a 7bit body keeps (RFC 5322 §2.1.1: SHOULD be no more than
 /// 78 characters); a longer one is quoted-printable.
@@ -50,14 +50,11 @@ fn body(text: &str) -> Body {
 /// `text` as quoted-printable: lines break where `text`'s do (as CRLF),
 /// and longer ones softly at 76 characters.
 fn quoted_printable(text: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(text.len() + text.len() / 16 + 8);
-    for (i, line) in lines(text.as_bytes()).enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b"\r\n");
-        }
-        encode_line(line, &mut out);
-    }
-    out
+    rejoined(
+        text.as_bytes(),
+        text.len() + text.len() / 16 + 8,
+        encode_line,
+    )
 }
 
 fn encode_line(line: &[u8], out: &mut Vec<u8>) {

@@ -25,15 +25,27 @@ pub fn crlf_breaks(raw: &[u8]) -> Vec<u8> {
 /// The [`lines`] of `raw` joined by CRLF, a dot added before each that
 /// starts with one if `double_dots`.
 fn rebroken(raw: &[u8], double_dots: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() + raw.len() / 32 + 8);
-    for (i, line) in lines(raw).enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b"\r\n");
-        }
+    rejoined(raw, raw.len() + raw.len() / 32 + 8, |line, out| {
         if double_dots && line.first() == Some(&b'.') {
             out.push(b'.');
         }
         out.extend_from_slice(line);
+    })
+}
+
+/// The [`lines`] of `raw`, each written into the output by `write`, joined
+/// by CRLF; `capacity` is the output's expected size.
+pub fn rejoined(
+    raw: &[u8],
+    capacity: usize,
+    mut write: impl FnMut(&[u8], &mut Vec<u8>),
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    for (i, line) in lines(raw).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        write(line, &mut out);
     }
     out
 }

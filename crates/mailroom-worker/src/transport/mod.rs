@@ -18,7 +18,7 @@ use mailroom_core::telemetry::redact_error;
 
 use crate::message::OutgoingMessage;
 
-pub(crate) use data::{crlf_breaks, lines};
+pub(crate) use data::{crlf_breaks, lines, rejoined};
 pub use file::FileTransport;
 pub use smtp::SmtpTransport;
 
