@@ -344,26 +344,38 @@ async fn scope_and_network_rules_give_403() {
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
 }
 
+/// An API whose `api.max_inflight_bytes` is 1 KiB, and a key for it.
+async fn api_with_tiny_budget(stack: &Stack) -> (Router, String) {
+    let mut settings = stack.settings.clone();
+    settings.api.max_inflight_bytes = 1024;
+    let api = stack.api_with(&settings).await;
+    let key = key(&api, "acme").await;
+    (api.router(), key)
+}
+
+/// `POST /v1/messages` as `key` with `body`, declaring `length` (none:
+/// chunked).
+fn post_body(key: &str, length: Option<usize>, body: Body) -> Request<Body> {
+    let mut request = Request::post("/v1/messages")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"));
+    if let Some(length) = length {
+        request = request.header("content-length", length);
+    }
+    request.body(body).expect("request")
+}
+
 /// Bodies larger than `api.max_inflight_bytes` wait for the whole budget
 /// and are taken alone; they are not refused and never wait forever.
 #[tokio::test]
 async fn large_bodies_beyond_the_byte_budget_are_all_accepted() {
     let stack = Stack::new("api-budget");
-    let mut settings = stack.settings.clone();
-    settings.api.max_inflight_bytes = 1024;
-    let api = stack.api_with(&settings).await;
-    let router = api.router();
-    let key = key(&api, "acme").await;
+    let (router, key) = api_with_tiny_budget(&stack).await;
     let mut large = message("large");
     large["message"]["text"] = Value::from("a long line of a long letter\n".repeat(4000));
     let request = || {
         let body = large.to_string();
-        Request::post("/v1/messages")
-            .header("content-type", "application/json")
-            .header("content-length", body.len())
-            .header("authorization", format!("Bearer {key}"))
-            .body(Body::from(body))
-            .expect("request")
+        post_body(&key, Some(body.len()), Body::from(body))
     };
     let answers = tokio::time::timeout(
         Duration::from_secs(30),
@@ -382,27 +394,15 @@ async fn large_bodies_beyond_the_byte_budget_are_all_accepted() {
 #[tokio::test]
 async fn a_trickled_large_body_holds_up_only_large_ones() {
     let stack = Stack::new("api-trickle");
-    let mut settings = stack.settings.clone();
-    settings.api.max_inflight_bytes = 1024;
-    let api = stack.api_with(&settings).await;
-    let router = api.router();
-    let key = key(&api, "acme").await;
-    let request = |length: Option<usize>, body: Body| {
-        let mut request = Request::post("/v1/messages")
-            .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {key}"));
-        if let Some(length) = length {
-            request = request.header("content-length", length);
-        }
-        request.body(body).expect("request")
-    };
+    let (router, key) = api_with_tiny_budget(&stack).await;
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let first = futures_util::stream::once(async { Ok::<_, std::io::Error>(Bytes::from("{")) });
     let rest = futures_util::stream::once(async move {
         let _ = released.await;
         Ok::<_, std::io::Error>(Bytes::from("}"))
     });
-    let trickled = request(
+    let trickled = post_body(
+        &key,
         Some(1 << 20),
         Body::from_stream(futures_util::StreamExt::chain(first, rest)),
     );
@@ -412,7 +412,11 @@ async fn a_trickled_large_body_holds_up_only_large_ones() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let large = request(Some(1 << 20), Body::from(message("large").to_string()));
+    let large = post_body(
+        &key,
+        Some(1 << 20),
+        Body::from(message("large").to_string()),
+    );
     let waiting = tokio::time::timeout(Duration::from_millis(300), call(&router, LOCAL, large));
     assert!(
         waiting.await.is_err(),
@@ -424,7 +428,11 @@ async fn a_trickled_large_body_holds_up_only_large_ones() {
         futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(small)) });
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
-        call(&router, LOCAL, request(None, Body::from_stream(chunked))),
+        call(
+            &router,
+            LOCAL,
+            post_body(&key, None, Body::from_stream(chunked)),
+        ),
     )
     .await
     .expect("a small body goes by");
