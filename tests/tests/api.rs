@@ -366,8 +366,10 @@ fn post_body(key: &str, length: Option<usize>, body: Body) -> Request<Body> {
 }
 
 /// Bodies larger than `api.max_inflight_bytes` wait for the whole budget
-/// and are taken alone; they are not refused and never wait forever.
-#[tokio::test]
+/// and are taken alone; they are not refused and never wait forever. On a
+/// multi-thread runtime, so their parsing, validation and sealing (over
+/// `offload::INLINE_MAX`) run handed off the async threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_beyond_the_byte_budget_are_all_accepted() {
     let stack = Stack::new("api-budget");
     let (router, key) = api_with_tiny_budget(&stack).await;

@@ -226,13 +226,17 @@ async fn the_same_idempotency_key_three_times_is_delivered_once() {
 }
 
 /// A job larger than `worker.max_inflight_bytes` takes the whole budget
-/// and runs alone; it does not wait forever for more than there is.
-#[tokio::test]
+/// and runs alone; it does not wait forever for more than there is. The
+/// jobs are over `offload::INLINE_MAX`, on a multi-thread runtime, so
+/// their steps run handed off the async threads, and arrive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_larger_than_the_byte_budget_all_arrive() {
     let mut stack = Stack::new("budget", &SmtpOptions::default());
     stack.settings.worker.max_inflight_bytes = 1024;
     let (producer, worker) = start(&stack.settings).await;
-    let text = "a line of a long letter\n".repeat(400);
+    let line = "a line of a long letter\n";
+    let text = line.repeat(3_000);
+    assert!(text.len() > mailroom_core::offload::INLINE_MAX);
     let mut ids = Vec::new();
     for i in 0..4 {
         let mut job = job(&format!("Long letter {i}"));
@@ -243,7 +247,13 @@ async fn jobs_larger_than_the_byte_budget_all_arrive() {
     for id in &ids {
         assert_eq!(settled(&store, id).await.state, JobState::Sent);
     }
-    assert_eq!(stack.smtp.accepted().len(), 4);
+    let accepted = stack.smtp.accepted();
+    assert_eq!(accepted.len(), 4);
+    let crlf_line = line.replace('\n', "\r\n");
+    for seen in accepted {
+        let raw = String::from_utf8(seen.raw.expect("accepted")).expect("7-bit");
+        assert_eq!(raw.matches(&crlf_line).count(), 3_000);
+    }
     stop(worker, producer).await;
 }
 

@@ -172,6 +172,32 @@ pub struct EmailMessage {
 }
 
 impl EmailMessage {
+    /// The message's size as counted against
+    /// [`crate::validate::Limits::max_message_bytes`]: bodies, attachments
+    /// (before base64), and everything that becomes a header.
+    pub fn size(&self) -> usize {
+        let addresses = std::iter::once(&self.from)
+            .chain(&self.reply_to)
+            .chain(&self.to)
+            .chain(&self.cc)
+            .chain(&self.bcc)
+            .map(String::len);
+        let headers = self.headers.iter().map(|(n, v)| n.len() + v.len());
+        let attachments = self
+            .attachments
+            .iter()
+            .map(|a| a.content.len() + a.filename.len() + a.content_type.len());
+        let bodies = [&self.text, &self.html]
+            .into_iter()
+            .map(|b| b.as_ref().map_or(0, String::len));
+        addresses
+            .chain(headers)
+            .chain(attachments)
+            .chain(bodies)
+            .chain(std::iter::once(self.subject.len()))
+            .fold(0, usize::saturating_add)
+    }
+
     /// Every envelope recipient: to, cc and bcc.
     pub fn recipients(&self) -> impl Iterator<Item = &str> {
         self.to

@@ -7,6 +7,7 @@
 //! - [`wire`]: the RabbitMQ wire contract as data: names, headers, queue arguments, retry tiers.
 //! - [`amqp`]: the broker plumbing both roles use: connect, reconnect, declare, confirmed publish.
 //! - [`budget`]: bytes large messages may take in work at once (worker and API).
+//! - [`offload`]: CPU-heavy steps on large messages, kept off the async threads' queues.
 //! - [`ratelimit`]: fleet-wide GCRA rate limits in Redis, shared by the API and the worker.
 //! - [`store`]: Redis as both roles use it, and keyed hashes of what must not be stored as given.
 //! - [`status`]: what became of each job, kept in Redis for a retention window.
@@ -18,6 +19,7 @@
 pub mod amqp;
 pub mod budget;
 pub mod job;
+pub mod offload;
 pub mod ratelimit;
 pub mod seal;
 pub mod settings;

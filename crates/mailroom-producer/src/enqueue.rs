@@ -7,6 +7,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use mailroom_core::amqp::{Broker, Outgoing};
 use mailroom_core::job::{JobId, JobRequest, SendJob};
+use mailroom_core::offload;
 use mailroom_core::seal::Keyring;
 use mailroom_core::settings::Settings;
 use mailroom_core::telemetry::inject_span;
@@ -59,7 +60,9 @@ pub fn prepare(
     tenant: &str,
     limits: &Limits,
 ) -> Result<Checked, ValidationErrors> {
-    validate_request(&request, limits, OffsetDateTime::now_utc())?;
+    offload::heavy(request.message.size(), || {
+        validate_request(&request, limits, OffsetDateTime::now_utc())
+    })?;
     let tenant = request.tenant.clone().unwrap_or_else(|| tenant.to_owned());
     // The request's own tenant was checked with it; a given one is checked
     // here. `validate_job` would check nothing else: the rest is the
@@ -110,7 +113,10 @@ impl Producer {
     /// enqueued when it was not, and an error may be retried as it is (the
     /// worker's dedup absorbs a job published twice).
     pub async fn enqueue(&self, job: SendJob) -> Result<JobId, EnqueueError> {
-        validate_job(&job, &self.inner.limits).map_err(EnqueueError::Invalid)?;
+        offload::heavy(job.message.size(), || {
+            validate_job(&job, &self.inner.limits)
+        })
+        .map_err(EnqueueError::Invalid)?;
         self.enqueue_checked(Checked(job)).await
     }
 
@@ -128,7 +134,7 @@ impl Producer {
         );
         let id = job.id;
         async {
-            let sealed = self.inner.keyring.seal(&job)?;
+            let sealed = offload::heavy(job.message.size(), || self.inner.keyring.seal(&job))?;
             let mut table = FieldTable::default();
             table.insert(
                 ShortString::from(headers::KID),

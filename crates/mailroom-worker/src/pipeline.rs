@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use mailroom_core::job::SendJob;
+use mailroom_core::offload;
 use mailroom_core::seal::Keyring;
 use mailroom_core::settings::OnUncertain;
 use mailroom_core::telemetry::extract_context;
@@ -147,23 +148,28 @@ impl Pipeline {
             verdict,
             smtp: None,
         };
-        let job =
-            match debug_span!("mailroom.open").in_scope(|| open::open(&self.keyring, incoming)) {
-                Ok(job) => job,
-                Err(verdict) => return end(None, None, verdict),
-            };
-        if let Err(verdict) = check::check(&job, &self.limits, OffsetDateTime::now_utc()) {
+        let size = incoming.body.len();
+        let opened = debug_span!("mailroom.open")
+            .in_scope(|| offload::heavy(size, || open::open(&self.keyring, incoming)));
+        let job = match opened {
+            Ok(job) => job,
+            Err(verdict) => return end(None, None, verdict),
+        };
+        let checked = offload::heavy(size, || {
+            check::check(&job, &self.limits, OffsetDateTime::now_utc())
+        });
+        if let Err(verdict) = checked {
             return end(Some(job), None, verdict);
         }
         // Step 4, the suppression list, comes with the next issue.
-        let token = ClaimToken::new(&self.delivery_owner(), &job.id);
+        let token = self.dedup.token(&self.delivery_owner(), &job);
         let sending = match self.prepare(&job, JobState::Sending, incoming.attempt) {
             Ok(sending) => sending,
             Err(verdict) => return end(Some(job), None, verdict),
         };
         let claim = self
             .dedup
-            .claim(&job, &token, incoming.replayed, &sending)
+            .claim(&token, incoming.replayed, &sending)
             .instrument(debug_span!("mailroom.dedup"))
             .await;
         match claim {
@@ -197,7 +203,7 @@ impl Pipeline {
             }
         }
         // Step 6, rate limits, comes with the next issue.
-        let sent = self.send_holding_claim(&job, &token).await;
+        let sent = self.send_holding_claim(&job, size, &token).await;
         Trip {
             job: Some(job),
             claim: Some(token),
@@ -208,17 +214,22 @@ impl Pipeline {
 
     /// Sends while renewing the claim's lease, so a slow relay does not let
     /// another worker take the job over mid-send.
-    async fn send_holding_claim(&self, job: &SendJob, token: &ClaimToken) -> send::Sent {
+    async fn send_holding_claim(
+        &self,
+        job: &SendJob,
+        size: usize,
+        token: &ClaimToken,
+    ) -> send::Sent {
         let hand_over: Option<HandOver<'_>> = match self.on_uncertain {
             OnUncertain::Park => Some(Box::pin(async move {
                 self.dedup
-                    .hand_over(job, token)
+                    .hand_over(token)
                     .await
                     .map_err(|err| format!("handed marker not written: {err}"))
             })),
             OnUncertain::Retry => None,
         };
-        let sending = send::send(&self.transport, job, self.on_uncertain, hand_over)
+        let sending = send::send(&self.transport, job, size, self.on_uncertain, hand_over)
             .instrument(debug_span!("mailroom.smtp", otel.kind = "client"));
         tokio::pin!(sending);
         let mut renew = tokio::time::interval(self.dedup.lease() / 3);
@@ -227,7 +238,7 @@ impl Pipeline {
             tokio::select! {
                 sent = &mut sending => return sent,
                 _ = renew.tick() => {
-                    if let Err(err) = self.dedup.renew(job, token).await {
+                    if let Err(err) = self.dedup.renew(token).await {
                         tracing::warn!(error = %err, "claim lease not renewed");
                     }
                 }

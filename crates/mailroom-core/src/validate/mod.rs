@@ -293,7 +293,7 @@ fn check_message(message: &EmailMessage, limits: &Limits, report: &mut Report) {
     attachments::check_attachments(&message.attachments, limits, report);
     check_tags_and_metadata(message, limits, report);
 
-    if message_bytes(message) > limits.max_message_bytes {
+    if message.size() > limits.max_message_bytes {
         report.add(
             "message",
             format!("larger than {} bytes in total", limits.max_message_bytes),
@@ -356,29 +356,4 @@ fn check_tags_and_metadata(message: &EmailMessage, limits: &Limits, report: &mut
             report.add(&path, RULE_CONTROL);
         }
     }
-}
-
-/// The message's size as counted against [`Limits::max_message_bytes`]:
-/// bodies, attachments (before base64), and everything that becomes a header.
-fn message_bytes(message: &EmailMessage) -> usize {
-    let addresses = std::iter::once(&message.from)
-        .chain(&message.reply_to)
-        .chain(&message.to)
-        .chain(&message.cc)
-        .chain(&message.bcc)
-        .map(String::len);
-    let headers = message.headers.iter().map(|(n, v)| n.len() + v.len());
-    let attachments = message
-        .attachments
-        .iter()
-        .map(|a| a.content.len() + a.filename.len() + a.content_type.len());
-    let bodies = [&message.text, &message.html]
-        .into_iter()
-        .map(|b| b.as_ref().map_or(0, String::len));
-    addresses
-        .chain(headers)
-        .chain(attachments)
-        .chain(bodies)
-        .chain(std::iter::once(message.subject.len()))
-        .fold(0, usize::saturating_add)
 }

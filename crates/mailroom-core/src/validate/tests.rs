@@ -518,7 +518,7 @@ fn attachments_are_limited_in_number_and_size() {
 
 #[test]
 fn total_size_counts_bodies_headers_and_attachments() {
-    let size = message_bytes(&valid_job().message);
+    let size = valid_job().message.size();
     let limits = Limits {
         max_message_bytes: size,
         ..Limits::default()

@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+use mailroom_core::offload;
 use mailroom_core::store::{KeyedHash, RedisStore, StoreError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -90,7 +91,7 @@ impl Idempotency {
             self.hash
                 .hex(&[b"idempotency", tenant.as_bytes(), key.as_bytes()])
         ));
-        let request = request_hash(route, body);
+        let request = offload::heavy(body.len(), || request_hash(route, body));
         let pending = serde_json::to_string(&Entry {
             request: request.clone(),
             response: None,

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 use mailroom_core::budget::{ByteBudget, Share};
 use mailroom_core::job::{JobId, JobRequest};
+use mailroom_core::offload;
 use mailroom_core::settings::ApiSettings;
 use mailroom_core::status::{JobState, StatusUpdate};
 use serde::{Deserialize, Serialize};
@@ -517,7 +518,8 @@ fn enqueue_one<'a>(
     key: Option<&'a str>,
 ) -> Pending<'a> {
     Box::pin(async move {
-        let request: JobRequest = match serde_json::from_slice(body) {
+        let parsed = offload::heavy(body.len(), || serde_json::from_slice::<JobRequest>(body));
+        let request = match parsed {
             Ok(request) => request,
             Err(err) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
         };
@@ -535,7 +537,8 @@ fn enqueue_batch<'a>(
     key: Option<&'a str>,
 ) -> Pending<'a> {
     Box::pin(async move {
-        let batch: Batch = match serde_json::from_slice(body) {
+        let parsed = offload::heavy(body.len(), || serde_json::from_slice::<Batch>(body));
+        let batch = match parsed {
             Ok(batch) => batch,
             Err(err) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
         };

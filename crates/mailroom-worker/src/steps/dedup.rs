@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailroom_core::job::{JobId, SendJob};
+use mailroom_core::job::SendJob;
 use mailroom_core::status::{PreparedStatus, RECORD_FN};
 use mailroom_core::store::{KeyedHash, RedisStore, StoreError};
 use redis::Script;
@@ -122,28 +122,20 @@ pub enum MarkOutcome {
     AlreadySent,
 }
 
-/// Who holds a claim: one delivery of one job.
+/// Who holds a claim: one delivery of one job, with the Redis keys it
+/// touches, hashed once (see [`Dedup::token`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimToken {
-    owner: String,
-    job_id: String,
-}
-
-impl ClaimToken {
-    /// A token for `owner` (unique to one delivery) sending `job_id`.
-    pub fn new(owner: &str, job_id: &JobId) -> Self {
-        Self {
-            owner: owner.to_owned(),
-            job_id: job_id.to_string(),
-        }
-    }
-
-    /// What the dedup key holds while this token's claim is held:
-    /// `sending OWNER JOB` (a sent key holds `sent JOB`; owners and job ids
-    /// hold no spaces).
-    fn value(&self) -> String {
-        format!("sending {} {}", self.owner, self.job_id)
-    }
+    /// The dedup key.
+    key: String,
+    /// The handed marker beside it.
+    handed: String,
+    /// What the dedup key holds while this claim is held: `sending OWNER
+    /// JOB` (a sent key holds `sent JOB`; owners and job ids hold no
+    /// spaces).
+    value: String,
+    /// What the dedup key holds once the job is sent: `sent JOB`.
+    sent: String,
 }
 
 struct Scripts {
@@ -184,27 +176,28 @@ impl Dedup {
         self.lease
     }
 
-    /// The Redis key of `job`'s dedup key.
-    fn key(&self, job: &SendJob) -> String {
+    /// The token of `owner` (unique to one delivery) for `job`'s dedup key.
+    pub fn token(&self, owner: &str, job: &SendJob) -> ClaimToken {
         let digest = self
             .hash
             .hex(&[b"dedup", job.tenant.as_bytes(), job.dedup_key().as_bytes()]);
-        self.store.key(&format!("claim:{digest}"))
-    }
-
-    /// The key of the handed marker beside the dedup key `key`.
-    fn handed_key(key: &str) -> String {
-        format!("{key}:handed")
+        let key = self.store.key(&format!("claim:{digest}"));
+        ClaimToken {
+            handed: format!("{key}:handed"),
+            key,
+            value: format!("sending {owner} {}", job.id),
+            sent: format!("sent {}", job.id),
+        }
     }
 
     /// Notes that `token`'s delivery is about to hand the whole message to
     /// the relay: from here until an outcome clears it, a claim by another
     /// delivery is uncertain.
-    pub async fn hand_over(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
+    pub async fn hand_over(&self, token: &ClaimToken) -> Result<(), StoreError> {
         let mut connection = self.store.connection();
         redis::cmd("SET")
-            .arg(Self::handed_key(&self.key(job)))
-            .arg(token.value())
+            .arg(&token.handed)
+            .arg(&token.value)
             .arg("PX")
             .arg(millis(self.window))
             .query_async::<()>(&mut connection)
@@ -214,12 +207,12 @@ impl Dedup {
 
     /// Parks our claim after an uncertain outcome: until an operator
     /// replays the job, no copy of it is sent.
-    pub async fn park(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
+    pub async fn park(&self, token: &ClaimToken) -> Result<(), StoreError> {
         let _: i64 = self
             .invoke(
                 &self.scripts.release,
-                job,
-                &[&token.value(), &millis(self.window)],
+                token,
+                &[&token.value, &millis(self.window)],
                 None,
             )
             .await?;
@@ -230,7 +223,6 @@ impl Dedup {
     /// same step. A `replayed` delivery may claim a parked key.
     pub async fn claim(
         &self,
-        job: &SendJob,
         token: &ClaimToken,
         replayed: bool,
         sending: &PreparedStatus,
@@ -238,9 +230,9 @@ impl Dedup {
         let (outcome, detail): (String, String) = self
             .invoke(
                 &self.scripts.claim,
-                job,
+                token,
                 &[
-                    &token.value(),
+                    &token.value,
                     &millis(self.lease),
                     if replayed { "1" } else { "0" },
                     &millis(self.window),
@@ -267,12 +259,12 @@ impl Dedup {
     }
 
     /// Extends our claim's lease; `false` if it is no longer ours.
-    pub async fn renew(&self, job: &SendJob, token: &ClaimToken) -> Result<bool, StoreError> {
+    pub async fn renew(&self, token: &ClaimToken) -> Result<bool, StoreError> {
         let renewed: i64 = self
             .invoke(
                 &self.scripts.renew,
-                job,
-                &[&token.value(), &millis(self.lease)],
+                token,
+                &[&token.value, &millis(self.lease)],
                 None,
             )
             .await?;
@@ -287,21 +279,19 @@ impl Dedup {
     /// handed marker is cleared too.
     pub async fn mark_sent(
         &self,
-        job: &SendJob,
         token: &ClaimToken,
         sent: Option<&PreparedStatus>,
         hand_over: bool,
     ) -> Result<MarkOutcome, StoreError> {
-        let key = self.key(job);
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
-            .arg(&key)
-            .arg(format!("sent {}", token.job_id))
+            .arg(&token.key)
+            .arg(&token.sent)
             .arg("PX")
             .arg(millis(self.window))
             .arg("GET");
         if hand_over {
-            pipe.cmd("DEL").arg(Self::handed_key(&key)).ignore();
+            pipe.cmd("DEL").arg(&token.handed).ignore();
         }
         if let Some(status) = sent {
             pipe.add_command(status.set()).ignore();
@@ -312,16 +302,16 @@ impl Dedup {
             .await
             .map_err(|err| self.store.error(&err))?;
         Ok(match before {
-            Some(held) if held == token.value() => MarkOutcome::Marked,
+            Some(held) if held == token.value => MarkOutcome::Marked,
             Some(held) if held.starts_with("sent ") => MarkOutcome::AlreadySent,
             _ => MarkOutcome::LeaseLost,
         })
     }
 
     /// Releases our claim, so a retry can take it at once.
-    pub async fn release(&self, job: &SendJob, token: &ClaimToken) -> Result<(), StoreError> {
+    pub async fn release(&self, token: &ClaimToken) -> Result<(), StoreError> {
         let _: i64 = self
-            .invoke(&self.scripts.release, job, &[&token.value()], None)
+            .invoke(&self.scripts.release, token, &[&token.value], None)
             .await?;
         Ok(())
     }
@@ -329,15 +319,14 @@ impl Dedup {
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         script: &Script,
-        job: &SendJob,
+        token: &ClaimToken,
         args: &[&str],
         status: Option<&PreparedStatus>,
     ) -> Result<T, StoreError> {
         // Every script gets the dedup key and its handed marker, in that
-        // order; the key's HMAC is computed once.
-        let key = self.key(job);
-        let mut invocation = script.key(&key);
-        invocation.key(Self::handed_key(&key));
+        // order.
+        let mut invocation = script.key(&token.key);
+        invocation.key(&token.handed);
         for arg in args {
             invocation.arg(*arg);
         }

@@ -62,7 +62,7 @@ pub async fn settle(pipeline: &Pipeline, incoming: &Incoming, trip: Trip) -> Dis
             Disposition::Ack
         }
         Verdict::Retry { error } => {
-            release(pipeline, job.as_ref(), claim.as_ref()).await;
+            release(pipeline, claim.as_ref()).await;
             let Some(job) = job else {
                 // A retry needs an opened job; no step decides one without.
                 return dead_letter(pipeline, incoming, None, DeadReason::Seal, &error).await;
@@ -99,9 +99,9 @@ pub async fn settle(pipeline: &Pipeline, incoming: &Incoming, trip: Trip) -> Dis
         }
         Verdict::DeadLetter { reason, detail } => {
             if reason == DeadReason::Uncertain {
-                park(pipeline, job.as_ref(), claim.as_ref()).await;
+                park(pipeline, claim.as_ref()).await;
             } else {
-                release(pipeline, job.as_ref(), claim.as_ref()).await;
+                release(pipeline, claim.as_ref()).await;
             }
             dead_letter(pipeline, incoming, job.as_ref(), reason, &detail).await
         }
@@ -198,9 +198,7 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
     let mut tries = 0_u32;
     let attempt = || {
         tries += 1;
-        pipeline
-            .dedup
-            .mark_sent(job, token, sent.as_ref(), hand_over)
+        pipeline.dedup.mark_sent(token, sent.as_ref(), hand_over)
     };
     let result = attempt
         .retry(
@@ -224,9 +222,9 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
 
 /// Parks our claim after an uncertain outcome, so no other copy of the job
 /// is sent until an operator replays it.
-async fn park(pipeline: &Pipeline, job: Option<&SendJob>, claim: Option<&ClaimToken>) {
-    if let (Some(job), Some(token)) = (job, claim)
-        && let Err(err) = pipeline.dedup.park(job, token).await
+async fn park(pipeline: &Pipeline, claim: Option<&ClaimToken>) {
+    if let Some(token) = claim
+        && let Err(err) = pipeline.dedup.park(token).await
     {
         // The lease runs out on its own and the marker stays: a copy that
         // claims it later is parked as well.
@@ -235,9 +233,9 @@ async fn park(pipeline: &Pipeline, job: Option<&SendJob>, claim: Option<&ClaimTo
 }
 
 /// Releases our claim so the retry (or an operator's replay) can take it.
-async fn release(pipeline: &Pipeline, job: Option<&SendJob>, claim: Option<&ClaimToken>) {
-    if let (Some(job), Some(token)) = (job, claim)
-        && let Err(err) = pipeline.dedup.release(job, token).await
+async fn release(pipeline: &Pipeline, claim: Option<&ClaimToken>) {
+    if let Some(token) = claim
+        && let Err(err) = pipeline.dedup.release(token).await
     {
         // The lease runs out on its own; until then the retry is deferred.
         tracing::warn!(error = %err, "claim not released");

@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use mailroom_core::job::SendJob;
+use mailroom_core::offload;
 use mailroom_core::settings::OnUncertain;
 
 use crate::message::build_message;
@@ -25,14 +26,15 @@ pub struct Sent {
     pub elapsed: Duration,
 }
 
-/// Sends `job` through `transport`.
+/// Sends `job`, which came in `size` bytes, through `transport`.
 pub async fn send(
     transport: &Transport,
     job: &SendJob,
+    size: usize,
     on_uncertain: OnUncertain,
     hand_over: Option<HandOver<'_>>,
 ) -> Sent {
-    let message = match build_message(job) {
+    let message = match offload::heavy(size, || build_message(job)) {
         Ok(message) => message,
         Err(err) => {
             return Sent {
@@ -45,7 +47,7 @@ pub async fn send(
         }
     };
     let start = Instant::now();
-    let result = transport.send(&job.id, &message, hand_over).await;
+    let result = transport.send(&job.id, message, hand_over).await;
     let elapsed = start.elapsed();
     Sent {
         verdict: verdict_of(result.map(|delivered| delivered.code), on_uncertain),

@@ -13,6 +13,7 @@ mod smtp;
 use std::pin::Pin;
 
 use mailroom_core::job::JobId;
+use mailroom_core::offload;
 use mailroom_core::settings::{Settings, TransportKind};
 use mailroom_core::telemetry::redact_error;
 
@@ -20,7 +21,7 @@ use crate::message::OutgoingMessage;
 
 pub(crate) use data::{crlf_breaks, lines, rejoined};
 pub use file::FileTransport;
-pub use smtp::SmtpTransport;
+pub use smtp::{SmtpMessage, SmtpTransport};
 
 /// The relay took the message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,12 +147,16 @@ impl Transport {
     pub async fn send(
         &self,
         id: &JobId,
-        message: &OutgoingMessage,
+        message: OutgoingMessage,
         hand_over: Option<HandOver<'_>>,
     ) -> Result<Delivered, SendError> {
         match self {
-            Self::Smtp(smtp) => smtp.send(message, hand_over).await,
-            Self::File(file) => file.send(id, message).await,
+            Self::Smtp(smtp) => {
+                let size = message.raw.len();
+                let message = offload::heavy(size, || SmtpMessage::new(message));
+                smtp.send(&message, hand_over).await
+            }
+            Self::File(file) => file.send(id, &message).await,
         }
     }
 

@@ -70,6 +70,39 @@ pub struct SmtpTransport {
     pool_size: usize,
 }
 
+/// A message as an SMTP transaction writes it, made once before a
+/// connection is taken, so a retry over a fresh connection does not make
+/// it again (for a 10 MiB message that is a pass over every byte).
+pub struct SmtpMessage {
+    envelope: Envelope,
+    /// Not 7-bit: needs 8BITMIME.
+    eight_bit: bool,
+    body: DataBody,
+}
+
+enum DataBody {
+    /// The DATA section, dots doubled and end included: one write.
+    Section(String),
+    /// Not UTF-8: CRLF breaks only, for lettre, which doubles the dots.
+    Lettre(Vec<u8>),
+}
+
+impl SmtpMessage {
+    /// `message` as DATA carries it.
+    pub fn new(message: OutgoingMessage) -> Self {
+        let eight_bit = !message.raw.is_ascii();
+        let body = match data_section(&message.raw) {
+            Some(section) => DataBody::Section(section),
+            None => DataBody::Lettre(crlf_breaks(&message.raw)),
+        };
+        Self {
+            envelope: message.envelope,
+            eight_bit,
+            body,
+        }
+    }
+}
+
 /// Which step a failure happened at.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -140,7 +173,7 @@ impl SmtpTransport {
     /// before the end of DATA.
     pub async fn send(
         &self,
-        message: &OutgoingMessage,
+        message: &SmtpMessage,
         mut hand_over: Option<HandOver<'_>>,
     ) -> Result<Delivered, SendError> {
         let _permit = self
@@ -307,14 +340,14 @@ impl SmtpTransport {
     async fn transact(
         &self,
         session: &mut Session,
-        message: &OutgoingMessage,
+        message: &SmtpMessage,
         hand_over: &mut Option<HandOver<'_>>,
     ) -> Result<Response, (Step, Failure)> {
         let before = |failure| (Step::Before, failure);
         let connection = &mut session.smtp;
         let mail = Mail::new(
             message.envelope.from().cloned(),
-            mail_parameters(connection, &message.envelope, &message.raw).map_err(before)?,
+            mail_parameters(connection, &message.envelope, message.eight_bit).map_err(before)?,
         );
         let recipients = message
             .envelope
@@ -349,14 +382,15 @@ impl SmtpTransport {
                 .map_err(|err| before(Failure::HandOver(err)))?;
         }
         let after = |failure| (Step::AfterData, failure);
-        if let Some(data) = data_section(&message.raw) {
-            return self.command(connection, data).await.map_err(after);
+        match &message.body {
+            DataBody::Section(data) => self.command(connection, data).await.map_err(after),
+            DataBody::Lettre(raw) => {
+                tokio::time::timeout(self.relay.command_timeout, connection.message(raw))
+                    .await
+                    .map_err(|_| after(Failure::Timeout(self.relay.command_timeout)))?
+                    .map_err(|err| after(Failure::Smtp(err)))
+            }
         }
-        let raw = crlf_breaks(&message.raw);
-        tokio::time::timeout(self.relay.command_timeout, connection.message(&raw))
-            .await
-            .map_err(|_| after(Failure::Timeout(self.relay.command_timeout)))?
-            .map_err(|err| after(Failure::Smtp(err)))
     }
 
     async fn reply(&self, connection: &mut AsyncSmtpConnection) -> Result<Response, Failure> {
@@ -439,7 +473,7 @@ async fn abort(connection: &mut AsyncSmtpConnection) {
 fn mail_parameters(
     connection: &AsyncSmtpConnection,
     envelope: &Envelope,
-    raw: &[u8],
+    eight_bit: bool,
 ) -> Result<Vec<MailParameter>, Failure> {
     let mut parameters = Vec::new();
     let info = connection.server_info();
@@ -456,7 +490,7 @@ fn mail_parameters(
         }
         parameters.push(MailParameter::SmtpUtfEight);
     }
-    if !raw.is_ascii() {
+    if eight_bit {
         if !info.supports_feature(Extension::EightBitMime) {
             return Err(Failure::Unsupported(
                 "the message is not 7-bit and the relay lacks 8BITMIME",

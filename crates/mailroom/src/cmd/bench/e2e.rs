@@ -28,7 +28,7 @@ use mailroom_core::status::{JobState, StatusStore};
 use mailroom_core::store::RedisStore;
 use mailroom_producer::Producer;
 use mailroom_worker::message::build_message;
-use mailroom_worker::transport::SmtpTransport;
+use mailroom_worker::transport::{SmtpMessage, SmtpTransport};
 
 use super::measure::{Run, cpu_time_of, parse_size, peak_rss_kib_of};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
@@ -218,7 +218,7 @@ async fn sink_ceiling(
     concurrency: u16,
 ) -> anyhow::Result<Run> {
     let transport = SmtpTransport::new(&settings.smtp)?;
-    let message = build_message(sample)?;
+    let message = SmtpMessage::new(build_message(sample)?);
     let started = Instant::now();
     let results: Vec<anyhow::Result<Duration>> = futures_util::stream::iter(0..count)
         .map(|_| async {
