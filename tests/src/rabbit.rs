@@ -4,9 +4,8 @@
 use std::process::Command;
 
 use mailroom_core::amqp::Broker;
-use mailroom_core::job::Lane;
 use mailroom_core::settings::{AmqpSettings, Secret};
-use mailroom_core::wire::{Topology, work_queue};
+use mailroom_core::wire::{Topology, WorkQueue};
 
 /// Where the tests' broker listens.
 pub const BROKER: &str = "127.0.0.1:5672";
@@ -48,8 +47,8 @@ impl TestVhost {
         }
     }
 
-    /// Jobs waiting in the transactional work queue (the topology is
-    /// declared first, so an untouched vhost reads 0).
+    /// Jobs waiting in the work queues (the topology is declared first,
+    /// so an untouched vhost reads 0).
     ///
     /// # Panics
     /// When the broker cannot be asked.
@@ -59,10 +58,10 @@ impl TestVhost {
             .declare(&Topology::standard())
             .await
             .expect("topology");
-        let depth = broker
-            .queue_depth(&work_queue(Lane::Transactional))
-            .await
-            .expect("depth");
+        let mut depth = 0;
+        for queue in WorkQueue::ALL {
+            depth += broker.queue_depth(&queue.name()).await.expect("depth");
+        }
         broker.close().await;
         depth
     }

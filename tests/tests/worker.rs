@@ -313,6 +313,97 @@ async fn two_transient_failures_then_delivered_once_on_attempt_three() {
     stop(worker, producer).await;
 }
 
+/// Waits until `id`'s status is `state`.
+async fn reached(store: &StatusStore, id: &JobId, state: JobState) {
+    let start = Instant::now();
+    while store.get(id).await.expect("status").map(|s| s.state) != Some(state) {
+        assert!(start.elapsed() < PATIENCE, "job {id} never became {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the large-job queue of the transactional lane holds `n`
+/// jobs, and checks that its other queue holds none.
+async fn waiting_in_large_queue(producer: &Producer, n: u32) {
+    let large = wire::WorkQueue::of(Lane::Transactional, wire::LARGE_JOB_BYTES + 1).name();
+    let start = Instant::now();
+    while producer.broker().queue_depth(&large).await.expect("depth") != n {
+        assert!(start.elapsed() < PATIENCE, "{large} never held {n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let small = wire::work_queue(Lane::Transactional);
+    assert_eq!(
+        producer.broker().queue_depth(&small).await.expect("depth"),
+        0
+    );
+}
+
+/// A job over `wire::LARGE_JOB_BYTES` sealed is worked from its lane's
+/// large-job queue, consumed with the small `worker.large_prefetch`, and
+/// goes back there from a retry tier and from a dead-letter replay.
+#[tokio::test]
+async fn a_large_job_keeps_to_the_large_job_queue_through_retry_and_replay() {
+    let mut stack = Stack::new("large", &replies(&["451", "550"]));
+    stack.settings.worker.large_prefetch = 3;
+    let (producer, worker) = start(&stack.settings).await;
+    // The worker's consumers register as it starts: wait for all four.
+    let start_at = Instant::now();
+    let prefetch = loop {
+        let listing = listed(&stack, "list_consumers", "queue_name", "prefetch_count");
+        if listing.len() >= wire::WorkQueue::ALL.len() {
+            break listing;
+        }
+        assert!(start_at.elapsed() < PATIENCE, "consumers: {listing:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let prefetch_of = |queue: &str| {
+        prefetch
+            .iter()
+            .find(|(name, _)| name == queue)
+            .map(|(_, count)| count.clone())
+    };
+    assert_eq!(
+        prefetch_of("mailroom.send.transactional.large").as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        prefetch_of("mailroom.send.bulk.large").as_deref(),
+        Some("2")
+    );
+    let prefetch = stack.settings.worker_prefetch().to_string();
+    assert_eq!(
+        prefetch_of("mailroom.send.transactional"),
+        Some(prefetch),
+        "jobs up to the threshold keep the pool's prefetch"
+    );
+
+    let mut large = job("Large letter");
+    large.message.text = Some("a line of a long letter\n".repeat(12_000));
+    let store = statuses(&stack.settings).await;
+    let id = producer.enqueue(large).await.expect("enqueued");
+    // The 451 sends it to a retry tier; with the worker stopped, it comes
+    // back from there to wait in the large-job queue.
+    reached(&store, &id, JobState::Retrying).await;
+    worker.stop().await;
+    waiting_in_large_queue(&producer, 1).await;
+
+    let worker = start_worker(&stack.settings).await;
+    assert_eq!(settled(&store, &id).await.state, JobState::Failed);
+    worker.stop().await;
+    let replayed = dlq::replay(producer.broker(), &dlq::Selection::Id(id.to_string()))
+        .await
+        .expect("replay");
+    assert_eq!(replayed.len(), 1);
+    waiting_in_large_queue(&producer, 1).await;
+
+    assert!(store.requeue(&id).await.expect("requeue"));
+    let worker = start_worker(&stack.settings).await;
+    assert_eq!(settled(&store, &id).await.state, JobState::Sent);
+    let replies: Vec<_> = stack.smtp.seen().into_iter().map(|s| s.reply).collect();
+    assert_eq!(replies, ["451", "550", "250"]);
+    stop(worker, producer).await;
+}
+
 #[tokio::test]
 async fn a_permanent_rejection_is_dead_lettered_after_one_attempt() {
     let stack = Stack::new(
@@ -637,20 +728,25 @@ async fn a_flood_of_duplicates_sends_each_key_once() {
     stop(worker, producer).await;
 }
 
+/// `rabbitmqctl LIST -p VHOST NAME FIELD` in the stack's vhost, as
+/// (name, field) pairs.
+fn listed(stack: &Stack, list: &str, name: &str, field: &str) -> Vec<(String, String)> {
+    mailroom_tests::rabbit::rabbitmqctl(&[list, "-p", stack.vhost.name(), name, field])
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once('\t')?;
+            Some((name.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
 /// Deliveries of `queue` in the stack's vhost that the broker has handed
 /// out and not yet seen acked.
 fn unacked(stack: &Stack, queue: &str) -> Option<u64> {
-    let listing = mailroom_tests::rabbit::rabbitmqctl(&[
-        "list_queues",
-        "-p",
-        stack.vhost.name(),
-        "name",
-        "messages_unacknowledged",
-    ]);
-    listing.lines().find_map(|line| {
-        let (name, count) = line.split_once('\t')?;
-        (name.trim() == queue).then(|| count.trim().parse().ok())?
-    })
+    listed(stack, "list_queues", "name", "messages_unacknowledged")
+        .into_iter()
+        .find(|(name, _)| name == queue)
+        .and_then(|(_, count)| count.parse().ok())
 }
 
 /// How often the broker refreshes the queue figures `rabbitmqctl` shows

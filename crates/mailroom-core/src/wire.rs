@@ -10,6 +10,15 @@
 //! `mailroom.jobs` with the message's own routing keys, which include the
 //! `CC` ones, so the lane key brings the job back to its work queue: one set
 //! of tier queues serves every lane.
+//!
+//! Each lane has two work queues: one for jobs up to [`LARGE_JOB_BYTES`]
+//! sealed, one for larger ones. RabbitMQ bounds a consumer's prefetch only
+//! by number, so a worker consumes the large-job queue with a small
+//! prefetch (`worker.large_prefetch`): a backlog of 10 MiB attachments
+//! cannot fill its memory with `worker.prefetch` of them. Every publisher
+//! (producer, retry, `dlq replay`) picks the queue by the body's size
+//! ([`WorkQueue::of`]), and the retry `CC` header carries that queue's
+//! routing key, so a large job stays in the large-job queue of its lane.
 
 use std::time::Duration;
 
@@ -25,6 +34,11 @@ pub const RETRY_EXCHANGE: &str = "mailroom.retry";
 pub const DEAD_QUEUE: &str = "mailroom.dead";
 /// Content type of a sealed job.
 pub const CONTENT_TYPE: &str = "application/vnd.mailroom.sealed";
+
+/// Sealed jobs larger than this go to their lane's large-job queue. A
+/// 2 KiB message seals to ~2.4 KB; one with a 200 KiB attachment to
+/// ~280 KB.
+pub const LARGE_JOB_BYTES: usize = 256 * 1024;
 
 /// Redeliveries of one message before the broker dead-letters it: the
 /// backstop against a message that kills every worker that takes it.
@@ -112,9 +126,66 @@ pub fn tier_for(delay: Duration) -> &'static RetryTier {
         .unwrap_or(&RETRY_TIERS[RETRY_TIERS.len() - 1])
 }
 
-/// The work queue of a lane, e.g. `mailroom.send.bulk`.
+/// The work queue of a lane's jobs up to [`LARGE_JOB_BYTES`], e.g.
+/// `mailroom.send.bulk`.
 pub fn work_queue(lane: Lane) -> String {
-    format!("mailroom.send.{lane}")
+    WorkQueue { lane, large: false }.name()
+}
+
+/// A work queue: a lane's queue for jobs up to [`LARGE_JOB_BYTES`] sealed,
+/// or its queue for larger ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkQueue {
+    /// The lane.
+    pub lane: Lane,
+    /// Whether it holds jobs over [`LARGE_JOB_BYTES`].
+    pub large: bool,
+}
+
+impl WorkQueue {
+    /// Every work queue, transactional first.
+    pub const ALL: [Self; 4] = [
+        Self {
+            lane: Lane::Transactional,
+            large: false,
+        },
+        Self {
+            lane: Lane::Bulk,
+            large: false,
+        },
+        Self {
+            lane: Lane::Transactional,
+            large: true,
+        },
+        Self {
+            lane: Lane::Bulk,
+            large: true,
+        },
+    ];
+
+    /// The queue of a job of `lane` whose sealed body is `sealed_bytes`.
+    pub fn of(lane: Lane, sealed_bytes: usize) -> Self {
+        Self {
+            lane,
+            large: sealed_bytes > LARGE_JOB_BYTES,
+        }
+    }
+
+    /// Its routing key on [`JOBS_EXCHANGE`]: the lane, `.large` added for
+    /// the large-job queue.
+    pub fn routing_key(self) -> &'static str {
+        match (self.lane, self.large) {
+            (Lane::Transactional, false) => "transactional",
+            (Lane::Bulk, false) => "bulk",
+            (Lane::Transactional, true) => "transactional.large",
+            (Lane::Bulk, true) => "bulk.large",
+        }
+    }
+
+    /// Its name, e.g. `mailroom.send.bulk.large`.
+    pub fn name(self) -> String {
+        format!("mailroom.send.{}", self.routing_key())
+    }
 }
 
 /// A queue argument's value.
@@ -177,16 +248,16 @@ fn dead_lettering(exchange: &'static str) -> Vec<(&'static str, ArgValue)> {
 impl Topology {
     /// mailroom's topology.
     pub fn standard() -> Self {
-        let mut queues: Vec<QueueSpec> = Lane::ALL
+        let mut queues: Vec<QueueSpec> = WorkQueue::ALL
             .iter()
-            .map(|lane| {
+            .map(|queue| {
                 let mut arguments = dead_lettering("");
                 arguments.push(("x-dead-letter-routing-key", ArgValue::Str(DEAD_QUEUE)));
                 arguments.push(("x-delivery-limit", ArgValue::Int(DELIVERY_LIMIT)));
                 QueueSpec {
-                    name: work_queue(*lane),
+                    name: queue.name(),
                     arguments,
-                    binding: Some((JOBS_EXCHANGE, lane.as_str().to_owned())),
+                    binding: Some((JOBS_EXCHANGE, queue.routing_key().to_owned())),
                 }
             })
             .collect();
@@ -212,10 +283,10 @@ impl Topology {
     }
 }
 
-/// The `CC` header value that brings a retried job back to its lane.
-pub fn retry_cc(lane: Lane) -> AMQPValue {
+/// The `CC` header value that brings a retried job back to `queue`.
+pub fn retry_cc(queue: WorkQueue) -> AMQPValue {
     AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
-        LongString::from(lane.as_str()),
+        LongString::from(queue.routing_key()),
     )]))
 }
 
@@ -281,10 +352,15 @@ mod tests {
     }
 
     #[test]
-    fn work_queues_are_bound_by_lane_and_dead_letter_safely() {
-        for lane in Lane::ALL {
-            let spec = queue(&format!("mailroom.send.{lane}"));
-            assert_eq!(spec.binding, Some((JOBS_EXCHANGE, lane.to_string())));
+    fn work_queues_are_bound_by_lane_and_size_and_dead_letter_safely() {
+        for (name, key) in [
+            ("mailroom.send.transactional", "transactional"),
+            ("mailroom.send.bulk", "bulk"),
+            ("mailroom.send.transactional.large", "transactional.large"),
+            ("mailroom.send.bulk.large", "bulk.large"),
+        ] {
+            let spec = queue(name);
+            assert_eq!(spec.binding, Some((JOBS_EXCHANGE, key.to_owned())));
             assert_eq!(
                 arg(&spec, "x-delivery-limit"),
                 Some(ArgValue::Int(DELIVERY_LIMIT))
@@ -350,10 +426,24 @@ mod tests {
     }
 
     #[test]
-    fn retry_cc_names_the_lane() {
-        let AMQPValue::FieldArray(keys) = retry_cc(Lane::Bulk) else {
-            panic!("CC must be an array");
-        };
-        assert_eq!(keys.as_slice(), [AMQPValue::LongString("bulk".into())]);
+    fn retry_cc_names_the_work_queue() {
+        for (sealed, key) in [(2_400, "bulk"), (LARGE_JOB_BYTES + 1, "bulk.large")] {
+            let AMQPValue::FieldArray(keys) = retry_cc(WorkQueue::of(Lane::Bulk, sealed)) else {
+                panic!("CC must be an array");
+            };
+            assert_eq!(keys.as_slice(), [AMQPValue::LongString(key.into())]);
+        }
+    }
+
+    #[test]
+    fn only_jobs_over_the_threshold_are_large() {
+        let queue = |bytes| WorkQueue::of(Lane::Transactional, bytes).name();
+        assert_eq!(queue(0), "mailroom.send.transactional");
+        assert_eq!(queue(LARGE_JOB_BYTES), "mailroom.send.transactional");
+        assert_eq!(
+            queue(LARGE_JOB_BYTES + 1),
+            "mailroom.send.transactional.large"
+        );
+        assert_eq!(work_queue(Lane::Bulk), "mailroom.send.bulk");
     }
 }

@@ -14,7 +14,7 @@ use mailroom_core::telemetry::inject_span;
 use mailroom_core::validate::{
     Limits, ValidationErrors, validate_job, validate_request, validate_tenant,
 };
-use mailroom_core::wire::{CONTENT_TYPE, JOBS_EXCHANGE, Topology, headers};
+use mailroom_core::wire::{CONTENT_TYPE, JOBS_EXCHANGE, Topology, WorkQueue, headers};
 use time::OffsetDateTime;
 use tracing::Instrument as _;
 
@@ -129,12 +129,15 @@ impl Producer {
             messaging.system = "rabbitmq",
             messaging.operation.type = "send",
             messaging.destination.name = JOBS_EXCHANGE,
-            messaging.rabbitmq.destination.routing_key = job.lane.as_str(),
+            messaging.rabbitmq.destination.routing_key = tracing::field::Empty,
             messaging.message.id = %job.id,
         );
         let id = job.id;
         async {
             let sealed = offload::heavy(job.message.size(), || self.inner.keyring.seal(&job))?;
+            let routing_key = WorkQueue::of(job.lane, sealed.body.len()).routing_key();
+            tracing::Span::current()
+                .record("messaging.rabbitmq.destination.routing_key", routing_key);
             let mut table = FieldTable::default();
             table.insert(
                 ShortString::from(headers::KID),
@@ -163,7 +166,7 @@ impl Producer {
                 .broker
                 .publish(Outgoing {
                     exchange: JOBS_EXCHANGE.to_owned(),
-                    routing_key: job.lane.as_str().to_owned(),
+                    routing_key: routing_key.to_owned(),
                     body: sealed.body,
                     properties,
                     mandatory: true,

@@ -153,6 +153,26 @@ async fn enqueue_many_confirms_every_job_in_order() {
 }
 
 #[tokio::test]
+async fn a_job_over_the_large_job_threshold_goes_to_its_lanes_large_job_queue() {
+    let vhost = TestVhost::new("large");
+    let producer = producer(&vhost, keyring()).await;
+    for lane in Lane::ALL {
+        let mut large = job(lane);
+        large.message.text = Some("x".repeat(wire::LARGE_JOB_BYTES));
+        producer.enqueue(large).await.expect("confirmed");
+        producer.enqueue(job(lane)).await.expect("confirmed");
+    }
+    for queue in wire::WorkQueue::ALL {
+        assert_eq!(
+            depth(producer.broker(), &queue.name()).await,
+            1,
+            "{queue:?}"
+        );
+    }
+    producer.close().await;
+}
+
+#[tokio::test]
 async fn an_invalid_job_is_refused_and_nothing_is_published() {
     let vhost = TestVhost::new("invalid");
     let producer = producer(&vhost, keyring()).await;

@@ -163,7 +163,7 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
         let published = broker
             .publish(Outgoing {
                 exchange: JOBS_EXCHANGE.to_owned(),
-                routing_key: letter.lane.as_str().to_owned(),
+                routing_key: incoming.queue().routing_key().to_owned(),
                 body: incoming.body,
                 properties,
                 mandatory: true,

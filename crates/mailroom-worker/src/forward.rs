@@ -31,7 +31,7 @@ impl Forwarder {
         Self { broker }
     }
 
-    /// Sends `incoming` back to its lane after at least `delay`, as attempt
+    /// Sends `incoming` back to its work queue after at least `delay`, as attempt
     /// `attempt`. Returns the tier it waits in.
     pub async fn later(
         &self,
@@ -43,7 +43,7 @@ impl Forwarder {
         let tier = wire::tier_for(delay);
         let mut changes = vec![
             (headers::ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt))),
-            (headers::CC, wire::retry_cc(incoming.lane)),
+            (headers::CC, wire::retry_cc(incoming.queue())),
         ];
         if let Some(error) = last_error {
             changes.push((headers::LAST_ERROR, long_string(&truncate(error))));

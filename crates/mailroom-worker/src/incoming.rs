@@ -8,7 +8,7 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use mailroom_core::job::Lane;
-use mailroom_core::wire::headers;
+use mailroom_core::wire::{WorkQueue, headers};
 
 /// One message taken from a work queue.
 #[derive(Clone, Debug)]
@@ -64,6 +64,12 @@ impl Incoming {
             body,
             properties,
         }
+    }
+
+    /// The work queue it belongs in, by lane and size: a republish (retry,
+    /// replay) goes back there.
+    pub fn queue(&self) -> WorkQueue {
+        WorkQueue::of(self.lane, self.body.len())
     }
 
     /// The header table, empty if the message had none.

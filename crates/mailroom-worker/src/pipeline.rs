@@ -24,7 +24,6 @@ use mailroom_core::seal::Keyring;
 use mailroom_core::settings::OnUncertain;
 use mailroom_core::telemetry::extract_context;
 use mailroom_core::validate::Limits;
-use mailroom_core::wire;
 use time::OffsetDateTime;
 use tracing::{Instrument as _, debug_span, field, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -126,7 +125,7 @@ impl Pipeline {
             otel.kind = "consumer",
             messaging.system = "rabbitmq",
             messaging.operation.type = "process",
-            messaging.destination.name = %wire::work_queue(incoming.lane),
+            messaging.destination.name = %incoming.queue().name(),
             messaging.message.id = incoming.message_id.as_deref().unwrap_or(""),
             mailroom.attempt = incoming.attempt,
             mailroom.outcome = field::Empty,

@@ -1,7 +1,11 @@
 //! The pool: consumers for both lanes, bounded concurrency, reconnection,
 //! and the drain on shutdown.
 //!
-//! **Lanes.** Each lane has its own consumer and channel prefetch. Every
+//! **Lanes.** Each work queue (two a lane: jobs up to
+//! `wire::LARGE_JOB_BYTES` sealed, and larger ones) has its own consumer
+//! and channel prefetch; a large-job queue's is small
+//! (`worker.large_prefetch`), since RabbitMQ counts prefetch only by
+//! number and each of those deliveries may hold ~13 MiB. Every
 //! delivery takes a permit of the pool's `concurrency`; a `bulk` delivery
 //! must also take one of a smaller `bulk` allowance (three quarters of it),
 //! so a newsletter backlog can never occupy the permits a password reset
@@ -36,7 +40,7 @@ use lapin::{Channel, options::BasicCancelOptions};
 use mailroom_core::amqp::Broker;
 use mailroom_core::budget::{ByteBudget, Share};
 use mailroom_core::job::Lane;
-use mailroom_core::wire;
+use mailroom_core::wire::WorkQueue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -53,6 +57,8 @@ pub struct PoolSize {
     pub concurrency: usize,
     /// Channel prefetch of the transactional lane.
     pub prefetch: u16,
+    /// Channel prefetch of the transactional lane's large-job queue.
+    pub large_prefetch: u16,
     /// Sealed bytes in work at once (see the module's doc).
     pub inflight_bytes: usize,
     /// Time in-flight jobs get on shutdown.
@@ -95,13 +101,13 @@ impl Pool {
     /// Runs until `shutdown` is cancelled, then drains.
     pub async fn run(self, shutdown: CancellationToken) -> Drained {
         let this = Arc::new(self);
-        let consumers: Vec<_> = Lane::ALL
+        let consumers: Vec<_> = WorkQueue::ALL
             .into_iter()
-            .map(|lane| tokio::spawn(Arc::clone(&this).consume(lane, shutdown.clone())))
+            .map(|queue| tokio::spawn(Arc::clone(&this).consume(queue, shutdown.clone())))
             .collect();
         for consumer in consumers {
             if let Err(err) = consumer.await {
-                tracing::error!(error = %err, "a lane consumer stopped abnormally");
+                tracing::error!(error = %err, "a work queue's consumer stopped abnormally");
             }
         }
         this.tracker.close();
@@ -119,8 +125,8 @@ impl Pool {
         Drained { clean }
     }
 
-    /// Keeps one lane consumed, starting again after a lost channel.
-    async fn consume(self: Arc<Self>, lane: Lane, shutdown: CancellationToken) {
+    /// Keeps one work queue consumed, starting again after a lost channel.
+    async fn consume(self: Arc<Self>, queue: WorkQueue, shutdown: CancellationToken) {
         let reconnect = || {
             ExponentialBuilder::new()
                 .with_min_delay(Duration::from_millis(200))
@@ -131,10 +137,10 @@ impl Pool {
         };
         let mut delays = reconnect();
         while !shutdown.is_cancelled() {
-            match self.consume_once(lane, &shutdown).await {
+            match self.consume_once(queue, &shutdown).await {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Consumed) => delays = reconnect(),
-                Err(err) => tracing::warn!(%lane, error = %err, "consumer lost"),
+                Err(err) => tracing::warn!(queue = %queue.name(), error = %err, "consumer lost"),
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(10));
             tokio::select! {
@@ -146,7 +152,7 @@ impl Pool {
 
     async fn consume_once(
         &self,
-        lane: Lane,
+        queue: WorkQueue,
         shutdown: &CancellationToken,
     ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>> {
         // Reconnecting can take a while with the broker down; a shutdown
@@ -156,23 +162,30 @@ impl Pool {
             () = shutdown.cancelled() => return Ok(Ended::Shutdown),
             channel = self.broker.channel() => channel?,
         };
+        let lane = queue.lane;
+        let transactional = if queue.large {
+            self.size.large_prefetch
+        } else {
+            self.size.prefetch
+        };
         let prefetch = match lane {
-            Lane::Transactional => self.size.prefetch,
-            Lane::Bulk => u16::try_from(bulk_share(usize::from(self.size.prefetch)))
-                .unwrap_or(self.size.prefetch),
+            Lane::Transactional => transactional,
+            Lane::Bulk => {
+                u16::try_from(bulk_share(usize::from(transactional))).unwrap_or(transactional)
+            }
         };
         channel
             .basic_qos(prefetch.max(1), BasicQosOptions::default())
             .await?;
         let mut consumer = channel
             .basic_consume(
-                wire::work_queue(lane).into(),
-                format!("{}/{lane}", self.pipeline.worker_id).into(),
+                queue.name().into(),
+                format!("{}/{}", self.pipeline.worker_id, queue.routing_key()).into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        tracing::info!(%lane, prefetch, "consuming");
+        tracing::info!(queue = %queue.name(), prefetch, "consuming");
         // Stops the ack sender when this consumer ends, for whatever
         // reason; jobs still in work then ack at once.
         let closing = shutdown.child_token();

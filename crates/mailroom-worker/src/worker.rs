@@ -87,6 +87,7 @@ impl Worker {
             size: PoolSize {
                 concurrency: usize::from(worker.concurrency),
                 prefetch: settings.worker_prefetch(),
+                large_prefetch: settings.worker.large_prefetch,
                 inflight_bytes: worker.max_inflight_bytes,
                 grace: worker.shutdown_grace,
             },

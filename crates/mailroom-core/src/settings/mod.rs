@@ -219,6 +219,9 @@ impl Settings {
                 return invalid(key, "a number of bytes from 1024 to 1099511627776");
             }
         }
+        if self.worker.large_prefetch == 0 {
+            return invalid("worker.large_prefetch", "a whole number from 1 to 65535");
+        }
         if self.worker.prefetch == Some(0) {
             return invalid(
                 "worker.prefetch",

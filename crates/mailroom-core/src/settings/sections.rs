@@ -218,6 +218,11 @@ pub struct WorkerSettings {
     /// Unacked deliveries the broker may push; defaults to `concurrency`
     /// and a quarter.
     pub prefetch: Option<u16>,
+    /// Prefetch of the transactional lane's large-job queue (jobs over
+    /// `wire::LARGE_JOB_BYTES` sealed; the bulk lane's takes three
+    /// quarters): bounds the memory prefetched large jobs take, up to
+    /// ~13.4 MiB each.
+    pub large_prefetch: u16,
     /// Sealed bytes of the jobs in work at once: a job waits until its
     /// size fits, and one larger than this runs alone. Bounds the memory
     /// large messages take in work (each costs several times its size);
@@ -252,6 +257,7 @@ impl Default for WorkerSettings {
         Self {
             concurrency: 64,
             prefetch: None,
+            large_prefetch: 4,
             max_inflight_bytes: 64 * 1024 * 1024,
             transport: TransportKind::default(),
             outbox_dir: PathBuf::from("mailroom-outbox"),

@@ -29,6 +29,7 @@ fn defaults_work_locally() {
     assert_eq!(settings, Settings::default());
     assert_eq!(settings.worker.concurrency, 64);
     assert_eq!(settings.worker_prefetch(), 80);
+    assert_eq!(settings.worker.large_prefetch, 4);
     assert_eq!(
         settings.amqp.urls[0].expose(),
         "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -125,6 +126,12 @@ fn bad_values_name_the_setting_and_what_is_allowed() {
             "0",
             "worker.concurrency",
             "1 to 4096",
+        ),
+        (
+            "MAILROOM__WORKER__LARGE_PREFETCH",
+            "0",
+            "worker.large_prefetch",
+            "1 to 65535",
         ),
         (
             "MAILROOM__WORKER__MAX_INFLIGHT_BYTES",

@@ -7,7 +7,7 @@ use mailroom_core::amqp::Broker;
 use mailroom_core::job::{EmailMessage, JobRequest, Lane, SendJob};
 use mailroom_core::settings::{Secret, Settings};
 use mailroom_core::store::RedisStore;
-use mailroom_core::wire::{Topology, work_queue};
+use mailroom_core::wire::{Topology, WorkQueue};
 
 /// `settings` pointed at `vhost`, connected, with the topology declared.
 /// Returns the settings, the vhost's URL and the broker.
@@ -77,12 +77,9 @@ pub fn job(body: &str) -> SendJob {
 
 pub async fn purge_work_queues(broker: &Broker) -> anyhow::Result<()> {
     let channel = broker.channel().await?;
-    for lane in Lane::ALL {
+    for queue in WorkQueue::ALL {
         channel
-            .queue_purge(
-                work_queue(lane).as_str().into(),
-                QueuePurgeOptions::default(),
-            )
+            .queue_purge(queue.name().into(), QueuePurgeOptions::default())
             .await?;
     }
     let _ = channel.close(200, "bench done".into()).await;
