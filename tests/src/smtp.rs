@@ -45,6 +45,9 @@ pub struct Seen {
     pub message_id: Option<String>,
     /// The raw message, when accepted.
     pub raw: Option<Vec<u8>>,
+    /// Whether the client had sent more commands (the next message's)
+    /// before the reply to this one's end of DATA.
+    pub pipelined_after: bool,
 }
 
 /// A running server; killed when dropped.
@@ -164,6 +167,7 @@ impl SmtpServer {
                     auth: text("auth"),
                     message_id: text("message_id"),
                     raw: text("file").and_then(|path| std::fs::read(path).ok()),
+                    pipelined_after: record["pipelined_after"].as_bool().unwrap_or(false),
                 }
             })
             .collect()

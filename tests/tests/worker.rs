@@ -404,6 +404,76 @@ async fn a_large_job_keeps_to_the_large_job_queue_through_retry_and_replay() {
     stop(worker, producer).await;
 }
 
+/// With every pooled connection busy, the next deliveries wait, and the
+/// holder writes the first one's MAIL, RCPT and DATA right after its own
+/// end of DATA, then hands the connection over: the relay sees the next
+/// commands before it answers, and every outcome (a retry, a rejection,
+/// a connection dropped with the next commands written on it) still lands
+/// on its own job, each message whole and sent once.
+#[tokio::test]
+async fn a_busy_connection_is_handed_over_with_the_next_commands_written() {
+    let mut stack = Stack::new(
+        "handover",
+        &SmtpOptions {
+            replies: vec!["250", "451", "250", "550", "250", "drop"],
+            delay: Duration::from_millis(100),
+            ..SmtpOptions::default()
+        },
+    );
+    stack.settings.smtp.pool_size = 1;
+    stack.settings.worker.retry.initial = Duration::from_secs(1);
+    let (producer, worker) = start(&stack.settings).await;
+    let jobs: Vec<SendJob> = (0..8).map(|i| job(&format!("Queued {i}"))).collect();
+    let ids: Vec<JobId> = producer
+        .enqueue_many(jobs)
+        .await
+        .into_iter()
+        .map(|r| r.expect("enqueued"))
+        .collect();
+    let store = statuses(&stack.settings).await;
+    let mut states = Vec::new();
+    for id in &ids {
+        states.push(settled(&store, id).await);
+    }
+    let seen = stack.smtp.seen();
+    let sent: Vec<_> = states
+        .iter()
+        .filter(|s| s.state == JobState::Sent)
+        .collect();
+    let failed: Vec<_> = states
+        .iter()
+        .filter(|s| s.state == JobState::Failed)
+        .collect();
+    assert_eq!((sent.len(), failed.len()), (7, 1), "{states:?}");
+    assert_eq!(
+        sent.iter().filter(|s| s.attempts == 2).count(),
+        2,
+        "the 451 and the dropped one were retried: {states:?}"
+    );
+    let accepted = stack.smtp.accepted();
+    assert_eq!(accepted.len(), 7, "each sent job once: {seen:?}");
+    for message in &accepted {
+        let raw = String::from_utf8(message.raw.clone().expect("accepted")).expect("7-bit");
+        let subject = raw
+            .lines()
+            .find_map(|line| line.strip_prefix("Subject: "))
+            .expect("subject");
+        assert!(raw.contains(&format!("Body of {subject}")), "{raw}");
+    }
+    let dropped = seen.iter().find(|s| s.reply == "drop").expect("dropped");
+    assert!(
+        dropped.pipelined_after,
+        "the connection dropped had the next commands on it"
+    );
+    let handed = seen.iter().filter(|s| s.pipelined_after).count();
+    assert!(
+        handed >= 3,
+        "commands written after the end of DATA: {handed} of {}",
+        seen.len()
+    );
+    stop(worker, producer).await;
+}
+
 #[tokio::test]
 async fn a_permanent_rejection_is_dead_lettered_after_one_attempt() {
     let stack = Stack::new(

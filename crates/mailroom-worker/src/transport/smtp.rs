@@ -8,14 +8,27 @@
 //! RCPT, DATA steps are driven here, over lettre's connection type, with a
 //! timeout on each command.
 //!
+//! **Handing over a busy connection.** With all of the pool's connections
+//! in use, a delivery waits in a queue with its envelope. The holder of a
+//! connection about to end its own DATA writes the first waiter's MAIL,
+//! RCPT and DATA in the same write as its end of DATA (RFC 2920 lets
+//! message content begin a group), reads its own reply, and hands the
+//! connection over; the waiter reads its replies and goes on. Back to back,
+//! each message then costs one write and one read on each side instead of
+//! two. A holder whose connection fails drops the waiter, which then waits
+//! for a connection of its own: its commands had no body, so nothing of it
+//! was delivered.
+//!
 //! TLS: `starttls-required` (default) refuses a relay that does not offer
 //! STARTTLS; `implicit` speaks TLS from the first byte; `opportunistic`
 //! upgrades when offered; `none` is allowed only to a loopback host unless
 //! `smtp.allow_plaintext` is set. Certificates are checked against the
 //! system's roots and `smtp.ca_file`.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
@@ -25,7 +38,7 @@ use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use mailroom_core::settings::{SmtpSettings, TlsMode};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::data::{crlf_breaks, data_section};
 use super::{Delivered, HandOver, SendError, TransportError};
@@ -37,6 +50,11 @@ const MAX_IDLE: Duration = Duration::from_secs(30);
 
 /// How long a failed session is given to answer QUIT before it is closed.
 const QUIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Largest DATA section a waiter's commands are written after: the saving
+/// is a system call or two, which only small messages notice, and the
+/// combined write copies the section.
+const HAND_OVER_MAX: usize = 64 * 1024;
 
 /// Where and how to reach the relay.
 struct Relay {
@@ -66,8 +84,69 @@ struct Idle {
 pub struct SmtpTransport {
     relay: Relay,
     idle: Mutex<Vec<Idle>>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     pool_size: usize,
+    waiters: Mutex<VecDeque<Waiter>>,
+    waiter_ids: AtomicU64,
+}
+
+/// A delivery waiting for a connection, whose MAIL, RCPT and DATA the
+/// holder of a busy one may write after its own end of DATA.
+struct Waiter {
+    id: u64,
+    envelope: Envelope,
+    eight_bit: bool,
+    handed: oneshot::Sender<Handed>,
+}
+
+impl Waiter {
+    /// Gives the waiter `session`, its commands written, and the pool
+    /// permit that goes with it.
+    fn hand(self, session: Session, permit: OwnedSemaphorePermit) {
+        if let Err(Handed { session, .. }) = self.handed.send(Handed { session, permit }) {
+            // The waiter is gone, its DATA open on the relay: closing the
+            // connection without a body delivers nothing.
+            drop(session);
+        }
+    }
+}
+
+/// A connection handed over with the receiver's MAIL, RCPT and DATA
+/// written, and the pool permit that goes with it.
+struct Handed {
+    session: Session,
+    permit: OwnedSemaphorePermit,
+}
+
+/// How a delivery came by the right to a connection.
+enum Obtained {
+    /// A permit: take an idle connection or open one.
+    Permit(OwnedSemaphorePermit),
+    /// A busy connection, handed over (boxed: a session is large).
+    Handed(Box<Handed>),
+}
+
+/// Whether a transaction's MAIL, RCPT and DATA are still to be written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    ToWrite,
+    Written,
+}
+
+/// How a transaction ended, and the waiter whose commands followed its end
+/// of DATA, to be handed the connection (only when it is still in step).
+struct Ended {
+    result: Result<Response, (Step, Failure)>,
+    next: Option<Waiter>,
+}
+
+impl Ended {
+    fn failed(step: Step, failure: Failure) -> Self {
+        Self {
+            result: Err((step, failure)),
+            next: None,
+        }
+    }
 }
 
 /// A message as an SMTP transaction writes it, made once before a
@@ -148,8 +227,10 @@ impl SmtpTransport {
                 command_timeout: settings.command_timeout,
             },
             idle: Mutex::new(Vec::new()),
-            permits: Semaphore::new(pool_size),
+            permits: Arc::new(Semaphore::new(pool_size)),
             pool_size,
+            waiters: Mutex::new(VecDeque::new()),
+            waiter_ids: AtomicU64::new(0),
         })
     }
 
@@ -176,34 +257,135 @@ impl SmtpTransport {
         message: &SmtpMessage,
         mut hand_over: Option<HandOver<'_>>,
     ) -> Result<Delivered, SendError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| SendError::transient(None, "transport shut down"))?;
-        if let Some(mut session) = self.take_idle() {
-            match self.transact(&mut session, message, &mut hand_over).await {
-                Ok(response) => return Ok(self.keep(session, &response)),
-                // A pooled connection the relay dropped while idle fails at
-                // MAIL with a network error: nothing was sent, so try once
-                // more on a fresh connection instead of spending an attempt.
-                Err((Step::Before, err)) if err.is_network() => {
-                    abort(&mut session.smtp).await;
-                }
-                Err((step, err)) => {
-                    abort(&mut session.smtp).await;
-                    return Err(err.into_send_error(step));
-                }
+        let (reused, permit, opening) = match self.obtain(message).await? {
+            Obtained::Handed(handed) => {
+                let Handed { session, permit } = *handed;
+                (Some(session), permit, Opening::Written)
+            }
+            Obtained::Permit(permit) => (self.take_idle(), permit, Opening::ToWrite),
+        };
+        if let Some(mut session) = reused {
+            let ended = self
+                .transact(&mut session, message, &mut hand_over, opening)
+                .await;
+            match ended {
+                // A reused connection the relay dropped (while idle, or as
+                // it was handed over) fails before the message with a
+                // network error: nothing was sent, so try once more on a
+                // fresh connection instead of spending an attempt.
+                Ended {
+                    result: Err((Step::Before, err)),
+                    next: None,
+                } if err.is_network() => abort(&mut session.smtp).await,
+                ended => return self.settle(session, permit, ended).await,
             }
         }
         let mut session = self.connect().await?;
-        match self.transact(&mut session, message, &mut hand_over).await {
+        let ended = self
+            .transact(&mut session, message, &mut hand_over, Opening::ToWrite)
+            .await;
+        self.settle(session, permit, ended).await
+    }
+
+    /// What follows a transaction: the connection goes to the waiter whose
+    /// commands followed our end of DATA, or back to the pool, or (after a
+    /// failure that may have left it out of step) is closed.
+    async fn settle(
+        &self,
+        mut session: Session,
+        permit: OwnedSemaphorePermit,
+        ended: Ended,
+    ) -> Result<Delivered, SendError> {
+        let Ended { result, next } = ended;
+        if let Some(next) = next {
+            next.hand(session, permit);
+            return result
+                .map(|response| delivered(&response))
+                .map_err(|(step, err)| err.into_send_error(step));
+        }
+        match result {
             Ok(response) => Ok(self.keep(session, &response)),
             Err((step, err)) => {
                 abort(&mut session.smtp).await;
                 Err(err.into_send_error(step))
             }
         }
+    }
+
+    /// A permit to use a connection, or a busy connection handed over with
+    /// our commands written. Waits in the hand-over queue only while every
+    /// permit is taken.
+    async fn obtain(&self, message: &SmtpMessage) -> Result<Obtained, SendError> {
+        let closed = |_| SendError::transient(None, "transport shut down");
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            return Ok(Obtained::Permit(permit));
+        }
+        let (handed, mut receiver) = oneshot::channel();
+        let id = self.waiter_ids.fetch_add(1, Ordering::Relaxed);
+        self.lock_waiters().push_back(Waiter {
+            id,
+            envelope: message.envelope.clone(),
+            eight_bit: message.eight_bit,
+            handed,
+        });
+        tokio::select! {
+            biased;
+            handed = &mut receiver => {
+                if let Ok(handed) = handed {
+                    return Ok(Obtained::Handed(Box::new(handed)));
+                }
+            }
+            permit = Arc::clone(&self.permits).acquire_owned() => {
+                let permit = permit.map_err(closed);
+                if self.leave_queue(id) {
+                    return permit.map(Obtained::Permit);
+                }
+                // A holder took us from the queue and wrote our commands:
+                // its connection comes once it has its own reply.
+                drop(permit);
+                if let Ok(handed) = receiver.await {
+                    return Ok(Obtained::Handed(Box::new(handed)));
+                }
+            }
+        }
+        // The holder's connection failed after it took us: wait like anyone.
+        Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map(Obtained::Permit)
+            .map_err(closed)
+    }
+
+    /// The first waiter whose commands this connection can carry, with
+    /// those commands; waiters that gave up are dropped on the way.
+    fn next_waiter(&self, connection: &AsyncSmtpConnection) -> Option<(Waiter, String)> {
+        let mut waiters = self.lock_waiters();
+        while let Some(waiter) = waiters.pop_front() {
+            if waiter.handed.is_closed() {
+                continue;
+            }
+            let Ok(group) = opening_group(connection, &waiter.envelope, waiter.eight_bit) else {
+                // It needs an extension this relay lacks: it fails on a
+                // connection of its own, with its own error.
+                waiters.push_front(waiter);
+                return None;
+            };
+            return Some((waiter, group));
+        }
+        None
+    }
+
+    /// Takes waiter `id` out of the queue; `false` if a holder took it.
+    fn leave_queue(&self, id: u64) -> bool {
+        let mut waiters = self.lock_waiters();
+        let at = waiters.iter().position(|waiter| waiter.id == id);
+        at.and_then(|at| waiters.remove(at)).is_some()
+    }
+
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiter>> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sends QUIT on every idle connection, all at once, each given
@@ -241,9 +423,7 @@ impl SmtpTransport {
                 since: Instant::now(),
             });
         }
-        Delivered {
-            code: u16::from(response.code()),
-        }
+        delivered(response)
     }
 
     /// Connects, greets, upgrades to TLS and authenticates, within
@@ -335,62 +515,99 @@ impl SmtpTransport {
     }
 
     /// MAIL, RCPT for each recipient, DATA (in one write when the relay
-    /// pipelines), then the message; each reply within
-    /// `smtp.command_timeout`.
+    /// pipelines; already written when `opening` says so), then the
+    /// message, followed by a waiter's commands when one is queued; each
+    /// reply within `smtp.command_timeout`.
     async fn transact(
         &self,
         session: &mut Session,
         message: &SmtpMessage,
         hand_over: &mut Option<HandOver<'_>>,
-    ) -> Result<Response, (Step, Failure)> {
-        let before = |failure| (Step::Before, failure);
-        let connection = &mut session.smtp;
-        let mail = Mail::new(
-            message.envelope.from().cloned(),
-            mail_parameters(connection, &message.envelope, message.eight_bit).map_err(before)?,
-        );
-        let recipients = message
-            .envelope
-            .to()
-            .iter()
-            .map(|recipient| Rcpt::new(recipient.clone(), Vec::new()));
-        if session.pipelining {
-            let mut group = mail.to_string();
-            for rcpt in recipients {
-                group.push_str(&rcpt.to_string());
-            }
-            group.push_str(&Data.to_string());
-            // The first reply answers MAIL; one more a recipient, one for
-            // DATA. A refusal ends the session (it is aborted), so no body
-            // follows a DATA that a refused RCPT made fail.
-            self.command(connection, group).await.map_err(before)?;
-            for _ in 0..=message.envelope.to().len() {
-                self.reply(connection).await.map_err(before)?;
-            }
-        } else {
-            self.command(connection, mail).await.map_err(before)?;
-            for rcpt in recipients {
-                self.command(connection, rcpt).await.map_err(before)?;
-            }
-            self.command(connection, Data).await.map_err(before)?;
+        opening: Opening,
+    ) -> Ended {
+        if let Err(failure) = self.open(session, message, opening).await {
+            return Ended::failed(Step::Before, failure);
         }
         if let Some(hand_over) = hand_over.take() {
             // Nothing was handed over yet: the aborted session drops the
             // partial message, and the retry is safe.
-            hand_over
-                .await
-                .map_err(|err| before(Failure::HandOver(err)))?;
-        }
-        let after = |failure| (Step::AfterData, failure);
-        match &message.body {
-            DataBody::Section(data) => self.command(connection, data).await.map_err(after),
-            DataBody::Lettre(raw) => {
-                tokio::time::timeout(self.relay.command_timeout, connection.message(raw))
-                    .await
-                    .map_err(|_| after(Failure::Timeout(self.relay.command_timeout)))?
-                    .map_err(|err| after(Failure::Smtp(err)))
+            if let Err(err) = hand_over.await {
+                return Ended::failed(Step::Before, Failure::HandOver(err));
             }
         }
+        let connection = &mut session.smtp;
+        let after = |failure| (Step::AfterData, failure);
+        match &message.body {
+            DataBody::Section(data) => {
+                let next = (session.pipelining && data.len() <= HAND_OVER_MAX)
+                    .then(|| self.next_waiter(connection))
+                    .flatten();
+                let Some((waiter, group)) = next else {
+                    return Ended {
+                        result: self.command(connection, data).await.map_err(after),
+                        next: None,
+                    };
+                };
+                let result = self.command(connection, format!("{data}{group}")).await;
+                // A reply, good or bad, leaves the connection in step for
+                // the waiter; no reply (a network error or timeout) leaves
+                // the waiter to wait for another connection.
+                let in_step = match &result {
+                    Ok(_) => true,
+                    Err(Failure::Smtp(err)) => err.status().is_some(),
+                    Err(_) => false,
+                };
+                Ended {
+                    result: result.map_err(after),
+                    next: in_step.then_some(waiter),
+                }
+            }
+            DataBody::Lettre(raw) => Ended {
+                result: tokio::time::timeout(self.relay.command_timeout, connection.message(raw))
+                    .await
+                    .map_err(|_| after(Failure::Timeout(self.relay.command_timeout)))
+                    .and_then(|sent| sent.map_err(|err| after(Failure::Smtp(err)))),
+                next: None,
+            },
+        }
+    }
+
+    /// Writes (unless `opening` says they were written) and reads MAIL,
+    /// RCPT for each recipient and DATA.
+    async fn open(
+        &self,
+        session: &mut Session,
+        message: &SmtpMessage,
+        opening: Opening,
+    ) -> Result<(), Failure> {
+        let connection = &mut session.smtp;
+        // One reply for MAIL, one a recipient, one for DATA. A refusal ends
+        // the session (it is aborted), so no body follows a DATA that a
+        // refused RCPT made fail.
+        let replies = message.envelope.to().len() + 2;
+        if opening == Opening::Written {
+            for _ in 0..replies {
+                self.reply(connection).await?;
+            }
+            return Ok(());
+        }
+        if session.pipelining {
+            let group = opening_group(connection, &message.envelope, message.eight_bit)?;
+            self.command(connection, group).await?;
+            for _ in 1..replies {
+                self.reply(connection).await?;
+            }
+            return Ok(());
+        }
+        let parameters = mail_parameters(connection, &message.envelope, message.eight_bit)?;
+        let mail = Mail::new(message.envelope.from().cloned(), parameters);
+        self.command(connection, mail).await?;
+        for recipient in message.envelope.to() {
+            self.command(connection, Rcpt::new(recipient.clone(), Vec::new()))
+                .await?;
+        }
+        self.command(connection, Data).await?;
+        Ok(())
     }
 
     async fn reply(&self, connection: &mut AsyncSmtpConnection) -> Result<Response, Failure> {
@@ -467,6 +684,28 @@ async fn abort(connection: &mut AsyncSmtpConnection) {
     {
         tracing::debug!("the relay did not answer QUIT: connection dropped");
     }
+}
+
+/// The relay's answer as a delivery.
+fn delivered(response: &Response) -> Delivered {
+    Delivered {
+        code: u16::from(response.code()),
+    }
+}
+
+/// MAIL, RCPT for each recipient and DATA, as one pipelined group.
+fn opening_group(
+    connection: &AsyncSmtpConnection,
+    envelope: &Envelope,
+    eight_bit: bool,
+) -> Result<String, Failure> {
+    let parameters = mail_parameters(connection, envelope, eight_bit)?;
+    let mut group = Mail::new(envelope.from().cloned(), parameters).to_string();
+    for recipient in envelope.to() {
+        group.push_str(&Rcpt::new(recipient.clone(), Vec::new()).to_string());
+    }
+    group.push_str(&Data.to_string());
+    Ok(group)
 }
 
 /// MAIL parameters the message needs (as lettre's own `send` picks them).
