@@ -86,6 +86,16 @@ fn job(subject: &str) -> SendJob {
     )
 }
 
+/// Enqueues `jobs` pipelined; their ids, in order.
+async fn enqueue_all(producer: &Producer, jobs: Vec<SendJob>) -> Vec<JobId> {
+    producer
+        .enqueue_many(jobs)
+        .await
+        .into_iter()
+        .map(|r| r.expect("enqueued"))
+        .collect()
+}
+
 async fn statuses(settings: &Settings) -> StatusStore {
     let store = RedisStore::connect(&settings.redis).await.expect("redis");
     StatusStore::new(store, Duration::from_mins(10))
@@ -424,12 +434,7 @@ async fn a_busy_connection_is_handed_over_with_the_next_commands_written() {
     stack.settings.worker.retry.initial = Duration::from_secs(1);
     let (producer, worker) = start(&stack.settings).await;
     let jobs: Vec<SendJob> = (0..8).map(|i| job(&format!("Queued {i}"))).collect();
-    let ids: Vec<JobId> = producer
-        .enqueue_many(jobs)
-        .await
-        .into_iter()
-        .map(|r| r.expect("enqueued"))
-        .collect();
+    let ids: Vec<JobId> = enqueue_all(&producer, jobs).await;
     let store = statuses(&stack.settings).await;
     let mut states = Vec::new();
     for id in &ids {
@@ -765,12 +770,7 @@ async fn a_flood_of_duplicates_sends_each_key_once() {
             job
         })
         .collect();
-    let ids: Vec<JobId> = producer
-        .enqueue_many(jobs)
-        .await
-        .into_iter()
-        .map(|r| r.expect("enqueued"))
-        .collect();
+    let ids: Vec<JobId> = enqueue_all(&producer, jobs).await;
     let store = statuses(&stack.settings).await;
     let mut sent = 0;
     for id in &ids {
@@ -841,12 +841,11 @@ async fn a_hung_send_does_not_keep_the_jobs_after_it_unacked() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let after: Vec<JobId> = producer
-        .enqueue_many((0..5).map(|i| job(&format!("after {i}"))).collect())
-        .await
-        .into_iter()
-        .map(|r| r.expect("enqueued"))
-        .collect();
+    let after: Vec<JobId> = enqueue_all(
+        &producer,
+        (0..5).map(|i| job(&format!("after {i}"))).collect(),
+    )
+    .await;
     let store = statuses(&stack.settings).await;
     for id in &after {
         assert_eq!(settled(&store, id).await.state, JobState::Sent);
