@@ -118,6 +118,18 @@ struct Handed {
     permit: OwnedSemaphorePermit,
 }
 
+/// A waiter's place in the queue, given up when dropped.
+struct Queued<'a> {
+    transport: &'a SmtpTransport,
+    id: u64,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.transport.leave_queue(self.id);
+    }
+}
+
 /// How a delivery came by the right to a connection.
 enum Obtained {
     /// A permit: take an idle connection or open one.
@@ -328,6 +340,12 @@ impl SmtpTransport {
             eight_bit: message.eight_bit,
             handed,
         });
+        // A send dropped while it waits leaves the queue with it (a relay
+        // without PIPELINING never takes waiters from it).
+        let _queued = Queued {
+            transport: self,
+            id,
+        };
         tokio::select! {
             biased;
             handed = &mut receiver => {
@@ -832,6 +850,31 @@ mod tests {
         assert!(SmtpTransport::new(&settings("smtp://relay.example:25", true)).is_ok());
         assert!(SmtpTransport::new(&settings("smtp://127.0.0.1:25", false)).is_ok());
         assert!(SmtpTransport::new(&settings("smtp://localhost:25", false)).is_ok());
+    }
+
+    /// A send that gives up while it waits for a connection (its future
+    /// dropped) takes its place in the hand-over queue with it.
+    #[tokio::test]
+    async fn a_dropped_wait_leaves_the_queue() {
+        let transport = SmtpTransport::new(&SmtpSettings {
+            url: Secret::new("smtp://127.0.0.1:25"),
+            tls: TlsMode::None,
+            pool_size: 1,
+            ..SmtpSettings::default()
+        })
+        .expect("transport");
+        let address: lettre::Address = "ada@example.org".parse().expect("address");
+        let message = SmtpMessage::new(OutgoingMessage {
+            envelope: Envelope::new(Some(address.clone()), vec![address]).expect("envelope"),
+            message_id: "<1@example.org>".to_owned(),
+            raw: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
+        });
+        let _busy = Arc::clone(&transport.permits)
+            .try_acquire_owned()
+            .expect("the only permit");
+        let waited = tokio::time::timeout(Duration::from_millis(20), transport.obtain(&message));
+        assert!(waited.await.is_err(), "no connection was free");
+        assert!(transport.lock_waiters().is_empty());
     }
 
     #[test]
