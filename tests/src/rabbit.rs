@@ -5,7 +5,7 @@ use std::process::Command;
 
 use mailroom_core::amqp::Broker;
 use mailroom_core::settings::{AmqpSettings, Secret};
-use mailroom_core::wire::{Topology, WorkQueue};
+use mailroom_core::wire::Topology;
 
 /// Where the tests' broker listens.
 pub const BROKER: &str = "127.0.0.1:5672";
@@ -58,10 +58,7 @@ impl TestVhost {
             .declare(&Topology::standard())
             .await
             .expect("topology");
-        let mut depth = 0;
-        for queue in WorkQueue::ALL {
-            depth += broker.queue_depth(&queue.name()).await.expect("depth");
-        }
+        let depth = broker.work_depth().await.expect("depth");
         broker.close().await;
         depth
     }

@@ -25,6 +25,7 @@ use tokio::sync::{Mutex, RwLock};
 pub use error::{AmqpError, PublishError};
 
 use crate::settings::AmqpSettings;
+use crate::wire::WorkQueue;
 
 /// One message to publish.
 #[derive(Clone, Debug)]
@@ -139,6 +140,15 @@ impl Broker {
             .map_err(|err| AmqpError::Broker(err.to_string()));
         let _ = channel.close(200, "done".into()).await;
         Ok(declared?.message_count())
+    }
+
+    /// Jobs ready in every work queue (which must exist).
+    pub async fn work_depth(&self) -> Result<u32, AmqpError> {
+        let mut depth = 0;
+        for queue in WorkQueue::ALL {
+            depth += self.queue_depth(&queue.name()).await?;
+        }
+        Ok(depth)
     }
 
     /// Publishes one message and waits for the broker's confirm.

@@ -132,10 +132,7 @@ async fn preflight(settings: &Settings) -> anyhow::Result<()> {
             format!("RabbitMQ is not reachable at {url}: start it with `rabbitmq-server -detached` (Debian: `apt-get install rabbitmq-server`)")
         })?;
     broker.declare(&wire::Topology::standard()).await?;
-    let mut waiting = 0;
-    for queue in wire::WorkQueue::ALL {
-        waiting += broker.queue_depth(&queue.name()).await?;
-    }
+    let waiting = broker.work_depth().await?;
     broker.close().await;
     if waiting > 0 {
         bail!(
