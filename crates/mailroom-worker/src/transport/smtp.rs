@@ -617,12 +617,10 @@ impl SmtpTransport {
             }
             return Ok(());
         }
-        let parameters = mail_parameters(connection, &message.envelope, message.eight_bit)?;
-        let mail = Mail::new(message.envelope.from().cloned(), parameters);
+        let (mail, rcpts) = envelope_commands(connection, &message.envelope, message.eight_bit)?;
         self.command(connection, mail).await?;
-        for recipient in message.envelope.to() {
-            self.command(connection, Rcpt::new(recipient.clone(), Vec::new()))
-                .await?;
+        for rcpt in rcpts {
+            self.command(connection, rcpt).await?;
         }
         self.command(connection, Data).await?;
         Ok(())
@@ -717,13 +715,29 @@ fn opening_group(
     envelope: &Envelope,
     eight_bit: bool,
 ) -> Result<String, Failure> {
-    let parameters = mail_parameters(connection, envelope, eight_bit)?;
-    let mut group = Mail::new(envelope.from().cloned(), parameters).to_string();
-    for recipient in envelope.to() {
-        group.push_str(&Rcpt::new(recipient.clone(), Vec::new()).to_string());
+    let (mail, rcpts) = envelope_commands(connection, envelope, eight_bit)?;
+    let mut group = mail.to_string();
+    for rcpt in rcpts {
+        group.push_str(&rcpt.to_string());
     }
     group.push_str(&Data.to_string());
     Ok(group)
+}
+
+/// MAIL, with the parameters the message needs on this connection, and
+/// RCPT for each recipient.
+fn envelope_commands(
+    connection: &AsyncSmtpConnection,
+    envelope: &Envelope,
+    eight_bit: bool,
+) -> Result<(Mail, Vec<Rcpt>), Failure> {
+    let parameters = mail_parameters(connection, envelope, eight_bit)?;
+    let rcpts = envelope
+        .to()
+        .iter()
+        .map(|recipient| Rcpt::new(recipient.clone(), Vec::new()))
+        .collect();
+    Ok((Mail::new(envelope.from().cloned(), parameters), rcpts))
 }
 
 /// MAIL parameters the message needs (as lettre's own `send` picks them).
