@@ -103,11 +103,10 @@ impl Waiter {
     /// Gives the waiter `session`, its commands written, and the pool
     /// permit that goes with it.
     fn hand(self, session: Session, permit: OwnedSemaphorePermit) {
-        if let Err(Handed { session, .. }) = self.handed.send(Handed { session, permit }) {
-            // The waiter is gone, its DATA open on the relay: closing the
-            // connection without a body delivers nothing.
-            drop(session);
-        }
+        // If the waiter is gone, its DATA open on the relay, the connection
+        // comes back and is dropped: closed without a body, it delivers
+        // nothing.
+        let _ = self.handed.send(Handed { session, permit });
     }
 }
 
@@ -122,11 +121,15 @@ struct Handed {
 struct Queued<'a> {
     transport: &'a SmtpTransport,
     id: u64,
+    /// Known to be out of the queue already: nothing to look for.
+    out: bool,
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.transport.leave_queue(self.id);
+        if !self.out {
+            self.transport.leave_queue(self.id);
+        }
     }
 }
 
@@ -342,19 +345,24 @@ impl SmtpTransport {
         });
         // A send dropped while it waits leaves the queue with it (a relay
         // without PIPELINING never takes waiters from it).
-        let _queued = Queued {
+        let mut queued = Queued {
             transport: self,
             id,
+            out: false,
         };
         tokio::select! {
             biased;
             handed = &mut receiver => {
+                // Handed over or dropped, our waiter left the queue with
+                // the holder that took it.
+                queued.out = true;
                 if let Ok(handed) = handed {
                     return Ok(Obtained::Handed(Box::new(handed)));
                 }
             }
             permit = Arc::clone(&self.permits).acquire_owned() => {
                 let permit = permit.map_err(closed);
+                queued.out = true;
                 if self.leave_queue(id) {
                     return permit.map(Obtained::Permit);
                 }
