@@ -103,14 +103,30 @@ async fn statuses(settings: &Settings) -> StatusStore {
 
 /// Waits until `id`'s status is final.
 async fn settled(store: &StatusStore, id: &JobId) -> JobStatus {
+    status_once(store, id, "settled", JobState::is_final).await
+}
+
+/// Waits until `id`'s status is `state`; that status.
+async fn reached(store: &StatusStore, id: &JobId, state: JobState) -> JobStatus {
+    status_once(store, id, &format!("became {state}"), |now| now == state).await
+}
+
+/// Polls `id`'s status until its state passes `wanted` (`what` names that
+/// in the failure); that status.
+async fn status_once(
+    store: &StatusStore,
+    id: &JobId,
+    what: &str,
+    wanted: impl Fn(JobState) -> bool,
+) -> JobStatus {
     let start = Instant::now();
     loop {
         if let Some(status) = store.get(id).await.expect("status")
-            && status.state.is_final()
+            && wanted(status.state)
         {
             return status;
         }
-        assert!(start.elapsed() < PATIENCE, "job {id} did not settle");
+        assert!(start.elapsed() < PATIENCE, "job {id} never {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -192,16 +208,7 @@ async fn an_untrusted_relay_is_never_sent_to() {
     let (producer, worker) = start(&settings).await;
     let id = producer.enqueue(job("untrusted")).await.expect("enqueued");
     let store = statuses(&settings).await;
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = store.get(&id).await.expect("status")
-            && status.state == JobState::Retrying
-        {
-            break status;
-        }
-        assert!(start.elapsed() < PATIENCE, "no retry recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = reached(&store, &id, JobState::Retrying).await;
     let error = status.last_error.unwrap_or_default();
     assert!(
         error.contains("STARTTLS") || error.contains("tls"),
@@ -321,15 +328,6 @@ async fn two_transient_failures_then_delivered_once_on_attempt_three() {
         "every attempt carries the same Message-ID"
     );
     stop(worker, producer).await;
-}
-
-/// Waits until `id`'s status is `state`.
-async fn reached(store: &StatusStore, id: &JobId, state: JobState) {
-    let start = Instant::now();
-    while store.get(id).await.expect("status").map(|s| s.state) != Some(state) {
-        assert!(start.elapsed() < PATIENCE, "job {id} never became {state}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Waits until the large-job queue of the transactional lane holds `n`
