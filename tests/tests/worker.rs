@@ -661,6 +661,40 @@ async fn a_replayed_dead_letter_is_delivered_and_its_status_follows() {
     stop(worker, producer).await;
 }
 
+/// `dlq list`, and a `dlq replay` that passes letters over, return only once
+/// the letters they held are back in the queue (a quorum queue requeues
+/// after answering the channel's close), so a command right after sees all.
+#[tokio::test]
+async fn dead_letters_are_back_in_place_when_list_and_replay_return() {
+    let stack = Stack::new("dlq-back", &replies(&["550"; 5]));
+    let (producer, worker) = start(&stack.settings).await;
+    let jobs = (0..5).map(|n| job(&format!("bounce {n}"))).collect();
+    let ids = enqueue_all(&producer, jobs).await;
+    let store = statuses(&stack.settings).await;
+    for id in &ids {
+        settled(&store, id).await;
+    }
+    worker.stop().await;
+    // Settled is recorded before the letter reaches the queue.
+    let start = Instant::now();
+    while dead_letters(&producer).await.len() < ids.len() {
+        assert!(start.elapsed() < PATIENCE, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(dead_letters(&producer).await.len(), ids.len());
+        let none = dlq::Selection::Reason("no such reason".to_owned());
+        let replayed = dlq::replay(producer.broker(), &none).await.expect("replay");
+        assert!(replayed.is_empty());
+    }
+    assert_eq!(dead_letters(&producer).await.len(), ids.len());
+    let replayed = dlq::replay(producer.broker(), &dlq::Selection::All)
+        .await
+        .expect("replay");
+    assert_eq!(replayed.len(), ids.len());
+    producer.close().await;
+}
+
 #[tokio::test]
 async fn the_worker_survives_its_broker_connection_being_closed() {
     let stack = Stack::new("worker-reconnect", &SmtpOptions::default());

@@ -3,7 +3,8 @@
 //!
 //! Listing and replay read with `basic.get` and hold every message unacked
 //! until they are done, so a message is seen once per pass and whatever is
-//! not replayed goes back to the queue, in order, when the channel closes.
+//! not replayed goes back to the queue, in order, when the channel closes;
+//! both return only once the broker shows it back in the queue.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -11,6 +12,7 @@ use lapin::{BasicProperties, Channel};
 use mailroom_core::amqp::{AmqpError, Broker, Outgoing, PublishError};
 use mailroom_core::job::Lane;
 use mailroom_core::wire::{DEAD_QUEUE, JOBS_EXCHANGE, headers};
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -127,8 +129,7 @@ pub async fn list(broker: &Broker, limit: usize) -> Result<Vec<DeadLetter>, DlqE
         };
         letters.push(DeadLetter::read(&message.delivery.properties));
     }
-    // Closing the channel returns every message taken, unacked, to the queue.
-    close(&channel).await;
+    give_back(broker, &channel, letters.len()).await?;
     Ok(letters)
 }
 
@@ -138,6 +139,7 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
     let channel = broker.channel().await?;
     let depth = depth(&channel).await?;
     let mut replayed = Vec::new();
+    let mut held = 0;
     let mut result = Ok(());
     for _ in 0..depth {
         let Some(message) = channel
@@ -149,6 +151,7 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
         let delivery = message.delivery;
         let letter = DeadLetter::read(&delivery.properties);
         if !selection.takes(&letter) {
+            held += 1;
             continue;
         }
         let incoming = Incoming::new(delivery.properties.clone(), delivery.data);
@@ -170,6 +173,7 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
             })
             .await;
         if let Err(source) = published {
+            held += 1;
             result = Err(DlqError::Replay {
                 id: letter.id.clone(),
                 source,
@@ -183,7 +187,7 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
             break;
         }
     }
-    close(&channel).await;
+    give_back(broker, &channel, held).await?;
     result.map(|()| replayed)
 }
 
@@ -209,6 +213,30 @@ async fn depth(channel: &Channel) -> Result<usize, DlqError> {
         )
         .await?;
     Ok(usize::try_from(queue.message_count()).unwrap_or(usize::MAX))
+}
+
+/// How long [`give_back`] waits for the broker to requeue what it held.
+const GIVE_BACK_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Closes a channel holding `held` dead letters unacked, which returns them
+/// to the queue, and waits until the queue shows them again. A quorum queue
+/// requeues them only after it has answered the close, so without the wait a
+/// `replay` right after a `list` could find the queue empty and replay
+/// nothing. Gives up quietly after [`GIVE_BACK_PATIENCE`], since another
+/// operator may have taken them meanwhile.
+async fn give_back(broker: &Broker, channel: &Channel, held: usize) -> Result<(), DlqError> {
+    let wanted = depth(channel).await?.saturating_add(held);
+    close(channel).await;
+    if held == 0 {
+        return Ok(());
+    }
+    let watch = broker.channel().await?;
+    let start = Instant::now();
+    while depth(&watch).await? < wanted && start.elapsed() < GIVE_BACK_PATIENCE {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    close(&watch).await;
+    Ok(())
 }
 
 async fn close(channel: &Channel) {
