@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use mailroom_core::seal::SealKey;
 use mailroom_core::settings::{Secret, Settings, TransportKind};
+use mailroom_producer::api::keys::{NewKey, Scope};
 
 use crate::rabbit::TestVhost;
 use crate::redis::TestPrefix;
@@ -106,5 +107,17 @@ impl Stack {
             env.push(("MAILROOM__SMTP__CA_FILE", ca.display().to_string()));
         }
         env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
+/// An API key for `tenant` with `scopes`, no network or rate limits of its
+/// own, never expiring.
+pub fn new_key(tenant: &str, scopes: &[Scope]) -> NewKey {
+    NewKey {
+        tenant: tenant.to_owned(),
+        scopes: scopes.to_vec(),
+        allow_cidrs: Vec::new(),
+        rate: None,
+        expires_at: None,
     }
 }

@@ -21,7 +21,7 @@ use mailroom_producer::api::keys::{NewKey, Scope};
 use mailroom_producer::api::{Api, NetworkPolicy, parse_cidr};
 use mailroom_tests::rabbit::{TestVhost, rabbitmqctl};
 use mailroom_tests::redis::TestPrefix;
-use mailroom_tests::stack::base_settings;
+use mailroom_tests::stack::{base_settings, new_key};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::ServiceExt as _;
@@ -61,16 +61,6 @@ impl Stack {
             settings,
         )
         .expect("api")
-    }
-}
-
-fn new_key(tenant: &str, scopes: &[Scope]) -> NewKey {
-    NewKey {
-        tenant: tenant.to_owned(),
-        scopes: scopes.to_vec(),
-        allow_cidrs: Vec::new(),
-        rate: None,
-        expires_at: None,
     }
 }
 

@@ -12,10 +12,10 @@ use mailroom_core::job::{EmailMessage, JobId, JobRequest, SendJob};
 use mailroom_core::settings::OnUncertain;
 use mailroom_producer::Producer;
 use mailroom_producer::api::Api;
-use mailroom_producer::api::keys::{NewKey, Scope};
+use mailroom_producer::api::keys::Scope;
 use mailroom_tests::rabbit::rabbitmqctl;
 use mailroom_tests::smtp::{Seen, SmtpOptions};
-use mailroom_tests::stack::Stack;
+use mailroom_tests::stack::{Stack, new_key};
 use mailroom_worker::dlq;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -479,13 +479,7 @@ async fn one_trace_runs_from_the_callers_request_to_the_smtp_reply() {
         .await
         .expect("api")
         .keys()
-        .create(NewKey {
-            tenant: "acme".to_owned(),
-            scopes: vec![Scope::Send],
-            allow_cidrs: Vec::new(),
-            rate: None,
-            expires_at: None,
-        })
+        .create(new_key("acme", &[Scope::Send]))
         .await
         .expect("key");
     let otlp = [

@@ -25,6 +25,13 @@ use super::tls::Certificates;
 /// A client has this long to finish its TLS handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// The most a connection buffers while reading: a request line and headers
+/// larger than this are answered 431 (16 KiB, Node.js's default too).
+/// hyper's default (~400 KiB) would let `api.max_connections` clients pin
+/// gigabytes with oversized headers; bodies stream through the buffer and
+/// are limited by `body_limit_bytes`.
+const MAX_BUFFER: usize = 16 * 1024;
+
 /// Requests in flight get this long to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(25);
 
@@ -104,6 +111,7 @@ impl Connection {
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_timeout)
+            .max_buf_size(MAX_BUFFER)
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         tokio::pin!(connection);
         tokio::select! {
