@@ -513,6 +513,15 @@ async fn bad_bodies_are_refused_with_problems() {
         "message.to[0]"
     );
     assert_eq!(answer.body["results"][2]["status"], 400);
+
+    let delete = Request::delete("/v1/messages")
+        .body(Body::empty())
+        .expect("request");
+    let answer = call(&router, LOCAL, delete).await;
+    assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(answer.headers["allow"], "POST");
+    assert_eq!(answer.headers["content-type"], "application/problem+json");
+    assert_eq!(answer.body["status"], 405);
 }
 
 /// A send key of tenant `acme` limited to `rate`.
@@ -546,6 +555,38 @@ async fn a_spent_rate_limit_answers_429_with_retry_after() {
         .parse()
         .expect("seconds");
     assert!((1..=30).contains(&retry), "{retry}");
+}
+
+/// A batch over `api.max_batch` is 422 and costs one request, not its
+/// length: a 429 would have its client retry what can never pass.
+#[tokio::test]
+async fn an_oversized_batch_is_422_and_costs_one_request() {
+    let stack = Stack::new("api-batch-max");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = limited_key(&api, "3/m").await;
+    let max = stack.settings.api.max_batch;
+    let batch = json!({"messages": vec![message("one"); max + 1]});
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages/batch", Some(&key), &batch),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        answer.body
+    );
+    assert_eq!(answer.body["errors"][0]["field"], "messages");
+    for _ in 0..2 {
+        assert_eq!(send_as(&router, &key).await.status, StatusCode::ACCEPTED);
+    }
+    assert_eq!(
+        send_as(&router, &key).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 #[tokio::test]

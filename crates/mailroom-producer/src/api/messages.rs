@@ -152,7 +152,7 @@ pub async fn send_one(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(&state, peer, &headers, body, "send", |_| 1, enqueue_one).await
+    handle(&state, peer, &headers, body, "send", |_, _| 1, enqueue_one).await
 }
 
 /// `POST /v1/messages/batch`
@@ -187,17 +187,19 @@ pub async fn send_batch(
 }
 
 /// Rate limits count messages: a batch's cost is its length, counted
-/// without building the messages (a body that is not a batch costs one).
-fn batch_cost(body: &[u8]) -> u32 {
+/// without building the messages. A body that is not a batch, or one over
+/// `api.max_batch`, costs one: it is refused with 422, and a 429 would only
+/// send its client to retry what can never pass.
+fn batch_cost(settings: &ApiSettings, body: &[u8]) -> u32 {
     #[derive(Deserialize)]
     struct Count {
         messages: Vec<serde::de::IgnoredAny>,
     }
-    serde_json::from_slice::<Count>(body).map_or(1, |count| {
-        u32::try_from(count.messages.len())
-            .unwrap_or(u32::MAX)
-            .max(1)
-    })
+    serde_json::from_slice::<Count>(body)
+        .ok()
+        .map(|count| count.messages.len())
+        .filter(|&len| len <= settings.max_batch)
+        .map_or(1, |len| u32::try_from(len).unwrap_or(u32::MAX).max(1))
 }
 
 /// The work of a route, once the request is authorized and its body read.
@@ -218,7 +220,7 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
     route: &str,
-    cost: fn(&[u8]) -> u32,
+    cost: fn(&ApiSettings, &[u8]) -> u32,
     work: Work,
 ) -> Response {
     let ip = state.network.client_ip(peer, headers);
@@ -230,7 +232,7 @@ async fn handle(
     let mut share = None;
     let body = read_json_body(headers, body, &state.settings, &state.bodies, &mut share).await;
     // A refused body still costs one request.
-    let spent = body.as_ref().map_or(1, |body| cost(body));
+    let spent = body.as_ref().map_or(1, |body| cost(&state.settings, body));
     let principal = match charge(state, caller, Scope::Send, ip, spent).await {
         Ok(principal) => principal,
         Err(refusal) => return refused(refusal),

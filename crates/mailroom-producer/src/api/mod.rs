@@ -199,6 +199,7 @@ impl Api {
             .route("/readyz", get(ready))
             .route("/metrics", get(render_metrics))
             .fallback(|| async { Problem::not_found() })
+            .method_not_allowed_fallback(|| async { Problem::method_not_allowed() })
             .layer(DefaultBodyLimit::max(state.settings.body_limit_bytes))
             .layer(middleware::from_fn_with_state(
                 Arc::clone(&state),

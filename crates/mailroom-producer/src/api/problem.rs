@@ -89,6 +89,15 @@ impl Problem {
         )
     }
 
+    /// 405: the route exists, not with this method (axum adds `Allow`).
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "https://mailroom.dev/problems/method-not-allowed",
+            "Method not allowed",
+        )
+    }
+
     /// 409: the same idempotency key is being processed right now.
     pub fn in_progress() -> Self {
         Self::new(
