@@ -198,6 +198,33 @@ async fn a_message_arrives_intact_over_starttls_with_auth() {
     stop(worker, producer).await;
 }
 
+/// Internationalized domains go out in their ASCII form, so a relay
+/// without SMTPUTF8 (as this one) takes them: envelope and headers alike.
+#[tokio::test]
+async fn an_internationalized_domain_reaches_a_relay_without_smtputf8() {
+    let stack = Stack::new("idn", &SmtpOptions::default());
+    let (producer, worker) = start(&stack.settings).await;
+    let mut job = job("IDN");
+    job.message.from = "Shop <shop@bücher.example>".to_owned();
+    job.message.to = vec!["Zoë <zoe@bücher.example>".to_owned()];
+    let id = producer.enqueue(job).await.expect("enqueued");
+    let status = settled(&statuses(&stack.settings).await, &id).await;
+    assert_eq!(status.state, JobState::Sent, "{status:?}");
+
+    let accepted = stack.smtp.wait_accepted(1, PATIENCE);
+    let seen = &accepted[0];
+    assert_eq!(seen.mail_from, "shop@xn--bcher-kva.example");
+    assert_eq!(seen.rcpt_tos, ["zoe@xn--bcher-kva.example"]);
+    assert_eq!(
+        seen.message_id.as_deref(),
+        Some(format!("<{id}@xn--bcher-kva.example>").as_str())
+    );
+    let raw = String::from_utf8(seen.raw.clone().expect("raw")).expect("utf-8");
+    assert!(raw.is_ascii(), "{raw}");
+    assert!(raw.contains("<zoe@xn--bcher-kva.example>"), "{raw}");
+    stop(worker, producer).await;
+}
+
 #[tokio::test]
 async fn an_untrusted_relay_is_never_sent_to() {
     // STARTTLS is required and the relay's certificate is not trusted: the

@@ -7,6 +7,11 @@
 //! part before checking it, so `"john doe"@example.com` fails. Control
 //! characters are refused up front; a quoted local part is parsed with a
 //! placeholder in its place and checked on its own, quotes kept.
+//!
+//! An internationalized domain comes back in its ASCII form (IDNA A-label,
+//! `bücher.example` → `xn--bcher-kva.example`): every relay takes that,
+//! where the raw UTF-8 form needs SMTPUTF8. Only a non-ASCII local part,
+//! which has no ASCII form, still needs it.
 
 use lettre::Address;
 use lettre::message::Mailbox;
@@ -29,9 +34,19 @@ pub enum MailboxError {
 
 /// Parses one RFC 5322 mailbox (`ada@example.org`, `Ada <ada@example.org>`,
 /// `"Lovelace, Ada" <ada@example.org>`, `user@bücher.example`,
-/// `"john doe"@example.com`). Refuses lists, trailing input and control
-/// characters.
+/// `"john doe"@example.com`). Refuses lists, trailing input, control
+/// characters and a domain that has no IDNA form.
 pub fn parse_mailbox(s: &str) -> Result<Mailbox, MailboxError> {
+    let mailbox = parse_any_domain(s)?;
+    if mailbox.email.domain().is_ascii() {
+        return Ok(mailbox);
+    }
+    let ascii = idna::domain_to_ascii(mailbox.email.domain()).map_err(|_| MailboxError::Invalid)?;
+    let address = Address::new(mailbox.email.user(), ascii).map_err(|_| MailboxError::Invalid)?;
+    Ok(Mailbox::new(mailbox.name, address))
+}
+
+fn parse_any_domain(s: &str) -> Result<Mailbox, MailboxError> {
     if s.trim().is_empty() {
         return Err(MailboxError::Empty);
     }
@@ -158,11 +173,34 @@ mod tests {
     }
 
     #[test]
-    fn idn_domain() {
+    fn idn_domain_comes_back_as_its_a_label() {
         assert_eq!(
-            accepts("user@bücher.example").email.domain(),
-            "bücher.example"
+            accepts("Zoë <user@bücher.example>").email.to_string(),
+            "user@xn--bcher-kva.example"
         );
+        assert_eq!(
+            accepts("user@BÜCHER.example").email.domain(),
+            "xn--bcher-kva.example"
+        );
+        // A non-ASCII local part has no ASCII form: kept as it is.
+        assert_eq!(
+            accepts("jösé@bücher.example").email.to_string(),
+            "jösé@xn--bcher-kva.example"
+        );
+    }
+
+    #[test]
+    fn a_domain_without_an_idna_form_is_refused() {
+        // U+2488 maps to "1.", leaving an empty label; a right-to-left
+        // label may not start with a digit (the bidi rule).
+        for input in ["user@\u{2488}ü.example", "user@1\u{05d0}.example"] {
+            assert!(parse_any_domain(input).is_ok(), "lettre takes {input:?}");
+            assert_eq!(
+                parse_mailbox(input),
+                Err(MailboxError::Invalid),
+                "{input:?}"
+            );
+        }
     }
 
     #[test]
