@@ -225,8 +225,9 @@ const GIVE_BACK_PATIENCE: Duration = Duration::from_secs(5);
 /// nothing. Gives up quietly after [`GIVE_BACK_PATIENCE`], since another
 /// operator may have taken them meanwhile.
 async fn give_back(broker: &Broker, channel: &Channel, held: usize) -> Result<(), DlqError> {
-    let wanted = depth(channel).await?.saturating_add(held);
+    let ready = depth(channel).await;
     close(channel).await;
+    let wanted = ready?.saturating_add(held);
     if held == 0 {
         return Ok(());
     }
