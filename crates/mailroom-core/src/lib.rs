@@ -19,6 +19,7 @@
 pub mod amqp;
 pub mod budget;
 pub mod job;
+pub mod listener;
 pub mod offload;
 pub mod ratelimit;
 pub mod seal;

@@ -1,17 +1,29 @@
 //! The worker's small HTTP listener: `/healthz` (the process answers),
 //! `/readyz` (broker and Redis reachable) and `/metrics` (Prometheus text).
+//! It is often bound to every interface (for the kubelet and Prometheus),
+//! so it runs on core's hardened listener: a client that never finishes a
+//! request, or opens hundreds of connections, cannot take the descriptors
+//! the worker's SMTP, broker and Redis connections need.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use mailroom_core::amqp::Broker;
+use mailroom_core::listener::{self, Limits, Plain};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use mailroom_core::store::RedisStore;
+
+/// Probes and scrapes need few connections, and answer at once.
+const LIMITS: Limits = Limits {
+    max_connections: 128,
+    header_timeout: Duration::from_secs(10),
+};
 
 #[derive(Clone)]
 struct Probe {
@@ -41,10 +53,7 @@ pub async fn serve(
             metrics,
         });
     tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(err) = served {
+        if let Err(err) = listener::serve(listener, app, LIMITS, Plain, shutdown).await {
             tracing::error!(error = %err, "health listener stopped");
         }
     });

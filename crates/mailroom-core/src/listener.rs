@@ -1,0 +1,134 @@
+//! The HTTP/1.1 listener behind the API and the worker's health port:
+//! accepts at most `max_connections` connections at once, completes a
+//! [`Handshake`] (TLS for the API when it serves HTTPS itself), and serves
+//! each with a deadline for every request's headers and a cap on what it
+//! buffers. The deadline also closes an idle keep-alive connection, so a
+//! client that sends slowly, or not at all, cannot hold a connection (and a
+//! descriptor) for ever; the cap keeps oversized headers from pinning
+//! memory.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The most a connection buffers while reading: a request line and headers
+/// larger than this are answered 431 (16 KiB, Node.js's default too).
+/// hyper's default (~400 KiB) would let many clients pin gigabytes with
+/// oversized headers; bodies stream through the buffer.
+const MAX_BUFFER: usize = 16 * 1024;
+
+/// Requests in flight get this long to finish on shutdown.
+const DRAIN: Duration = Duration::from_secs(25);
+
+/// What a listener allows its clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers, and how long an
+    /// idle keep-alive connection is kept.
+    pub header_timeout: Duration,
+}
+
+/// What is done with an accepted connection before HTTP is spoken on it.
+pub trait Handshake: Send + Sync + 'static {
+    /// The stream HTTP runs over.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The stream for `tcp`, or `None` to drop the connection.
+    fn handshake(&self, tcp: TcpStream) -> impl Future<Output = Option<Self::Io>> + Send;
+}
+
+/// Plain HTTP: no handshake.
+#[derive(Clone, Copy, Debug)]
+pub struct Plain;
+
+impl Handshake for Plain {
+    type Io = TcpStream;
+
+    async fn handshake(&self, tcp: TcpStream) -> Option<TcpStream> {
+        Some(tcp)
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets requests in
+/// flight finish (for up to 25 s). Handlers see the peer as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve<H: Handshake>(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    handshake: H,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let handshake = Arc::new(handshake);
+    let connections = TaskTracker::new();
+    loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => slot.map_err(std::io::Error::other)?,
+        };
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Answers go out whole in one write; nothing gains from Nagle.
+        let _ = tcp.set_nodelay(true);
+        let service = router
+            .clone()
+            .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)));
+        let (handshake, shutdown) = (Arc::clone(&handshake), shutdown.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            if let Some(io) = handshake.handshake(tcp).await {
+                serve_connection(io, service, limits.header_timeout, shutdown).await;
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(DRAIN, connections.wait()).await;
+    Ok(())
+}
+
+async fn serve_connection<I>(
+    io: I,
+    service: Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_BUFFER)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
