@@ -489,6 +489,27 @@ async fn bad_bodies_are_refused_with_problems() {
         call(&router, LOCAL, text).await.status,
         StatusCode::UNSUPPORTED_MEDIA_TYPE
     );
+    // A compressed body is refused as such, not read as bad JSON.
+    let mut gzipped = post("/v1/messages", Some(&key), &message("x"));
+    gzipped
+        .headers_mut()
+        .insert("content-encoding", "gzip".parse().expect("value"));
+    let answer = call(&router, LOCAL, gzipped).await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(
+        answer.body["title"],
+        "Send the body without Content-Encoding"
+    );
+    // Two credentials, one of them good, are no credential.
+    let mut doubled = post("/v1/messages", Some(&key), &message("x"));
+    doubled.headers_mut().append(
+        "authorization",
+        "Bearer mr_live_other".parse().expect("value"),
+    );
+    assert_eq!(
+        call(&router, LOCAL, doubled).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 
     let mut big = message("big");
     big["message"]["text"] = Value::String("x".repeat(8 * 1024));

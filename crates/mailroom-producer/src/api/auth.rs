@@ -51,9 +51,15 @@ impl Touches {
     }
 }
 
-/// The bearer token of `headers`, if any.
+/// The bearer token of `headers`, if any. Two `Authorization` headers give
+/// none: which one a proxy checked and which one would be used could
+/// differ.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -282,5 +288,14 @@ mod tests {
         assert_eq!(bearer(&headers), None);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
         assert_eq!(bearer(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer mr_live_x"),
+        );
+        headers.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer mr_live_y"),
+        );
+        assert_eq!(bearer(&headers), None, "two credentials are ambiguous");
     }
 }

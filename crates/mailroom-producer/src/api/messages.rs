@@ -402,6 +402,13 @@ async fn read_json_body(
     if !json {
         return Err(Problem::unsupported_media_type());
     }
+    let encoded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|value| !value.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(Problem::unsupported_encoding());
+    }
     let limit = settings.body_limit_bytes;
     let declared = declared_length(headers);
     if declared.is_some_and(|length| length > limit) {

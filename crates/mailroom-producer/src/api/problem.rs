@@ -126,6 +126,16 @@ impl Problem {
         )
     }
 
+    /// 415: a `Content-Encoding` (gzip and the like) the API does not
+    /// decode.
+    pub fn unsupported_encoding() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "https://mailroom.dev/problems/unsupported-media-type",
+            "Send the body without Content-Encoding",
+        )
+    }
+
     /// 400: the body is not the JSON expected.
     pub fn bad_json(detail: String) -> Self {
         Self::new(
