@@ -109,7 +109,10 @@ enum PostRefusals {
     #[response(status = 413, description = "Body too large")]
     TooLarge,
     /// 415.
-    #[response(status = 415, description = "Not application/json")]
+    #[response(
+        status = 415,
+        description = "Not application/json, or sent with a Content-Encoding"
+    )]
     NotJson,
     /// 422.
     #[response(
