@@ -135,6 +135,19 @@ async fn dead_letters(producer: &Producer) -> Vec<dlq::DeadLetter> {
     dlq::list(producer.broker(), 100).await.expect("dlq list")
 }
 
+/// The dead letters once there are at least `n` (or patience ran out:
+/// the caller checks how many).
+async fn dead_lettered(producer: &Producer, n: usize) -> Vec<dlq::DeadLetter> {
+    let start = Instant::now();
+    loop {
+        let letters = dead_letters(producer).await;
+        if letters.len() >= n || start.elapsed() > PATIENCE {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_message_arrives_intact_over_starttls_with_auth() {
     let stack = Stack::new(
@@ -564,14 +577,7 @@ async fn a_tampered_body_is_dead_lettered_and_the_worker_goes_on() {
     let worker = start_worker(&stack.settings).await;
     let status = settled(&statuses(&stack.settings).await, &good).await;
     assert_eq!(status.state, JobState::Sent);
-    let start = Instant::now();
-    let letters = loop {
-        let letters = dead_letters(&producer).await;
-        if !letters.is_empty() || start.elapsed() > PATIENCE {
-            break letters;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let letters = dead_lettered(&producer, 1).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].id, bad.to_string());
     assert_eq!(letters[0].reason, "seal");
@@ -703,11 +709,7 @@ async fn dead_letters_are_back_in_place_when_list_and_replay_return() {
     }
     worker.stop().await;
     // Settled is recorded before the letter reaches the queue.
-    let start = Instant::now();
-    while dead_letters(&producer).await.len() < ids.len() {
-        assert!(start.elapsed() < PATIENCE, "never dead-lettered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eq!(dead_lettered(&producer, ids.len()).await.len(), ids.len());
     for _ in 0..10 {
         assert_eq!(dead_letters(&producer).await.len(), ids.len());
         let none = dlq::Selection::Reason("no such reason".to_owned());
@@ -768,14 +770,7 @@ async fn garbage_without_headers_is_dead_lettered_and_the_worker_goes_on() {
         settled(&statuses(&stack.settings).await, &good).await.state,
         JobState::Sent
     );
-    let start = Instant::now();
-    let letters = loop {
-        let letters = dead_letters(&producer).await;
-        if letters.len() >= 3 || start.elapsed() > PATIENCE {
-            break letters;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let letters = dead_lettered(&producer, 3).await;
     assert_eq!(letters.len(), 3, "{letters:?}");
     assert!(
         letters

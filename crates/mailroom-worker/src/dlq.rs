@@ -225,12 +225,13 @@ const GIVE_BACK_PATIENCE: Duration = Duration::from_secs(5);
 /// nothing. Gives up quietly after [`GIVE_BACK_PATIENCE`], since another
 /// operator may have taken them meanwhile.
 async fn give_back(broker: &Broker, channel: &Channel, held: usize) -> Result<(), DlqError> {
+    if held == 0 {
+        close(channel).await;
+        return Ok(());
+    }
     let ready = depth(channel).await;
     close(channel).await;
     let wanted = ready?.saturating_add(held);
-    if held == 0 {
-        return Ok(());
-    }
     let watch = broker.channel().await?;
     let start = Instant::now();
     while depth(&watch).await? < wanted && start.elapsed() < GIVE_BACK_PATIENCE {
