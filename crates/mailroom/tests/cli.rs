@@ -155,6 +155,34 @@ async fn ndjson_is_sent_with_a_summary_by_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windows_file_with_a_line_of_binary_sends_its_good_lines() {
+    let env = Env::new("cli-bytes");
+    let good =
+        r#"{"message":{"from":"a@example.com","to":["b@example.org"],"subject":"s","text":"t"}}"#;
+    let mut input = b"\xEF\xBB\xBF".to_vec();
+    input.extend_from_slice(format!("{good}\r\n\r\n").as_bytes());
+    input.extend_from_slice(b"{\"message\": \"\xFF\xFE\"}\r\n[1, 2]\r\n");
+    input.extend_from_slice(format!("{good}\r\n").as_bytes());
+    let path = env.dir.path().join("jobs.ndjson");
+    std::fs::write(&path, input).expect("write the file");
+    let out = env.run(&["send", "--json", "jobs.ndjson"], None);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("line 3: not UTF-8 text"), "{stderr}");
+    assert!(
+        stderr.contains("line 4: not a job: expected a JSON object"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("enqueued 2, rejected 2"), "{stderr}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("line 1: ") && stdout.contains("line 5: "),
+        "{stdout}"
+    );
+    assert_eq!(env.vhost.work_depth().await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_and_apikey_commands_work() {
     let env = Env::new("cli-misc");
     let out = env.run(&["topology", "--declare"], None);

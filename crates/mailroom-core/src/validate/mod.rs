@@ -251,7 +251,7 @@ fn check_idempotency_key(key: Option<&str>, limits: &Limits, report: &mut Report
 }
 
 fn check_message(message: &EmailMessage, limits: &Limits, report: &mut Report) {
-    check_address(report, "message.from", &message.from, limits);
+    check_address(report, || "message.from".to_owned(), &message.from, limits);
     for (field, list) in [
         ("reply_to", &message.reply_to),
         ("to", &message.to),
@@ -259,7 +259,7 @@ fn check_message(message: &EmailMessage, limits: &Limits, report: &mut Report) {
         ("bcc", &message.bcc),
     ] {
         for (i, address) in list.iter().enumerate() {
-            check_address(report, &format!("message.{field}[{i}]"), address, limits);
+            check_address(report, || format!("message.{field}[{i}]"), address, limits);
         }
     }
     let recipients = message.recipients().count();
@@ -301,12 +301,13 @@ fn check_message(message: &EmailMessage, limits: &Limits, report: &mut Report) {
     }
 }
 
-fn check_address(report: &mut Report, path: &str, address: &str, limits: &Limits) {
+/// `path` is made only for a problem: most addresses have none.
+fn check_address(report: &mut Report, path: impl Fn() -> String, address: &str, limits: &Limits) {
     if let Err(e) = parse_mailbox(address) {
-        report.add(path, e.to_string());
+        report.add(path(), e.to_string());
     }
     if exceeds_chars(address, limits.max_header_value_chars) {
-        report.add(path, longer_than(limits.max_header_value_chars));
+        report.add(path(), longer_than(limits.max_header_value_chars));
     }
 }
 

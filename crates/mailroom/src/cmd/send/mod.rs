@@ -1,0 +1,392 @@
+//! `mailroom send`: one job from flags, or many from a JSON / NDJSON file.
+
+mod lines;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, IsTerminal as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane, SendJob};
+use mailroom_core::settings::Settings;
+use mailroom_core::validate::Limits;
+use mailroom_producer::{Checked, Producer, prepare};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use lines::Entries;
+
+/// Jobs handed to the producer at once from a file: enough to keep the
+/// publish window full, few enough to report progress often.
+const CHUNK: usize = 2_000;
+
+/// Longest a job read from a file waits for its chunk to fill.
+const LINGER: Duration = Duration::from_millis(50);
+
+/// Rejections printed in full; the rest are counted.
+const MAX_SHOWN_REJECTIONS: usize = 50;
+
+/// Files at least this large (bytes) get a progress bar on a terminal.
+const PROGRESS_THRESHOLD: u64 = 1 << 20;
+
+/// `mailroom send ...`
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// A JSON job, or NDJSON (one job a line); `-` reads standard input.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["from", "to", "subject", "text", "text_file"])]
+    json: Option<PathBuf>,
+    /// Sender mailbox, e.g. "Shop <noreply@shop.example>".
+    #[arg(long, required_unless_present = "json")]
+    from: Option<String>,
+    /// Recipient (repeat for more).
+    #[arg(long, required_unless_present = "json")]
+    to: Vec<String>,
+    /// Cc recipient (repeat for more).
+    #[arg(long)]
+    cc: Vec<String>,
+    /// Bcc recipient (repeat for more).
+    #[arg(long)]
+    bcc: Vec<String>,
+    /// Reply-To mailbox (repeat for more).
+    #[arg(long)]
+    reply_to: Vec<String>,
+    /// Subject line.
+    #[arg(long, required_unless_present = "json")]
+    subject: Option<String>,
+    /// Plain-text body.
+    #[arg(long, conflicts_with = "text_file")]
+    text: Option<String>,
+    /// Plain-text body from a file.
+    #[arg(long, value_name = "FILE")]
+    text_file: Option<PathBuf>,
+    /// HTML body from a file.
+    #[arg(long, value_name = "FILE")]
+    html_file: Option<PathBuf>,
+    /// Attach a file (repeat for more); its type follows its extension.
+    #[arg(long, value_name = "PATH")]
+    attach: Vec<PathBuf>,
+    /// Extra header, "Name: value" (repeat for more).
+    #[arg(long, value_name = "NAME: VALUE")]
+    header: Vec<String>,
+    /// Work lane.
+    #[arg(long, default_value = "transactional", value_parser = parse_lane)]
+    lane: Lane,
+    /// The same key (for the same tenant) is sent at most once.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+    /// Do not send after this long, e.g. 10m, 2h.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    expires_in: Option<Duration>,
+    /// Sending tenant (a JSON job's own `tenant` wins).
+    #[arg(long, default_value = "default")]
+    tenant: String,
+}
+
+fn parse_lane(text: &str) -> Result<Lane, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+/// Runs `send`.
+pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {
+    match &args.json {
+        Some(path) => send_file(settings, path, &args.tenant).await,
+        None => send_one(settings, &args).await,
+    }
+}
+
+async fn send_one(settings: &Settings, args: &SendArgs) -> anyhow::Result<()> {
+    let request = request_from_flags(args)?;
+    // Validate before connecting: a bad job needs no broker to be refused.
+    let job = prepare(request, &args.tenant, &settings.limits)
+        .map_err(|errors| anyhow::anyhow!("invalid job: {errors}"))?;
+    let producer = Producer::connect(settings).await?;
+    let id = producer.enqueue_checked(job).await;
+    producer.close().await;
+    println!("{}", id?);
+    Ok(())
+}
+
+fn request_from_flags(args: &SendArgs) -> anyhow::Result<JobRequest> {
+    let text = match (&args.text, &args.text_file) {
+        (Some(text), _) => Some(text.clone()),
+        (None, Some(path)) => Some(read_text(path, "--text-file")?),
+        (None, None) => None,
+    };
+    let html = args
+        .html_file
+        .as_deref()
+        .map(|path| read_text(path, "--html-file"))
+        .transpose()?;
+    if text.is_none() && html.is_none() {
+        bail!("give a body: --text, --text-file or --html-file");
+    }
+    let attachments = args
+        .attach
+        .iter()
+        .map(|path| attachment(path))
+        .collect::<anyhow::Result<_>>()?;
+    let headers = args
+        .header
+        .iter()
+        .map(|line| {
+            line.split_once(':')
+                .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+                .with_context(|| format!("--header {line:?}: expected \"Name: value\""))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(JobRequest {
+        tenant: None,
+        idempotency_key: args.idempotency_key.clone(),
+        lane: args.lane,
+        expires_at: args.expires_in.map(|d| OffsetDateTime::now_utc() + d),
+        message: EmailMessage {
+            from: args.from.clone().unwrap_or_default(),
+            reply_to: args.reply_to.clone(),
+            to: args.to.clone(),
+            cc: args.cc.clone(),
+            bcc: args.bcc.clone(),
+            subject: args.subject.clone().unwrap_or_default(),
+            text,
+            html,
+            headers,
+            attachments,
+            ..EmailMessage::default()
+        },
+    })
+}
+
+fn read_text(path: &Path, flag: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+}
+
+fn attachment(path: &Path) -> anyhow::Result<Attachment> {
+    let content = std::fs::read(path).with_context(|| format!("--attach {}", path.display()))?;
+    let filename = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .with_context(|| format!("--attach {}: not a file name", path.display()))?;
+    let content_type = mime_guess::from_path(path)
+        .first_or_octet_stream()
+        .essence_str()
+        .to_owned();
+    Ok(Attachment {
+        filename,
+        content_type,
+        content,
+    })
+}
+
+/// Rejections, in line order: the first [`MAX_SHOWN_REJECTIONS`] kept, the
+/// rest counted.
+#[derive(Default)]
+struct Rejections {
+    shown: Vec<(usize, String)>,
+    count: usize,
+}
+
+impl Rejections {
+    fn add(&mut self, line: usize, reason: String) {
+        self.count += 1;
+        self.shown.push((line, reason));
+        if self.shown.len() >= 2 * MAX_SHOWN_REJECTIONS {
+            self.trim();
+        }
+    }
+
+    fn trim(&mut self) {
+        self.shown.sort_by_key(|(line, _)| *line);
+        self.shown.truncate(MAX_SHOWN_REJECTIONS);
+    }
+
+    fn print(mut self) {
+        self.trim();
+        for (line, reason) in &self.shown {
+            eprintln!("line {line}: {reason}");
+        }
+        if self.count > self.shown.len() {
+            eprintln!("... and {} more", self.count - self.shown.len());
+        }
+    }
+}
+
+/// A line's job, checked, or why it is refused.
+fn parse(json: &str, tenant: &str, limits: &Limits) -> Result<SendJob, String> {
+    if !json.trim_start().starts_with('{') {
+        return Err("not a job: expected a JSON object".to_owned());
+    }
+    let request =
+        serde_json::from_str::<JobRequest>(json).map_err(|e| format!("not a job: {e}"))?;
+    prepare(request, tenant, limits)
+        .map(Checked::into_job)
+        .map_err(|e| e.to_string())
+}
+
+/// One line's outcome from the reading thread.
+struct Parsed {
+    line: usize,
+    job: Result<SendJob, String>,
+    /// Bytes of the input read so far.
+    consumed: u64,
+}
+
+/// Sends the jobs of `path` (or stdin) as they are read: a thread reads
+/// and checks lines while chunks of jobs are published. A chunk goes out
+/// when full or once its first job has waited [`LINGER`], so jobs piped in
+/// one by one are not held back.
+async fn send_file(settings: &Settings, path: &Path, tenant: &str) -> anyhow::Result<()> {
+    let shown = path.display().to_string();
+    let (reader, size): (Box<dyn BufRead + Send>, Option<u64>) = if path == Path::new("-") {
+        (Box::new(BufReader::new(std::io::stdin())), None)
+    } else {
+        let file = File::open(path).with_context(|| format!("--json {shown}"))?;
+        let size = file
+            .metadata()
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.len());
+        (Box::new(BufReader::with_capacity(1 << 16, file)), size)
+    };
+    let mut parsed = read_in_thread(reader, tenant.to_owned(), settings.limits.clone());
+    let progress = progress_bar(size);
+    let mut producer: Option<Producer> = None;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut rejected = Rejections::default();
+    let mut enqueued = 0usize;
+    let mut deadline = Instant::now();
+    let mut unread = None;
+    loop {
+        let next = if chunk.is_empty() {
+            Some(parsed.recv().await)
+        } else {
+            tokio::time::timeout_at(deadline, parsed.recv()).await.ok()
+        };
+        let mut ended = matches!(next, Some(None));
+        match next.flatten() {
+            // What was read is still sent and reported; the error ends it.
+            Some(Err(err)) => {
+                unread = Some(err);
+                ended = true;
+            }
+            Some(Ok(item)) => {
+                progress.set_position(item.consumed);
+                match item.job {
+                    Ok(job) => {
+                        if chunk.is_empty() {
+                            deadline = Instant::now() + LINGER;
+                        }
+                        chunk.push((item.line, job));
+                    }
+                    Err(reason) => rejected.add(item.line, reason),
+                }
+            }
+            None => {}
+        }
+        let due = chunk.len() >= CHUNK || ended || Instant::now() >= deadline;
+        if due && !chunk.is_empty() {
+            let producer = match &producer {
+                Some(producer) => producer,
+                None => producer.insert(Producer::connect(settings).await?),
+            };
+            let chunk = std::mem::take(&mut chunk);
+            enqueued += send_chunk(producer, chunk, &mut rejected, &progress).await;
+            progress.set_message(format!("{enqueued} jobs enqueued"));
+        }
+        if ended {
+            break;
+        }
+    }
+    progress.finish_and_clear();
+    if let Some(producer) = producer {
+        producer.close().await;
+    }
+    let refused = rejected.count;
+    rejected.print();
+    eprintln!("enqueued {enqueued}, rejected {refused}");
+    if let Some(err) = unread {
+        return Err(err).with_context(|| format!("--json {shown}: reading stopped"));
+    }
+    if refused == 0 {
+        Ok(())
+    } else {
+        bail!("{refused} of {} jobs not enqueued", enqueued + refused)
+    }
+}
+
+/// Reads and checks the entries of `reader` on a thread of their own (the
+/// reads block), handing them over in order.
+fn read_in_thread(
+    reader: Box<dyn BufRead + Send>,
+    tenant: String,
+    limits: Limits,
+) -> mpsc::Receiver<std::io::Result<Parsed>> {
+    let (sender, receiver) = mpsc::channel(CHUNK);
+    // No valid job's JSON comes near this: every byte of a message at
+    // most doubles in base64 or escapes, and six is the worst escape.
+    let max_line = limits
+        .max_message_bytes
+        .saturating_mul(8)
+        .saturating_add(1 << 20);
+    tokio::task::spawn_blocking(move || {
+        let mut entries = Entries::new(reader, max_line);
+        loop {
+            let item = match entries.next_entry() {
+                Ok(None) => return,
+                Ok(Some(entry)) => Ok(Parsed {
+                    line: entry.line,
+                    job: entry.json.and_then(|json| parse(&json, &tenant, &limits)),
+                    consumed: entries.consumed(),
+                }),
+                Err(err) => Err(err),
+            };
+            let failed = item.is_err();
+            // The receiver is gone when sending stopped early.
+            if sender.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+/// Enqueues `chunk` pipelined, printing each job's id by its line; returns
+/// how many were enqueued.
+async fn send_chunk(
+    producer: &Producer,
+    chunk: Vec<(usize, SendJob)>,
+    rejected: &mut Rejections,
+    progress: &ProgressBar,
+) -> usize {
+    let (lines, jobs): (Vec<usize>, Vec<SendJob>) = chunk.into_iter().unzip();
+    let mut enqueued = 0;
+    for (line, result) in lines.into_iter().zip(producer.enqueue_many(jobs).await) {
+        match result {
+            Ok(id) => {
+                enqueued += 1;
+                progress.suspend(|| println!("line {line}: {id}"));
+            }
+            Err(err) => rejected.add(line, format!("not enqueued: {err}")),
+        }
+    }
+    enqueued
+}
+
+/// A bar on stderr, by bytes read, for a large file on a terminal; hidden
+/// otherwise (and for standard input, whose length is unknown).
+fn progress_bar(size: Option<u64>) -> ProgressBar {
+    let Some(size) = size.filter(|&size| size >= PROGRESS_THRESHOLD) else {
+        return ProgressBar::hidden();
+    };
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(size);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes}, {msg}, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
