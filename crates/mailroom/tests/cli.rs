@@ -1,8 +1,9 @@
 //! The CLI as a user runs it: `send` from flags and from NDJSON, refusals,
 //! `topology`, `status`, `apikey`. Real RabbitMQ and Redis.
 
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use mailroom_core::seal::SealKey;
 use mailroom_tests::rabbit::TestVhost;
@@ -26,7 +27,22 @@ impl Env {
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        let mut child = self.spawn(args);
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("output")
+    }
+
+    /// `mailroom args` with every standard stream piped.
+    fn spawn(&self, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_mailroom"))
             .args(args)
             .current_dir(self.dir.path())
             .env_clear()
@@ -43,17 +59,7 @@ impl Env {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("mailroom runs");
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(text.as_bytes())
-                .expect("write");
-        }
-        drop(child.stdin.take());
-        child.wait_with_output().expect("output")
+            .expect("mailroom runs")
     }
 }
 
@@ -179,6 +185,39 @@ async fn a_windows_file_with_a_line_of_binary_sends_its_good_lines() {
         stdout.starts_with("line 1: ") && stdout.contains("line 5: "),
         "{stdout}"
     );
+    assert_eq!(env.vhost.work_depth().await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_piped_in_is_sent_before_the_input_ends() {
+    let env = Env::new("cli-pipe");
+    let good =
+        r#"{"message":{"from":"a@example.com","to":["b@example.org"],"subject":"s","text":"t"}}"#;
+    let mut child = env.spawn(&["send", "--json", "-"]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{good}").expect("write");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, first) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    // The input is still open: the job must not wait for its end.
+    let id = first
+        .recv_timeout(Duration::from_mins(1))
+        .expect("the first job's id while the input is open");
+    assert!(id.starts_with("line 1: "), "{id}");
+    writeln!(stdin, "{good}").expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = first
+        .recv_timeout(Duration::from_secs(5))
+        .expect("second id");
+    assert!(second.starts_with("line 2: "), "{second}");
     assert_eq!(env.vhost.work_depth().await, 2);
 }
 
