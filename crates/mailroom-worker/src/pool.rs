@@ -105,9 +105,13 @@ impl Pool {
             .into_iter()
             .map(|queue| tokio::spawn(Arc::clone(&this).consume(queue, shutdown.clone())))
             .collect();
+        let mut channels = Vec::new();
         for consumer in consumers {
-            if let Err(err) = consumer.await {
-                tracing::error!(error = %err, "a work queue's consumer stopped abnormally");
+            match consumer.await {
+                Ok(channel) => channels.extend(channel),
+                Err(err) => {
+                    tracing::error!(error = %err, "a work queue's consumer stopped abnormally");
+                }
             }
         }
         this.tracker.close();
@@ -122,11 +126,25 @@ impl Pool {
                 "grace period over: unfinished jobs return to the queue"
             );
         }
+        // Closed here, each waiting for its close-ok: a channel left to
+        // close itself when dropped races the connection's close, and
+        // lapin then logs a connection error on a clean stop.
+        for channel in channels {
+            let closing = channel.close(200, "worker stopping".into());
+            if let Ok(Err(err)) = tokio::time::timeout(CHANNEL_CLOSE, closing).await {
+                tracing::debug!(error = %err, "consumer channel close");
+            }
+        }
         Drained { clean }
     }
 
     /// Keeps one work queue consumed, starting again after a lost channel.
-    async fn consume(self: Arc<Self>, queue: WorkQueue, shutdown: CancellationToken) {
+    /// Returns the channel open at shutdown.
+    async fn consume(
+        self: Arc<Self>,
+        queue: WorkQueue,
+        shutdown: CancellationToken,
+    ) -> Option<Channel> {
         let reconnect = || {
             ExponentialBuilder::new()
                 .with_min_delay(Duration::from_millis(200))
@@ -138,16 +156,17 @@ impl Pool {
         let mut delays = reconnect();
         while !shutdown.is_cancelled() {
             match self.consume_once(queue, &shutdown).await {
-                Ok(Ended::Shutdown) => return,
+                Ok(Ended::Shutdown(channel)) => return channel,
                 Ok(Ended::Consumed) => delays = reconnect(),
                 Err(err) => tracing::warn!(queue = %queue.name(), error = %err, "consumer lost"),
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(10));
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return None,
                 () = tokio::time::sleep(delay) => {}
             }
         }
+        None
     }
 
     async fn consume_once(
@@ -159,7 +178,7 @@ impl Pool {
         // does not wait for it.
         let channel = tokio::select! {
             biased;
-            () = shutdown.cancelled() => return Ok(Ended::Shutdown),
+            () = shutdown.cancelled() => return Ok(Ended::Shutdown(None)),
             channel = self.broker.channel() => channel?,
         };
         let lane = queue.lane;
@@ -200,7 +219,7 @@ impl Pool {
                 biased;
                 () = shutdown.cancelled() => {
                     stop(&channel, consumer.tag()).await;
-                    return Ok(Ended::Shutdown);
+                    return Ok(Ended::Shutdown(Some(channel)));
                 }
                 next = consumer.next() => next,
             };
@@ -219,13 +238,13 @@ impl Pool {
                 () = shutdown.cancelled() => {
                     requeue(&acks, delivery).await;
                     stop(&channel, consumer.tag()).await;
-                    return Ok(Ended::Shutdown);
+                    return Ok(Ended::Shutdown(Some(channel)));
                 }
                 permits = self.permits(lane, delivery.data.len()) => permits,
             };
             let Some(permits) = permits else {
                 requeue(&acks, delivery).await;
-                return Ok(Ended::Shutdown);
+                return Ok(Ended::Shutdown(Some(channel)));
             };
             let pipeline = Arc::clone(&self.pipeline);
             // Boxed: the pipeline's future is large, and tokio moves a
@@ -262,12 +281,16 @@ struct Permits {
 
 /// Why a consumer loop returned without an error.
 enum Ended {
-    /// Shutdown was asked for.
-    Shutdown,
+    /// Shutdown was asked for; the consumer's channel, if it had one, is
+    /// to be closed once the jobs still in work have acked on it.
+    Shutdown(Option<Channel>),
     /// The broker cancelled the consumer after it had delivered (e.g. the
     /// queue was deleted); start again.
     Consumed,
 }
+
+/// How long a consumer channel's close may take at shutdown.
+const CHANNEL_CLOSE: Duration = Duration::from_secs(2);
 
 /// The share of the pool bulk may hold.
 fn bulk_share(n: usize) -> usize {

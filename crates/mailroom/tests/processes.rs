@@ -106,6 +106,15 @@ impl MailroomProcess {
         }
     }
 
+    /// The log's ERROR lines: a clean stop has none.
+    fn errors(&self) -> Vec<String> {
+        let text = self.log_text();
+        text.lines()
+            .filter(|line| line.contains(r#""level":"ERROR""#))
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -205,6 +214,11 @@ async fn a_job_redelivered_after_its_worker_was_killed_mid_send_is_delivered_onc
     assert_exactly_once(&ids, &stack.smtp.seen());
     second.signal("TERM");
     assert!(second.wait(PATIENCE).success());
+    assert_eq!(
+        second.errors(),
+        Vec::<String>::new(),
+        "an idle stop logs no error"
+    );
 }
 
 /// With `worker.on_uncertain = park`, a worker killed after the relay had
@@ -337,6 +351,11 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     );
     let before = stack.smtp.accepted().len();
     assert!(before < ids.len(), "SIGTERM came after the work was done");
+    assert_eq!(
+        first.errors(),
+        Vec::<String>::new(),
+        "a clean stop logs no error"
+    );
 
     let mut second = MailroomProcess::worker(&stack, dir.path(), "second");
     let accepted = stack.smtp.wait_accepted(ids.len(), PATIENCE);
@@ -345,6 +364,11 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     assert_exactly_once(&ids, &stack.smtp.seen());
     second.signal("TERM");
     assert!(second.wait(PATIENCE).success());
+    assert_eq!(
+        second.errors(),
+        Vec::<String>::new(),
+        "an idle stop logs no error"
+    );
 }
 
 /// Every counter a dashboard or an alert reads is exported at 0 before its

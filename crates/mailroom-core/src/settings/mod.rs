@@ -10,6 +10,7 @@ mod sections;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
@@ -199,9 +200,7 @@ impl Settings {
         if !(1..=64).contains(&self.amqp.channels) {
             return invalid("amqp.channels", "a whole number from 1 to 64");
         }
-        if self.api.header_timeout.is_zero() {
-            return invalid("api.header_timeout", "a duration above zero, e.g. 10s");
-        }
+        self.check_minimums()?;
         if !(1..=1_000_000).contains(&self.api.max_connections) {
             return invalid("api.max_connections", "a whole number from 1 to 1000000");
         }
@@ -246,6 +245,86 @@ impl Settings {
                 "redis.key_prefix",
                 "text without spaces, e.g. \"mailroom:\"",
             );
+        }
+        Ok(())
+    }
+
+    /// Values a zero would break: every connect or publish timing out at
+    /// once, a claim lease renewed in a busy loop, keys Redis refuses (it
+    /// keeps them a whole second or more), every message refused.
+    fn check_minimums(&self) -> Result<(), SettingsError> {
+        const ABOVE_ZERO: Duration = Duration::from_millis(1);
+        const SECOND: Duration = Duration::from_secs(1);
+        for (key, value, least) in [
+            (
+                "amqp.connect_timeout",
+                self.amqp.connect_timeout,
+                ABOVE_ZERO,
+            ),
+            (
+                "amqp.confirm_timeout",
+                self.amqp.confirm_timeout,
+                ABOVE_ZERO,
+            ),
+            ("redis.timeout", self.redis.timeout, ABOVE_ZERO),
+            (
+                "smtp.connect_timeout",
+                self.smtp.connect_timeout,
+                ABOVE_ZERO,
+            ),
+            (
+                "smtp.command_timeout",
+                self.smtp.command_timeout,
+                ABOVE_ZERO,
+            ),
+            ("api.request_timeout", self.api.request_timeout, ABOVE_ZERO),
+            ("api.header_timeout", self.api.header_timeout, ABOVE_ZERO),
+            (
+                "api.idempotency_window",
+                self.api.idempotency_window,
+                SECOND,
+            ),
+            ("worker.dedup_window", self.worker.dedup_window, SECOND),
+            ("worker.dedup_lease", self.worker.dedup_lease, SECOND),
+            (
+                "worker.status_retention",
+                self.worker.status_retention,
+                SECOND,
+            ),
+        ] {
+            if value < least {
+                let shown = if least == SECOND { "1s" } else { "1ms" };
+                return Err(SettingsError::Invalid {
+                    key,
+                    allowed: format!("a duration of at least {shown}, e.g. 30s"),
+                });
+            }
+        }
+        let limits = &self.limits;
+        for (key, value, least) in [
+            ("api.body_limit_bytes", self.api.body_limit_bytes, 1024),
+            ("api.max_batch", self.api.max_batch, 1),
+            ("limits.max_message_bytes", limits.max_message_bytes, 1024),
+            ("limits.max_recipients", limits.max_recipients, 1),
+            ("limits.max_subject_chars", limits.max_subject_chars, 1),
+            (
+                "limits.max_header_value_chars",
+                limits.max_header_value_chars,
+                1,
+            ),
+            (
+                "limits.max_idempotency_key_chars",
+                limits.max_idempotency_key_chars,
+                1,
+            ),
+            ("limits.max_tenant_chars", limits.max_tenant_chars, 1),
+        ] {
+            if value < least {
+                return Err(SettingsError::Invalid {
+                    key,
+                    allowed: format!("a whole number of at least {least}"),
+                });
+            }
         }
         Ok(())
     }

@@ -155,7 +155,7 @@ fn bad_values_name_the_setting_and_what_is_allowed() {
             "MAILROOM__API__HEADER_TIMEOUT",
             "0s",
             "api.header_timeout",
-            "above zero",
+            "at least 1ms",
         ),
         (
             "MAILROOM__API__MAX_CONNECTIONS",
@@ -204,6 +204,48 @@ fn bad_values_name_the_setting_and_what_is_allowed() {
         let err = load(&[(key, value)]).expect_err(key);
         let shown = err.to_string();
         assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.contains(named), "{key}: {shown}");
+        assert!(shown.contains(allowed), "{key}: {shown}");
+    }
+}
+
+/// A zero, or a window Redis cannot keep, stops start-up too.
+#[test]
+fn values_below_their_minimum_name_the_minimum() {
+    for (key, value, named, allowed) in [
+        (
+            "MAILROOM__WORKER__DEDUP_LEASE",
+            "0s",
+            "worker.dedup_lease",
+            "at least 1s",
+        ),
+        (
+            "MAILROOM__WORKER__DEDUP_WINDOW",
+            "500ms",
+            "worker.dedup_window",
+            "at least 1s",
+        ),
+        (
+            "MAILROOM__AMQP__CONFIRM_TIMEOUT",
+            "0s",
+            "amqp.confirm_timeout",
+            "at least 1ms",
+        ),
+        (
+            "MAILROOM__LIMITS__MAX_MESSAGE_BYTES",
+            "0",
+            "limits.max_message_bytes",
+            "at least 1024",
+        ),
+        (
+            "MAILROOM__API__MAX_BATCH",
+            "0",
+            "api.max_batch",
+            "at least 1",
+        ),
+    ] {
+        let err = load(&[(key, value)]).expect_err(key);
+        let shown = err.to_string();
         assert!(shown.contains(named), "{key}: {shown}");
         assert!(shown.contains(allowed), "{key}: {shown}");
     }
