@@ -201,11 +201,7 @@ fn bad_values_name_the_setting_and_what_is_allowed() {
             "auto, json, pretty",
         ),
     ] {
-        let err = load(&[(key, value)]).expect_err(key);
-        let shown = err.to_string();
-        assert!(!shown.contains('\n'), "{shown}");
-        assert!(shown.contains(named), "{key}: {shown}");
-        assert!(shown.contains(allowed), "{key}: {shown}");
+        assert_refused(key, value, named, allowed);
     }
 }
 
@@ -244,11 +240,17 @@ fn values_below_their_minimum_name_the_minimum() {
             "at least 1",
         ),
     ] {
-        let err = load(&[(key, value)]).expect_err(key);
-        let shown = err.to_string();
-        assert!(shown.contains(named), "{key}: {shown}");
-        assert!(shown.contains(allowed), "{key}: {shown}");
+        assert_refused(key, value, named, allowed);
     }
+}
+
+/// `key=value` stops start-up with one line naming `named` and `allowed`.
+fn assert_refused(key: &str, value: &str, named: &str, allowed: &str) {
+    let err = load(&[(key, value)]).expect_err(key);
+    let shown = err.to_string();
+    assert!(!shown.contains('\n'), "{shown}");
+    assert!(shown.contains(named), "{key}: {shown}");
+    assert!(shown.contains(allowed), "{key}: {shown}");
 }
 
 #[test]
