@@ -24,7 +24,7 @@ pub enum ApiKeyCommand {
         /// The key's id.
         id: String,
         /// How long the old key keeps working.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = super::parse_span)]
         grace: Duration,
     },
     /// Revoke a key at once, on every API replica.
@@ -50,7 +50,7 @@ pub struct CreateArgs {
     #[arg(long)]
     rate: Option<Rate>,
     /// Expire after this long, e.g. 90d.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = super::parse_lifetime)]
     expires: Option<Duration>,
 }
 

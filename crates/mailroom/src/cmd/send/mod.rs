@@ -79,7 +79,7 @@ pub struct SendArgs {
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
     /// Do not send after this long, e.g. 10m, 2h.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = super::parse_lifetime)]
     expires_in: Option<Duration>,
     /// Sending tenant (a JSON job's own `tenant` wins).
     #[arg(long, default_value = "default")]
