@@ -129,11 +129,14 @@ impl Pool {
         // Closed here, each waiting for its close-ok: a channel left to
         // close itself when dropped races the connection's close, and
         // lapin then logs a connection error on a clean stop.
-        for channel in channels {
-            let closing = channel.close(200, "worker stopping".into());
-            if let Ok(Err(err)) = tokio::time::timeout(CHANNEL_CLOSE, closing).await {
-                tracing::debug!(error = %err, "consumer channel close");
-            }
+        let closing = channels
+            .iter()
+            .map(|channel| channel.close(200, "worker stopping".into()));
+        if tokio::time::timeout(CHANNEL_CLOSE, futures_util::future::join_all(closing))
+            .await
+            .is_err()
+        {
+            tracing::debug!("the broker did not answer the consumer channels' close");
         }
         Drained { clean }
     }
@@ -289,7 +292,8 @@ enum Ended {
     Consumed,
 }
 
-/// How long a consumer channel's close may take at shutdown.
+/// How long closing the consumer channels may take at shutdown (they
+/// close together).
 const CHANNEL_CLOSE: Duration = Duration::from_secs(2);
 
 /// The share of the pool bulk may hold.
