@@ -310,15 +310,19 @@ async fn paced(
         let id = producer.enqueue(job).await?;
         anyhow::Ok((id, created.elapsed()))
     };
+    // The enqueues in flight are polled all the time, not once a tick: a
+    // confirm must be seen when it comes, and a tick's new jobs must all
+    // start at once (FuturesUnordered polls 32 before it yields).
     while started.elapsed() < length {
-        ticker.tick().await;
-        let due = rate * started.elapsed().as_secs_f64();
-        while (sent as f64) < due {
-            pending.push(timed(job(body)));
-            sent += 1;
-        }
-        while let Some(Some(result)) = futures_util::FutureExt::now_or_never(pending.next()) {
-            done.push(result?);
+        tokio::select! {
+            _ = ticker.tick() => {
+                let due = rate * started.elapsed().as_secs_f64();
+                while (sent as f64) < due {
+                    pending.push(timed(job(body)));
+                    sent += 1;
+                }
+            }
+            Some(result) = pending.next() => done.push(result?),
         }
     }
     while let Some(result) = pending.next().await {
