@@ -129,6 +129,29 @@ async fn an_invalid_message_exits_non_zero_and_publishes_nothing() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("message.from"), "{stderr}");
     assert!(stderr.contains("message.subject"), "{stderr}");
+
+    // An endless file is refused at the limit, not read into memory.
+    for (extra, limit) in [
+        (
+            &["--text-file", "/dev/zero"][..],
+            "limits.max_message_bytes",
+        ),
+        (
+            &["--text", "t", "--attach", "/dev/zero"][..],
+            "limits.max_attachment_bytes",
+        ),
+    ] {
+        let mut args = vec!["send", "--from", "a@example.com", "--to", "b@example.org"];
+        args.extend(["--subject", "s"]);
+        args.extend_from_slice(extra);
+        let out = env.run(&args, None);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("larger than") && stderr.contains(limit),
+            "{stderr}"
+        );
+    }
     assert_eq!(env.vhost.work_depth().await, 0);
 }
 

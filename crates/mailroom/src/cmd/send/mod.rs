@@ -3,7 +3,7 @@
 mod lines;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, IsTerminal as _};
+use std::io::{BufRead, BufReader, IsTerminal as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -99,7 +99,7 @@ pub async fn run(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {
 }
 
 async fn send_one(settings: &Settings, args: &SendArgs) -> anyhow::Result<()> {
-    let request = request_from_flags(args)?;
+    let request = request_from_flags(args, &settings.limits)?;
     // Validate before connecting: a bad job needs no broker to be refused.
     let job = prepare(request, &args.tenant, &settings.limits)
         .map_err(|errors| anyhow::anyhow!("invalid job: {errors}"))?;
@@ -110,16 +110,16 @@ async fn send_one(settings: &Settings, args: &SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request_from_flags(args: &SendArgs) -> anyhow::Result<JobRequest> {
+fn request_from_flags(args: &SendArgs, limits: &Limits) -> anyhow::Result<JobRequest> {
     let text = match (&args.text, &args.text_file) {
         (Some(text), _) => Some(text.clone()),
-        (None, Some(path)) => Some(read_text(path, "--text-file")?),
+        (None, Some(path)) => Some(read_text(path, "--text-file", limits)?),
         (None, None) => None,
     };
     let html = args
         .html_file
         .as_deref()
-        .map(|path| read_text(path, "--html-file"))
+        .map(|path| read_text(path, "--html-file", limits))
         .transpose()?;
     if text.is_none() && html.is_none() {
         bail!("give a body: --text, --text-file or --html-file");
@@ -127,7 +127,7 @@ fn request_from_flags(args: &SendArgs) -> anyhow::Result<JobRequest> {
     let attachments = args
         .attach
         .iter()
-        .map(|path| attachment(path))
+        .map(|path| attachment(path, limits))
         .collect::<anyhow::Result<_>>()?;
     let headers = args
         .header
@@ -159,12 +159,39 @@ fn request_from_flags(args: &SendArgs) -> anyhow::Result<JobRequest> {
     })
 }
 
-fn read_text(path: &Path, flag: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+fn read_text(path: &Path, flag: &str, limits: &Limits) -> anyhow::Result<String> {
+    let bytes = read_bounded(
+        path,
+        flag,
+        limits.max_message_bytes,
+        "limits.max_message_bytes",
+    )?;
+    String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("{flag} {}: not UTF-8 text", path.display()))
 }
 
-fn attachment(path: &Path) -> anyhow::Result<Attachment> {
-    let content = std::fs::read(path).with_context(|| format!("--attach {}", path.display()))?;
+/// Reads at most `max` bytes of `path`: a larger file, or an endless one
+/// such as a device, is refused before it fills the memory.
+fn read_bounded(path: &Path, flag: &str, max: usize, limit: &str) -> anyhow::Result<Vec<u8>> {
+    let shown = || format!("{flag} {}", path.display());
+    let file = File::open(path).with_context(shown)?;
+    let mut content = Vec::new();
+    file.take(u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut content)
+        .with_context(shown)?;
+    if content.len() > max {
+        bail!("{}: larger than {max} bytes ({limit})", shown());
+    }
+    Ok(content)
+}
+
+fn attachment(path: &Path, limits: &Limits) -> anyhow::Result<Attachment> {
+    let content = read_bounded(
+        path,
+        "--attach",
+        limits.max_attachment_bytes,
+        "limits.max_attachment_bytes",
+    )?;
     let filename = path
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
