@@ -439,6 +439,20 @@ async fn a_trickled_large_body_holds_up_only_large_ones() {
     );
 }
 
+/// RFC 8259 lets a parser ignore a byte-order mark; Windows tools send one.
+#[tokio::test]
+async fn a_body_with_a_byte_order_mark_is_accepted() {
+    let stack = Stack::new("api-bom");
+    let api = stack.api().await;
+    let key = key(&api, "acme").await;
+    let mut with_bom = b"\xEF\xBB\xBF".to_vec();
+    with_bom.extend_from_slice(message("bom").to_string().as_bytes());
+    let request = post_body(&key, None, Body::from(with_bom));
+    let answer = call(&api.router(), LOCAL, request).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert_eq!(queued_jobs(&stack, "acme").await.len(), 1);
+}
+
 #[tokio::test]
 async fn bad_bodies_are_refused_with_problems() {
     let stack = Stack::new("api-bodies");

@@ -435,7 +435,13 @@ async fn read_json_body(
         }
         read.extend_from_slice(&chunk);
     }
-    Ok(Bytes::from(read))
+    // RFC 8259 lets a parser ignore a byte-order mark, and some clients
+    // (Windows tools) send one.
+    let mut body = Bytes::from(read);
+    if body.starts_with(b"\xEF\xBB\xBF") {
+        body = body.slice(3..);
+    }
+    Ok(body)
 }
 
 /// The `Idempotency-Key` header, if sent and well-formed.
