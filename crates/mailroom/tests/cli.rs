@@ -63,6 +63,10 @@ impl Env {
     }
 }
 
+/// One valid job as a JSON line.
+const GOOD_JOB: &str =
+    r#"{"message":{"from":"a@example.com","to":["b@example.org"],"subject":"s","text":"t"}}"#;
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -158,11 +162,9 @@ async fn an_invalid_message_exits_non_zero_and_publishes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ndjson_is_sent_with_a_summary_by_line() {
     let env = Env::new("cli-ndjson");
-    let good =
-        r#"{"message":{"from":"a@example.com","to":["b@example.org"],"subject":"s","text":"t"}}"#;
     let bad =
         r#"{"message":{"from":"a@example.com","to":["not an address"],"subject":"s","text":"t"}}"#;
-    let input = format!("{good}\n{bad}\n\n{good}\nnot json\n");
+    let input = format!("{GOOD_JOB}\n{bad}\n\n{GOOD_JOB}\nnot json\n");
     let out = env.run(&["send", "--json", "-"], Some(&input));
     assert!(
         !out.status.success(),
@@ -186,12 +188,10 @@ async fn ndjson_is_sent_with_a_summary_by_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_windows_file_with_a_line_of_binary_sends_its_good_lines() {
     let env = Env::new("cli-bytes");
-    let good =
-        r#"{"message":{"from":"a@example.com","to":["b@example.org"],"subject":"s","text":"t"}}"#;
     let mut input = b"\xEF\xBB\xBF".to_vec();
-    input.extend_from_slice(format!("{good}\r\n\r\n").as_bytes());
+    input.extend_from_slice(format!("{GOOD_JOB}\r\n\r\n").as_bytes());
     input.extend_from_slice(b"{\"message\": \"\xFF\xFE\"}\r\n[1, 2]\r\n");
-    input.extend_from_slice(format!("{good}\r\n").as_bytes());
+    input.extend_from_slice(format!("{GOOD_JOB}\r\n").as_bytes());
     let path = env.dir.path().join("jobs.ndjson");
     std::fs::write(&path, input).expect("write the file");
     let out = env.run(&["send", "--json", "jobs.ndjson"], None);
@@ -214,11 +214,9 @@ async fn a_windows_file_with_a_line_of_binary_sends_its_good_lines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_piped_in_is_sent_before_the_input_ends() {
     let env = Env::new("cli-pipe");
-    let good =
-        r#"{"message":{"from":"a@example.com","to":["b@example.org"],"subject":"s","text":"t"}}"#;
     let mut child = env.spawn(&["send", "--json", "-"]);
     let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{good}").expect("write");
+    writeln!(stdin, "{GOOD_JOB}").expect("write");
     let stdout = child.stdout.take().expect("stdout");
     let (lines, first) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -233,7 +231,7 @@ async fn a_job_piped_in_is_sent_before_the_input_ends() {
         .recv_timeout(Duration::from_mins(1))
         .expect("the first job's id while the input is open");
     assert!(id.starts_with("line 1: "), "{id}");
-    writeln!(stdin, "{good}").expect("write");
+    writeln!(stdin, "{GOOD_JOB}").expect("write");
     drop(stdin);
     let out = child.wait_with_output().expect("output");
     assert!(out.status.success(), "{}", text(&out.stderr));
