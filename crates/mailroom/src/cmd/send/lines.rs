@@ -5,6 +5,10 @@
 use std::collections::VecDeque;
 use std::io::{self, BufRead, Read as _};
 
+/// An over-long line is skipped to its end, but not past this many times
+/// the longest line allowed: no job file holds such a line.
+const GIVE_UP_AFTER_LINES: usize = 16;
+
 /// What Windows editors put before UTF-8 text.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -120,7 +124,9 @@ impl<R: BufRead> Entries<R> {
             self.consumed += read as u64;
             let line = self.line;
             if buf.len() > self.max_line && buf.last() != Some(&b'\n') {
-                self.consumed += skip_line(&mut self.reader)?;
+                let most = self.max_line.saturating_mul(GIVE_UP_AFTER_LINES);
+                self.consumed += skip_line(&mut self.reader, most)
+                    .map_err(|err| io::Error::new(err.kind(), format!("line {line}: {err}")))?;
                 let reason = format!("longer than {} bytes: not a job", self.max_line);
                 return Ok(Some(Entry {
                     line,
@@ -148,10 +154,18 @@ fn is_json(text: &str) -> bool {
     serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
 }
 
-/// Reads past the end of the current line; returns the bytes skipped.
-fn skip_line(reader: &mut impl BufRead) -> io::Result<u64> {
+/// Reads past the end of the current line, up to `most` bytes; returns the
+/// bytes skipped. A line with no end in sight (`/dev/zero`, a disk image)
+/// is an error rather than an endless read.
+fn skip_line(reader: &mut impl BufRead, most: usize) -> io::Result<u64> {
     let mut skipped = 0;
     loop {
+        if skipped > most as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no line end in {skipped} bytes: this input is not NDJSON"),
+            ));
+        }
         let buf = reader.fill_buf()?;
         if buf.is_empty() {
             return Ok(skipped);
@@ -222,6 +236,16 @@ mod tests {
                 .is_err_and(|e| e.contains("longer than 100 bytes"))
         );
         assert_eq!(got[1], (2, Ok("{\"b\":2}".to_owned())));
+    }
+
+    #[test]
+    fn a_line_without_end_stops_the_reading_instead_of_running_forever() {
+        let endless = io::BufReader::new(io::repeat(0));
+        let mut entries = Entries::new(endless, 100);
+        let first = entries.next_entry().map(|entry| entry.map(|e| e.line));
+        let err = first.expect_err("an endless line is an error");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().starts_with("line 1: no line end"), "{err}");
     }
 
     #[test]
