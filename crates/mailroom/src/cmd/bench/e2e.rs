@@ -128,12 +128,17 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
     clean_up(&store, &settings.redis.key_prefix).await;
     purge_work_queues(&broker).await?;
     broker.close().await;
-    let (throughput, paced, confirms) = outcome?;
+    let (throughput, paced, confirms, pauses) = outcome?;
 
     let lower = sink.rate().min(consumer.rate());
     println!("{}", throughput.report());
     println!("{}", paced.report());
     println!("{}", confirms.report());
+    println!(
+        "  longest pause in the paced phase: {:.0} ms between two confirms, {:.0} ms between two sends",
+        pauses.confirms.as_secs_f64() * 1e3,
+        pauses.sends.as_secs_f64() * 1e3
+    );
     let rss_mib = rss.map(|kib| kib as f64 / 1024.0);
     println!(
         "worker peak RSS: {}",
@@ -252,7 +257,7 @@ async fn measure(
     body: &str,
     worker: &mut WorkerProcess,
     store: &RedisStore,
-) -> anyhow::Result<(Run, Run, Run)> {
+) -> anyhow::Result<(Run, Run, Run, Pauses)> {
     worker.wait_ready()?;
     let started = Instant::now();
     worker.wait_sent(args.count)?;
@@ -267,11 +272,12 @@ async fn measure(
     // segment clean-up), so the paced phase reads a steady state.
     tokio::time::sleep(SETTLE).await;
     let rate = throughput.rate() / 2.0;
-    let (ids, confirms) = paced(producer, body, rate, args.paced).await?;
-    worker.wait_sent(args.count + ids.len())?;
+    let phase = paced(producer, body, rate, args.paced).await?;
+    worker.wait_sent(args.count + phase.ids.len())?;
     let statuses = StatusStore::new(store.clone(), settings.worker.status_retention);
-    let mut latencies = Vec::with_capacity(ids.len());
-    for id in &ids {
+    let mut latencies = Vec::with_capacity(phase.ids.len());
+    let mut sent_at = Vec::with_capacity(phase.ids.len());
+    for id in &phase.ids {
         let status = statuses
             .get(id)
             .await?
@@ -282,33 +288,69 @@ async fn measure(
                     .try_into()
                     .unwrap_or_default(),
             );
+            sent_at.push(
+                (status.updated_at - time::OffsetDateTime::UNIX_EPOCH)
+                    .try_into()
+                    .unwrap_or_default(),
+            );
         }
     }
     let mut run = Run::new("mailroom at half that rate", latencies, args.paced);
-    run.count = ids.len();
-    let confirms = Run::new("  of which enqueue, to its confirm", confirms, args.paced);
-    Ok((throughput, run, confirms))
+    run.count = phase.ids.len();
+    let confirms = Run::new(
+        "  of which enqueue, to its confirm",
+        phase.confirms,
+        args.paced,
+    );
+    let pauses = Pauses {
+        confirms: longest_pause(phase.confirmed_at),
+        sends: longest_pause(sent_at),
+    };
+    Ok((throughput, run, confirms, pauses))
 }
 
-/// Enqueues at `rate` jobs a second for `length`; returns their ids and
-/// how long each took from its creation to the broker's confirm (the
-/// producer's and the broker's share of the end-to-end latency).
+/// The longest pauses of the paced phase: one in both is the broker's.
+struct Pauses {
+    confirms: Duration,
+    sends: Duration,
+}
+
+/// What the paced phase enqueued.
+struct Paced {
+    ids: Vec<JobId>,
+    /// Each job's time from its creation to the broker's confirm (the
+    /// producer's and the broker's share of the end-to-end latency).
+    confirms: Vec<Duration>,
+    /// When each confirm came, from the phase's start.
+    confirmed_at: Vec<Duration>,
+}
+
+/// Enqueues at `rate` jobs a second for `length`.
 async fn paced(
     producer: &Producer,
     body: &str,
     rate: f64,
     length: Duration,
-) -> anyhow::Result<(Vec<JobId>, Vec<Duration>)> {
+) -> anyhow::Result<Paced> {
     const TICK: Duration = Duration::from_millis(10);
     let mut ticker = tokio::time::interval(TICK);
     let started = Instant::now();
     let mut sent = 0_usize;
     let mut pending = FuturesUnordered::new();
-    let mut done = Vec::new();
+    let mut done = Paced {
+        ids: Vec::new(),
+        confirms: Vec::new(),
+        confirmed_at: Vec::new(),
+    };
     let timed = |job| async {
         let created = Instant::now();
         let id = producer.enqueue(job).await?;
-        anyhow::Ok((id, created.elapsed()))
+        anyhow::Ok((id, created.elapsed(), started.elapsed()))
+    };
+    let mut record = |(id, took, at)| {
+        done.ids.push(id);
+        done.confirms.push(took);
+        done.confirmed_at.push(at);
     };
     // The enqueues in flight are polled all the time, not once a tick: a
     // confirm must be seen when it comes, and a tick's new jobs must all
@@ -322,13 +364,24 @@ async fn paced(
                     sent += 1;
                 }
             }
-            Some(result) = pending.next() => done.push(result?),
+            Some(result) = pending.next() => record(result?),
         }
     }
     while let Some(result) = pending.next().await {
-        done.push(result?);
+        record(result?);
     }
-    Ok(done.into_iter().unzip())
+    Ok(done)
+}
+
+/// The longest wait between two consecutive events of `times`: a pause of
+/// the whole phase, where a slow job alone would not show.
+fn longest_pause(mut times: Vec<Duration>) -> Duration {
+    times.sort_unstable();
+    times
+        .windows(2)
+        .map(|pair| pair[1].saturating_sub(pair[0]))
+        .max()
+        .unwrap_or_default()
 }
 
 /// A `mailroom worker` child process with a health port of its own.
@@ -470,5 +523,18 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_pause_is_the_widest_gap_in_time_order() {
+        let ms = Duration::from_millis;
+        assert_eq!(longest_pause(vec![ms(5), ms(1), ms(40), ms(2)]), ms(35));
+        assert_eq!(longest_pause(vec![ms(7)]), Duration::ZERO);
+        assert_eq!(longest_pause(Vec::new()), Duration::ZERO);
     }
 }
