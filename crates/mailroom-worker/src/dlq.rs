@@ -7,6 +7,7 @@
 //! both return only once the broker shows it back in the queue.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use mailroom_core::amqp::{AmqpError, Broker, Outgoing, PublishError};
@@ -102,9 +103,14 @@ pub enum DlqError {
     /// The broker could not be reached.
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    /// A queue or exchange of mailroom's is missing from the vhost.
+    #[error(
+        "{0}: mailroom's topology is not declared in this vhost (`mailroom topology --declare`, or start a worker), or amqp.urls names another vhost"
+    )]
+    Missing(String),
     /// A broker operation failed.
     #[error("dead-letter queue: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(lapin::Error),
     /// A replayed message was not confirmed; it stays in the dead-letter queue.
     #[error("replay of {id} not confirmed: {source}")]
     Replay {
@@ -113,6 +119,21 @@ pub enum DlqError {
         /// Why.
         source: PublishError,
     },
+}
+
+impl From<lapin::Error> for DlqError {
+    /// A 404 names what is missing: every operation here is on mailroom's
+    /// own queues and exchange, so the topology is missing.
+    fn from(err: lapin::Error) -> Self {
+        match err.kind() {
+            lapin::ErrorKind::ProtocolError(amqp)
+                if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) =>
+            {
+                Self::Missing(amqp.get_message().to_string())
+            }
+            _ => Self::Broker(err),
+        }
+    }
 }
 
 /// Lists up to `limit` dead letters, oldest first, leaving them in place.

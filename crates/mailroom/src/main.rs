@@ -73,10 +73,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("mailroom: {err:#}");
+            eprintln!("mailroom: {}", report(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: many errors (lapin's, and ours
+/// that wrap one) print their source in their own message too, which
+/// `{:#}` would print again.
+fn report(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -123,3 +141,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// How long blocking tasks get to end once a command is done.
 const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prints its source in its own message, as many errors do.
+    #[derive(Debug)]
+    struct Wrapping(std::io::Error);
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "dead-letter queue: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let refused = || std::io::Error::other("connection refused");
+        let err = anyhow::Error::new(Wrapping(refused())).context("dlq list");
+        assert_eq!(
+            report(&err),
+            "dlq list: dead-letter queue: connection refused"
+        );
+        let err = anyhow::Error::new(refused()).context("reading jobs.ndjson");
+        assert_eq!(report(&err), "reading jobs.ndjson: connection refused");
+    }
+}

@@ -276,3 +276,25 @@ async fn topology_and_apikey_commands_work() {
     let out = env.run(&["apikey", "create", "--tenant", "bad tenant!"], None);
     assert!(!out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_says_when_the_topology_is_missing_and_refuses_unknown_reasons() {
+    let env = Env::new("cli-dlq");
+    let out = env.run(&["dlq", "list"], None);
+    let stderr = text(&out.stderr);
+    let said = stderr
+        .lines()
+        .find(|line| line.starts_with("mailroom: "))
+        .unwrap_or_default();
+    assert!(!out.status.success());
+    assert!(said.contains("mailroom topology --declare"), "{stderr}");
+    assert_eq!(said.matches("no queue 'mailroom.dead'").count(), 1, "{said}");
+
+    let out = env.run(&["dlq", "replay", "--reason", "rejectd"], None);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(text(&out.stderr).contains("possible values"));
+
+    assert!(env.run(&["topology", "--declare"], None).status.success());
+    let out = env.run(&["dlq", "list"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

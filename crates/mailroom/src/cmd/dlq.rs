@@ -8,6 +8,7 @@ use mailroom_core::settings::Settings;
 use mailroom_core::status::StatusStore;
 use mailroom_core::store::RedisStore;
 use mailroom_worker::dlq::{self, DeadLetter, Selection};
+use mailroom_worker::verdict::DeadReason;
 use time::OffsetDateTime;
 
 /// `mailroom dlq ...`
@@ -36,13 +37,24 @@ pub struct ReplayArgs {
     /// The one with this job id.
     #[arg(long)]
     id: Option<String>,
-    /// Those dead-lettered for this reason (seal, invalid, expired, rejected,
-    /// uncertain, max-attempts, max-age, delivery_limit).
-    #[arg(long)]
+    /// Those dead-lettered for this reason: mailroom's, the broker's
+    /// (`delivery_limit`, `maxlen`), or `unknown` as `dlq list` shows it.
+    #[arg(long, value_parser = reasons())]
     reason: Option<String>,
     /// All of them.
     #[arg(long)]
     all: bool,
+}
+
+/// The reasons a dead letter can show, so a misspelt one is refused
+/// rather than replaying nothing.
+fn reasons() -> clap::builder::PossibleValuesParser {
+    let ours = DeadReason::ALL.map(DeadReason::as_str);
+    clap::builder::PossibleValuesParser::new(ours.into_iter().chain([
+        "delivery_limit",
+        "maxlen",
+        "unknown",
+    ]))
 }
 
 /// Runs a `dlq` subcommand.
