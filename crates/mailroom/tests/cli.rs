@@ -288,7 +288,11 @@ async fn dlq_says_when_the_topology_is_missing_and_refuses_unknown_reasons() {
         .unwrap_or_default();
     assert!(!out.status.success());
     assert!(said.contains("mailroom topology --declare"), "{stderr}");
-    assert_eq!(said.matches("no queue 'mailroom.dead'").count(), 1, "{said}");
+    assert_eq!(
+        said.matches("no queue 'mailroom.dead'").count(),
+        1,
+        "{said}"
+    );
 
     let out = env.run(&["dlq", "replay", "--reason", "rejectd"], None);
     assert_eq!(out.status.code(), Some(2), "a usage error");
