@@ -181,12 +181,29 @@ impl Producer {
     /// Enqueues many jobs, keeping up to `amqp.publish_window` unconfirmed
     /// at once. One result a job, in order.
     pub async fn enqueue_many(&self, jobs: Vec<SendJob>) -> Vec<Result<JobId, EnqueueError>> {
+        self.pipelined(jobs, |job| self.enqueue(job)).await
+    }
+
+    /// [`Producer::enqueue_many`] for jobs [`prepare`] checked already.
+    pub async fn enqueue_many_checked(
+        &self,
+        jobs: Vec<Checked>,
+    ) -> Vec<Result<JobId, EnqueueError>> {
+        self.pipelined(jobs, |job| self.enqueue_checked(job)).await
+    }
+
+    /// Runs `one` on each job, up to `amqp.publish_window` at once; the
+    /// results in the jobs' order.
+    async fn pipelined<T, F>(
+        &self,
+        jobs: Vec<T>,
+        one: impl FnMut(T) -> F,
+    ) -> Vec<Result<JobId, EnqueueError>>
+    where
+        F: Future<Output = Result<JobId, EnqueueError>>,
+    {
         let window = self.inner.broker.publish_window().max(1);
-        stream::iter(jobs)
-            .map(|job| self.enqueue(job))
-            .buffered(window)
-            .collect()
-            .await
+        stream::iter(jobs).map(one).buffered(window).collect().await
     }
 
     /// Closes the broker connection.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane, SendJob};
+use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane};
 use mailroom_core::settings::Settings;
 use mailroom_core::validate::Limits;
 use mailroom_producer::{Checked, Producer, prepare};
@@ -241,21 +241,19 @@ impl Rejections {
 }
 
 /// A line's job, checked, or why it is refused.
-fn parse(json: &str, tenant: &str, limits: &Limits) -> Result<SendJob, String> {
+fn parse(json: &str, tenant: &str, limits: &Limits) -> Result<Checked, String> {
     if !json.trim_start().starts_with('{') {
         return Err("not a job: expected a JSON object".to_owned());
     }
     let request =
         serde_json::from_str::<JobRequest>(json).map_err(|e| format!("not a job: {e}"))?;
-    prepare(request, tenant, limits)
-        .map(Checked::into_job)
-        .map_err(|e| e.to_string())
+    prepare(request, tenant, limits).map_err(|e| e.to_string())
 }
 
 /// One line's outcome from the reading thread.
 struct Parsed {
     line: usize,
-    job: Result<SendJob, String>,
+    job: Result<Checked, String>,
     /// Bytes of the input read so far.
     consumed: u64,
 }
@@ -379,17 +377,20 @@ fn read_in_thread(
     receiver
 }
 
-/// Enqueues `chunk` pipelined, printing each job's id by its line; returns
+/// Enqueues `chunk` (checked when it was read) pipelined, printing each job's id by its line; returns
 /// how many were enqueued.
 async fn send_chunk(
     producer: &Producer,
-    chunk: Vec<(usize, SendJob)>,
+    chunk: Vec<(usize, Checked)>,
     rejected: &mut Rejections,
     progress: &ProgressBar,
 ) -> usize {
-    let (lines, jobs): (Vec<usize>, Vec<SendJob>) = chunk.into_iter().unzip();
+    let (lines, jobs): (Vec<usize>, Vec<Checked>) = chunk.into_iter().unzip();
     let mut enqueued = 0;
-    for (line, result) in lines.into_iter().zip(producer.enqueue_many(jobs).await) {
+    for (line, result) in lines
+        .into_iter()
+        .zip(producer.enqueue_many_checked(jobs).await)
+    {
         match result {
             Ok(id) => {
                 enqueued += 1;
