@@ -293,10 +293,12 @@ impl Settings {
             ),
         ] {
             if value < least {
-                let shown = if least == SECOND { "1s" } else { "1ms" };
                 return Err(SettingsError::Invalid {
                     key,
-                    allowed: format!("a duration of at least {shown}, e.g. 30s"),
+                    allowed: format!(
+                        "a duration of at least {}, e.g. 30s",
+                        humantime::format_duration(least)
+                    ),
                 });
             }
         }
