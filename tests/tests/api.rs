@@ -454,6 +454,43 @@ async fn a_body_with_a_byte_order_mark_is_accepted() {
 }
 
 #[tokio::test]
+async fn bodies_not_json_in_utf8_unencoded_are_415() {
+    let stack = Stack::new("api-media");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+
+    let text = Request::post("/v1/messages")
+        .header("content-type", "text/plain")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(message("x").to_string()))
+        .expect("request");
+    assert_eq!(
+        call(&router, LOCAL, text).await.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    let latin1 = Request::post("/v1/messages")
+        .header("content-type", "application/json; charset=latin1")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(message("x").to_string()))
+        .expect("request");
+    let answer = call(&router, LOCAL, latin1).await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(answer.body["title"], "Send JSON in UTF-8");
+    // A compressed body is refused as such, not read as bad JSON.
+    let mut gzipped = post("/v1/messages", Some(&key), &message("x"));
+    gzipped
+        .headers_mut()
+        .insert("content-encoding", "gzip".parse().expect("value"));
+    let answer = call(&router, LOCAL, gzipped).await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(
+        answer.body["title"],
+        "Send the body without Content-Encoding"
+    );
+}
+
+#[tokio::test]
 async fn bad_bodies_are_refused_with_problems() {
     let stack = Stack::new("api-bodies");
     let mut settings = stack.settings.clone();
@@ -494,26 +531,6 @@ async fn bad_bodies_are_refused_with_problems() {
         StatusCode::BAD_REQUEST
     );
 
-    let text = Request::post("/v1/messages")
-        .header("content-type", "text/plain")
-        .header("authorization", format!("Bearer {key}"))
-        .body(Body::from(message("x").to_string()))
-        .expect("request");
-    assert_eq!(
-        call(&router, LOCAL, text).await.status,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE
-    );
-    // A compressed body is refused as such, not read as bad JSON.
-    let mut gzipped = post("/v1/messages", Some(&key), &message("x"));
-    gzipped
-        .headers_mut()
-        .insert("content-encoding", "gzip".parse().expect("value"));
-    let answer = call(&router, LOCAL, gzipped).await;
-    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert_eq!(
-        answer.body["title"],
-        "Send the body without Content-Encoding"
-    );
     // Two credentials, one of them good, are no credential.
     let mut doubled = post("/v1/messages", Some(&key), &message("x"));
     doubled.headers_mut().append(

@@ -111,7 +111,7 @@ enum PostRefusals {
     /// 415.
     #[response(
         status = 415,
-        description = "Not application/json, or sent with a Content-Encoding"
+        description = "Not application/json, a charset other than UTF-8, or sent with a Content-Encoding"
     )]
     NotJson,
     /// 422.
@@ -378,6 +378,28 @@ fn declared_length(headers: &HeaderMap) -> Option<usize> {
         .map(|length| usize::try_from(length).unwrap_or(usize::MAX))
 }
 
+/// Whether `content_type` is `application/json` or a `+json` type.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json")
+}
+
+/// Whether `content_type` names no charset or UTF-8: JSON between systems
+/// is UTF-8 (RFC 8259), and a body labelled otherwise would be read as
+/// something its sender did not mean.
+fn is_utf8(content_type: &str) -> bool {
+    content_type.split(';').skip(1).all(|parameter| {
+        let Some((name, value)) = parameter.split_once('=') else {
+            return true;
+        };
+        !name.trim().eq_ignore_ascii_case("charset") || {
+            let value = value.trim().trim_matches('"');
+            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
+        }
+    })
+}
+
 /// The body, if it is JSON and within the limit (refused before a byte is
 /// read when its declared length is over).
 ///
@@ -393,17 +415,15 @@ async fn read_json_body(
     bodies: &ByteBudget,
     share: &mut Option<Share>,
 ) -> Result<Bytes, Problem> {
-    let json = headers
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .is_some_and(|essence| {
-            let essence = essence.trim();
-            essence.eq_ignore_ascii_case("application/json")
-                || essence.to_ascii_lowercase().ends_with("+json")
-        });
-    if !json {
+        .unwrap_or_default();
+    if !is_json(content_type) {
         return Err(Problem::unsupported_media_type());
+    }
+    if !is_utf8(content_type) {
+        return Err(Problem::unsupported_charset());
     }
     let encoded = headers
         .get_all(header::CONTENT_ENCODING)
@@ -667,6 +687,27 @@ pub async fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_taken_in_utf8_or_with_no_charset_only() {
+        for taken in [
+            "application/json",
+            "Application/JSON; charset=UTF-8",
+            "application/json;charset=\"utf8\"",
+            "application/problem+json; profile=x",
+        ] {
+            assert!(is_json(taken) && is_utf8(taken), "{taken}");
+        }
+        for other in ["text/plain", "application/jsonx", ""] {
+            assert!(!is_json(other), "{other}");
+        }
+        for charset in [
+            "application/json; charset=latin1",
+            "application/json; foo=bar; CHARSET=utf-16",
+        ] {
+            assert!(!is_utf8(charset), "{charset}");
+        }
+    }
 
     #[test]
     fn batch_items_get_keys_of_their_own_within_the_limit() {

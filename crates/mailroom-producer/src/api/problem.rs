@@ -126,6 +126,16 @@ impl Problem {
         )
     }
 
+    /// 415: a charset other than UTF-8.
+    pub fn unsupported_charset() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "https://mailroom.dev/problems/unsupported-media-type",
+            "Send JSON in UTF-8",
+        )
+        .detail("the Content-Type names another charset; JSON is UTF-8 (RFC 8259)")
+    }
+
     /// 415: a `Content-Encoding` (gzip and the like) the API does not
     /// decode.
     pub fn unsupported_encoding() -> Self {
