@@ -460,21 +460,18 @@ async fn bodies_not_json_in_utf8_unencoded_are_415() {
     let router = api.router();
     let key = key(&api, "acme").await;
 
-    let text = Request::post("/v1/messages")
-        .header("content-type", "text/plain")
-        .header("authorization", format!("Bearer {key}"))
-        .body(Body::from(message("x").to_string()))
-        .expect("request");
+    let labelled = |content_type: &str| {
+        let mut request = post("/v1/messages", Some(&key), &message("x"));
+        request
+            .headers_mut()
+            .insert("content-type", content_type.parse().expect("value"));
+        request
+    };
     assert_eq!(
-        call(&router, LOCAL, text).await.status,
+        call(&router, LOCAL, labelled("text/plain")).await.status,
         StatusCode::UNSUPPORTED_MEDIA_TYPE
     );
-    let latin1 = Request::post("/v1/messages")
-        .header("content-type", "application/json; charset=latin1")
-        .header("authorization", format!("Bearer {key}"))
-        .body(Body::from(message("x").to_string()))
-        .expect("request");
-    let answer = call(&router, LOCAL, latin1).await;
+    let answer = call(&router, LOCAL, labelled("application/json; charset=latin1")).await;
     assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(answer.body["title"], "Send JSON in UTF-8");
     // A compressed body is refused as such, not read as bad JSON.

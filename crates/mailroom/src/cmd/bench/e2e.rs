@@ -124,12 +124,7 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
     let producer = Producer::from_parts(broker.clone(), keyring, settings.limits.clone());
     // The backlog is enqueued before the worker starts, so the flat-out
     // phase measures the worker alone, like the two ceilings.
-    for result in producer
-        .enqueue_many((0..args.count).map(|_| job(&body)).collect())
-        .await
-    {
-        result?;
-    }
+    enqueue_all(&producer, &body, args.count).await?;
     let mut worker = WorkerProcess::spawn(&settings, &seal_line)?;
     let outcome = measure(&settings, &args, &producer, &body, &mut worker, &store).await;
     let rss = worker.peak_rss_kib();
@@ -286,6 +281,17 @@ async fn sink_ceiling(
     ))
 }
 
+/// Enqueues `count` jobs pipelined; fails on the first that was not.
+async fn enqueue_all(producer: &Producer, body: &str, count: usize) -> anyhow::Result<()> {
+    for result in producer
+        .enqueue_many((0..count).map(|_| job(body)).collect())
+        .await
+    {
+        result?;
+    }
+    Ok(())
+}
+
 /// What the mailroom phases measured.
 struct Phases {
     /// The worker alone, draining a backlog: set against the ceilings,
@@ -338,12 +344,7 @@ async fn measure(
     tokio::time::sleep(SETTLE).await;
     let both = (args.count / 2).max(1);
     let started = Instant::now();
-    for result in producer
-        .enqueue_many((0..both).map(|_| job(body)).collect())
-        .await
-    {
-        result?;
-    }
+    enqueue_all(producer, body, both).await?;
     sent += both;
     worker.wait_sent(sent)?;
     let mut at_once = Run::new(
@@ -354,10 +355,9 @@ async fn measure(
     at_once.count = both;
 
     let path = Path {
-        settings,
         producer,
         body,
-        store,
+        statuses: StatusStore::new(store.clone(), settings.worker.status_retention),
         length: args.paced,
     };
     let half_at_once = path
@@ -387,10 +387,9 @@ async fn measure(
 
 /// What a paced phase needs.
 struct Path<'a> {
-    settings: &'a Settings,
     producer: &'a Producer,
     body: &'a str,
-    store: &'a RedisStore,
+    statuses: StatusStore,
     length: Duration,
 }
 
@@ -408,19 +407,17 @@ impl Path<'_> {
         tokio::time::sleep(SETTLE).await;
         let phase = paced(self.producer, self.body, rate, self.length).await?;
         worker.wait_sent(sent_before + phase.ids.len())?;
-        latency_of(self.settings, self.store, phase, self.length, label).await
+        latency_of(&self.statuses, phase, self.length, label).await
     }
 }
 
 /// The latencies of a paced phase's jobs, as their statuses recorded them.
 async fn latency_of(
-    settings: &Settings,
-    store: &RedisStore,
+    statuses: &StatusStore,
     phase: Paced,
     length: Duration,
     label: &'static str,
 ) -> anyhow::Result<Latency> {
-    let statuses = StatusStore::new(store.clone(), settings.worker.status_retention);
     let mut latencies = Vec::with_capacity(phase.ids.len());
     let mut sent_at = Vec::with_capacity(phase.ids.len());
     for id in &phase.ids {
