@@ -180,6 +180,24 @@ fn assert_exactly_once(ids: &[JobId], seen: &[Seen]) {
     assert_eq!(got, wanted, "every job delivered");
 }
 
+/// Starts a second worker that must deliver every job in `ids` once:
+/// waits for them, waits `settle` more for a wrong repeat to show up, then
+/// stops it and checks that its stop logged no error.
+async fn second_worker_sends_each_once(stack: &Stack, dir: &Path, ids: &[JobId], settle: Duration) {
+    let mut second = MailroomProcess::worker(stack, dir, "second");
+    let accepted = stack.smtp.wait_accepted(ids.len(), PATIENCE);
+    assert_eq!(accepted.len(), ids.len(), "{}", second.log_text());
+    tokio::time::sleep(settle).await;
+    assert_exactly_once(ids, &stack.smtp.seen());
+    second.signal("TERM");
+    assert!(second.wait(PATIENCE).success());
+    assert_eq!(
+        second.errors(),
+        Vec::<String>::new(),
+        "an idle stop logs no error"
+    );
+}
+
 /// Starts a worker and kills it with SIGKILL once the relay has its
 /// message and sits on the reply (the relay must be told to `hang`).
 async fn kill_after_hand_over(stack: &Stack, dir: &Path) {
@@ -206,19 +224,8 @@ async fn a_job_redelivered_after_its_worker_was_killed_mid_send_is_delivered_onc
     let ids = enqueue(&stack, 1).await;
     kill_after_hand_over(&stack, dir.path()).await;
 
-    let mut second = MailroomProcess::worker(&stack, dir.path(), "second");
-    let accepted = stack.smtp.wait_accepted(1, PATIENCE);
-    assert_eq!(accepted.len(), 1, "{}", second.log_text());
     // Give a wrongly repeated send time to show up.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_exactly_once(&ids, &stack.smtp.seen());
-    second.signal("TERM");
-    assert!(second.wait(PATIENCE).success());
-    assert_eq!(
-        second.errors(),
-        Vec::<String>::new(),
-        "an idle stop logs no error"
-    );
+    second_worker_sends_each_once(&stack, dir.path(), &ids, Duration::from_secs(2)).await;
 }
 
 /// With `worker.on_uncertain = park`, a worker killed after the relay had
@@ -357,18 +364,7 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         "a clean stop logs no error"
     );
 
-    let mut second = MailroomProcess::worker(&stack, dir.path(), "second");
-    let accepted = stack.smtp.wait_accepted(ids.len(), PATIENCE);
-    assert_eq!(accepted.len(), ids.len(), "{}", second.log_text());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_exactly_once(&ids, &stack.smtp.seen());
-    second.signal("TERM");
-    assert!(second.wait(PATIENCE).success());
-    assert_eq!(
-        second.errors(),
-        Vec::<String>::new(),
-        "an idle stop logs no error"
-    );
+    second_worker_sends_each_once(&stack, dir.path(), &ids, Duration::from_secs(1)).await;
 }
 
 /// Every counter a dashboard or an alert reads is exported at 0 before its
