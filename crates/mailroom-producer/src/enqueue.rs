@@ -162,6 +162,9 @@ impl Producer {
                 .with_content_type(ShortString::from(CONTENT_TYPE))
                 .with_timestamp(u64::try_from(job.created_at.unix_timestamp()).unwrap_or(0))
                 .with_headers(table);
+            // Freed now, not after the confirm: a window of hundreds of
+            // large jobs awaiting theirs would otherwise hold every one.
+            drop(job);
             self.inner
                 .broker
                 .publish(Outgoing {

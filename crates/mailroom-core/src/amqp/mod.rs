@@ -161,16 +161,26 @@ impl Broker {
             mandatory: message.mandatory,
             ..BasicPublishOptions::default()
         };
+        let Outgoing {
+            exchange,
+            routing_key,
+            body,
+            properties,
+            ..
+        } = message;
         let confirm = channel
             .basic_publish(
-                message.exchange.as_str().into(),
-                message.routing_key.as_str().into(),
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
                 options,
-                &message.body,
-                message.properties,
+                &body,
+                properties,
             )
             .await
             .map_err(|err| PublishError::Connection(err.to_string()))?;
+        // lapin holds its own copy until it is written; this one need not
+        // wait for the confirm (a window of large messages would add up).
+        drop(body);
         let timeout = self.inner.settings.confirm_timeout;
         let confirmation = tokio::time::timeout(timeout, confirm)
             .await
@@ -179,8 +189,8 @@ impl Broker {
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
-                exchange: message.exchange,
-                routing_key: message.routing_key,
+                exchange,
+                routing_key,
             }),
             Confirmation::Nack(_) => Err(PublishError::Nacked),
             // Only on a channel without confirms, which ours never are; a
