@@ -42,7 +42,13 @@ impl Env {
 
     /// `mailroom args` with every standard stream piped.
     fn spawn(&self, args: &[&str]) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        self.command(args).spawn().expect("mailroom runs")
+    }
+
+    /// `mailroom args` in this test's vhost, Redis prefix and folder.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mailroom"));
+        command
             .args(args)
             .current_dir(self.dir.path())
             .env_clear()
@@ -57,9 +63,8 @@ impl Env {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("mailroom runs")
+            .stderr(Stdio::piped());
+        command
     }
 }
 
@@ -301,4 +306,42 @@ async fn dlq_says_when_the_topology_is_missing_and_refuses_unknown_reasons() {
     assert!(env.run(&["topology", "--declare"], None).status.success());
     let out = env.run(&["dlq", "list"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A queue in the way is named once, in mailroom's words with the broker's
+/// reason, not a second time as lapin's raw protocol frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clashing_queue_is_reported_once_with_the_brokers_reason() {
+    let env = Env::new("cli-clash");
+    let broker = mailroom_core::amqp::Broker::connect(&env.vhost.settings())
+        .await
+        .expect("connect");
+    let channel = broker.channel().await.expect("channel");
+    channel
+        .queue_declare(
+            mailroom_core::wire::work_queue(mailroom_core::job::Lane::Bulk).into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("a classic queue in the way");
+    broker.close().await;
+
+    // The default log filter, as a user has it.
+    let out = env
+        .command(&["topology", "--declare"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("mailroom runs");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("mailroom.send.bulk exists with other arguments")
+            && stderr.contains("PRECONDITION_FAILED"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Channel closed"), "{stderr}");
 }
