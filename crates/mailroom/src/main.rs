@@ -113,16 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Api => "api",
             _ => "cli",
         };
-        let mut telemetry_settings = settings.telemetry.clone();
-        if role == "cli" {
-            // A command reports each broker error itself, with the broker's
-            // reason; lapin's own ERROR line for the same close would say it
-            // twice, as raw protocol frames. `RUST_LOG` still shows it.
-            telemetry_settings
-                .log_filter
-                .get_or_insert_with(|| "info,lapin=off".to_owned());
-        }
-        let telemetry = telemetry::init(role, &telemetry_settings)?;
+        let telemetry = telemetry::init(role, &settings.telemetry)?;
         let result = match command {
             Command::Worker => cmd::worker::run(&settings).await,
             Command::Api => cmd::api::run(&settings).await,

@@ -33,8 +33,14 @@ pub use amqp::{
     inject_span,
 };
 
-/// The log filter used when neither `RUST_LOG` nor the settings give one.
+/// The log filter of a service (`worker`, `api`) when neither `RUST_LOG`
+/// nor the settings give one.
 const DEFAULT_LOG_FILTER: &str = "info";
+
+/// The same for a command: it reports each broker error itself, with the
+/// broker's reason, so lapin's own ERROR line for the same close (raw
+/// protocol frames) would say it twice.
+const COMMAND_LOG_FILTER: &str = "info,lapin=off";
 
 /// How long dropping a [`TelemetryGuard`] waits for the last spans to go out.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -150,7 +156,8 @@ impl Drop for TelemetryGuard {
 /// Sets up logging, span export and trace propagation for the process.
 ///
 /// - Logs go to stderr, filtered by `RUST_LOG`, else `settings.log_filter`,
-///   else `info`; JSON or pretty per `settings.log_format`.
+///   else `info` for the `worker` and `api` roles and `info,lapin=off` for
+///   any other (a command); JSON or pretty per `settings.log_format`.
 /// - When an OTLP endpoint is configured (`settings.otlp_endpoint`, else
 ///   `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
 ///   spans are exported over gRPC in batches, with `service.name` taken from
@@ -164,7 +171,7 @@ impl Drop for TelemetryGuard {
 pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryError> {
     global::set_text_map_propagator(TraceContextPropagator::new());
 
-    let filter = log_filter(settings)?;
+    let filter = log_filter(role, settings)?;
     let ansi = std::io::stderr().is_terminal();
     let json = match settings.log_format {
         LogFormat::Auto => !ansi,
@@ -230,15 +237,18 @@ fn traced() -> Targets {
 }
 
 /// The log filter from `RUST_LOG`, else the settings, else the default.
-fn log_filter(settings: &TelemetrySettings) -> Result<EnvFilter, TelemetryError> {
+fn log_filter(role: &str, settings: &TelemetrySettings) -> Result<EnvFilter, TelemetryError> {
     let (origin, filter) = match std::env::var(EnvFilter::DEFAULT_ENV) {
         Ok(filter) if !filter.trim().is_empty() => ("RUST_LOG", filter),
         _ => (
             "telemetry.log_filter",
-            settings
-                .log_filter
-                .clone()
-                .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned()),
+            settings.log_filter.clone().unwrap_or_else(|| {
+                match role {
+                    "worker" | "api" => DEFAULT_LOG_FILTER,
+                    _ => COMMAND_LOG_FILTER,
+                }
+                .to_owned()
+            }),
         ),
     };
     EnvFilter::try_new(&filter).map_err(|error| TelemetryError::Filter {
@@ -494,7 +504,7 @@ mod tests {
         };
         // RUST_LOG, when set in the test environment, takes precedence.
         if std::env::var_os("RUST_LOG").is_none() {
-            let error = log_filter(&settings).err().map(|e| e.to_string());
+            let error = log_filter("worker", &settings).err().map(|e| e.to_string());
             assert!(
                 error
                     .as_deref()
