@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 use mailroom_core::amqp::Broker;
 use mailroom_core::settings::{AmqpSettings, Secret};
 use mailroom_core::wire::Topology;
@@ -61,6 +63,28 @@ impl TestVhost {
         let depth = broker.work_depth().await.expect("depth");
         broker.close().await;
         depth
+    }
+
+    /// Declares `name` as a plain durable classic queue, in the way of a
+    /// topology that wants it with other arguments.
+    ///
+    /// # Panics
+    /// When the broker refuses.
+    pub async fn declare_classic_queue(&self, name: &str) {
+        let broker = Broker::connect(&self.settings()).await.expect("broker");
+        let channel = broker.channel().await.expect("channel");
+        channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("a classic queue");
+        broker.close().await;
     }
 
     /// Closes every connection named `name` in this vhost, as a broker

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use mailroom_core::amqp::{AmqpError, Broker, Outgoing, PublishError};
 use mailroom_core::job::{EmailMessage, JobRequest, Lane, SendJob};
@@ -265,19 +265,10 @@ async fn declaring_twice_is_fine_and_a_clashing_queue_is_named() {
     broker.declare(&Topology::standard()).await.expect("second");
 
     let other = TestVhost::new("clash");
+    other
+        .declare_classic_queue(wire::work_queue(Lane::Bulk).as_str())
+        .await;
     let broker = Broker::connect(&other.settings()).await.expect("connect");
-    let channel = broker.channel().await.expect("channel");
-    channel
-        .queue_declare(
-            wire::work_queue(Lane::Bulk).into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("a classic queue in the way");
     match broker.declare(&Topology::standard()).await {
         Err(err @ AmqpError::QueueMismatch { .. }) => {
             assert!(err.to_string().contains("mailroom.send.bulk"), "{err}");

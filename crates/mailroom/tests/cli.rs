@@ -313,22 +313,11 @@ async fn dlq_says_when_the_topology_is_missing_and_refuses_unknown_reasons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clashing_queue_is_reported_once_with_the_brokers_reason() {
     let env = Env::new("cli-clash");
-    let broker = mailroom_core::amqp::Broker::connect(&env.vhost.settings())
-        .await
-        .expect("connect");
-    let channel = broker.channel().await.expect("channel");
-    channel
-        .queue_declare(
-            mailroom_core::wire::work_queue(mailroom_core::job::Lane::Bulk).into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..lapin::options::QueueDeclareOptions::default()
-            },
-            lapin::types::FieldTable::default(),
+    env.vhost
+        .declare_classic_queue(
+            mailroom_core::wire::work_queue(mailroom_core::job::Lane::Bulk).as_str(),
         )
-        .await
-        .expect("a classic queue in the way");
-    broker.close().await;
+        .await;
 
     // The default log filter, as a user has it.
     let out = env
