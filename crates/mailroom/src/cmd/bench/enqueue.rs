@@ -136,15 +136,17 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
 /// Each round's rates, and mailroom's ratio to each plain publisher round
 /// by round.
 fn print_rounds(runs: &[Vec<Run>; 3]) {
-    let rates = |runs: &[Run]| {
-        runs.iter()
-            .map(|run| format!("{:.0}", run.rate()))
+    let listed = |values: &[f64], decimals: usize| {
+        values
+            .iter()
+            .map(|value| format!("{value:.decimals$}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
     for (kind, list) in runs.iter().enumerate() {
         let name = ["mailroom", "same headers", "bare"][kind];
-        println!("  rounds, {name}: {} /s", rates(list));
+        let rates: Vec<f64> = list.iter().map(Run::rate).collect();
+        println!("  rounds, {name}: {} /s", listed(&rates, 0));
     }
     // A round's publishers ran back to back, so a round's ratio is less
     // exposed to the broker's drift than the pooled one, and the spread
@@ -155,14 +157,10 @@ fn print_rounds(runs: &[Vec<Run>; 3]) {
             .zip(&runs[kind])
             .map(|(ours, plain)| ours.rate() / plain.rate())
             .collect();
-        let listed = ratios
-            .iter()
-            .map(|ratio| format!("{ratio:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let shown = listed(&ratios, 2);
         ratios.sort_by(f64::total_cmp);
         let median = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
-        println!("  ratio by round, {name}: {listed} (median {median:.2})");
+        println!("  ratio by round, {name}: {shown} (median {median:.2})");
     }
 }
 
