@@ -8,14 +8,17 @@ use lapin::options::BasicGetOptions;
 use mailroom_core::amqp::Outgoing;
 use mailroom_core::job::{Attachment, EmailMessage, JobId, JobRequest, Lane, SendJob};
 use mailroom_core::settings::{OnUncertain, Settings};
-use mailroom_core::status::{JobState, JobStatus, StatusStore};
+use mailroom_core::status::{JobState, JobStatus, StatusStore, StatusUpdate};
 use mailroom_core::store::RedisStore;
 use mailroom_core::wire;
 use mailroom_producer::Producer;
+use mailroom_tests::redis::TestPrefix;
 use mailroom_tests::smtp::SmtpOptions;
 use mailroom_tests::stack::Stack;
 use mailroom_worker::Worker;
 use mailroom_worker::dlq;
+use mailroom_worker::pool::Drained;
+use mailroom_worker::steps::dedup::{Claim, Dedup};
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -921,4 +924,224 @@ async fn a_hung_send_does_not_keep_the_jobs_after_it_unacked() {
     let status = settled(&store, &hung).await;
     assert_eq!((status.state, status.attempts), (JobState::Sent, 2));
     stop(worker, producer).await;
+}
+
+/// A dedup of its own Redis prefix, with a lease of `lease`, and the
+/// `sending` status a claim of `job` records.
+async fn dedup_for(
+    redis: &TestPrefix,
+    lease: Duration,
+    job: &SendJob,
+) -> (Dedup, mailroom_core::status::PreparedStatus) {
+    let store = RedisStore::connect(&redis.settings()).await.expect("redis");
+    let dedup = Dedup::new(
+        store.clone(),
+        b"test-hash-key",
+        Duration::from_mins(10),
+        lease,
+    );
+    let sending = StatusStore::new(store, Duration::from_mins(10))
+        .prepare(&StatusUpdate::new(job, JobState::Sending))
+        .expect("status");
+    (dedup, sending)
+}
+
+/// A claim's lease short enough for a test to wait out.
+const SHORT_LEASE: Duration = Duration::from_millis(200);
+
+#[tokio::test]
+async fn a_replay_never_claims_past_a_dead_owners_handed_marker() {
+    let redis = TestPrefix::new("dedup-replay-marker");
+    let job = job("replayed");
+    let (dedup, sending) = dedup_for(&redis, SHORT_LEASE, &job).await;
+    // An operator's replay is claimed, handed to the relay, and its worker
+    // is killed before the reply.
+    let first = dedup.token("worker-a/1", &job);
+    assert_eq!(
+        dedup.claim(&first, true, &sending).await.expect("claim"),
+        Claim::Acquired
+    );
+    assert!(dedup.hand_over(&first).await.expect("hand over"));
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    // Its redelivery, still marked replayed, may have been sent already.
+    let again = dedup.token("worker-b/1", &job);
+    assert_eq!(
+        dedup.claim(&again, true, &sending).await.expect("claim"),
+        Claim::Uncertain
+    );
+    let copy = dedup.token("worker-c/1", &job);
+    assert_eq!(
+        dedup.claim(&copy, false, &sending).await.expect("claim"),
+        Claim::Uncertain
+    );
+    // Parked without a marker now: the operator's next replay is sent.
+    let replay = dedup.token("worker-d/1", &job);
+    assert_eq!(
+        dedup.claim(&replay, true, &sending).await.expect("claim"),
+        Claim::Acquired
+    );
+}
+
+#[tokio::test]
+async fn the_handed_marker_is_written_only_while_the_claim_is_ours() {
+    let redis = TestPrefix::new("dedup-hand-over");
+    let job = job("slow");
+    let (dedup, sending) = dedup_for(&redis, SHORT_LEASE, &job).await;
+    let slow = dedup.token("worker-a/1", &job);
+    assert_eq!(
+        dedup.claim(&slow, false, &sending).await.expect("claim"),
+        Claim::Acquired
+    );
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let next = dedup.token("worker-b/1", &job);
+    assert_eq!(
+        dedup.claim(&next, false, &sending).await.expect("claim"),
+        Claim::Acquired
+    );
+    // The first owner's lease ran out: it must not hand the message over.
+    assert!(!dedup.hand_over(&slow).await.expect("hand over"));
+    assert!(dedup.hand_over(&next).await.expect("hand over"));
+    // The marker is the live owner's, so the claim stays with it.
+    assert!(dedup.renew(&next).await.expect("renew"));
+}
+
+/// A TCP relay to the broker that can be frozen: from then on it passes
+/// nothing either way, as a broker that stopped answering but kept its
+/// connections would.
+struct FreezableBroker {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezableBroker {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pumps = std::sync::Arc::clone(&frozen);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let broker = tokio::net::TcpStream::connect(mailroom_tests::rabbit::BROKER)
+                    .await
+                    .expect("broker");
+                let (client_read, client_write) = client.into_split();
+                let (broker_read, broker_write) = broker.into_split();
+                tokio::spawn(pump(
+                    client_read,
+                    broker_write,
+                    std::sync::Arc::clone(&pumps),
+                ));
+                tokio::spawn(pump(
+                    broker_read,
+                    client_write,
+                    std::sync::Arc::clone(&pumps),
+                ));
+            }
+        });
+        Self { port, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buffer = vec![0; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buffer).await {
+        if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A worker of `settings`, its run's outcome left to the caller.
+async fn spawn_worker(settings: &Settings) -> (CancellationToken, JoinHandle<Drained>) {
+    let worker = Worker::connect(settings).await.expect("worker connects");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    (shutdown, task)
+}
+
+#[tokio::test]
+async fn a_broker_that_stops_answering_does_not_hold_the_shutdown() {
+    let stack = Stack::new("worker-frozen-broker", &SmtpOptions::default());
+    let broker = FreezableBroker::start().await;
+    let mut settings = stack.settings.clone();
+    settings.worker.shutdown_grace = Duration::from_secs(3);
+    settings.amqp.urls = vec![mailroom_core::settings::Secret::new(
+        stack.vhost.url().replace(
+            mailroom_tests::rabbit::BROKER,
+            &format!("127.0.0.1:{}", broker.port),
+        ),
+    )];
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let (shutdown, task) = spawn_worker(&settings).await;
+    let id = producer.enqueue(job("before")).await.expect("enqueued");
+    let store = statuses(&stack.settings).await;
+    assert_eq!(settled(&store, &id).await.state, JobState::Sent);
+
+    broker.freeze();
+    let start = Instant::now();
+    shutdown.cancel();
+    // The grace, the consumers' cancel and the channels' close (2 s each),
+    // the connection's close (amqp.connect_timeout), and a margin.
+    let bound = settings.worker.shutdown_grace
+        + Duration::from_secs(4)
+        + settings.amqp.connect_timeout
+        + Duration::from_secs(3);
+    let stopped = tokio::time::timeout(bound, task).await;
+    assert!(
+        stopped.is_ok(),
+        "shutdown still waiting on the broker after {:?}",
+        start.elapsed()
+    );
+    producer.close().await;
+}
+
+#[tokio::test]
+async fn a_job_still_in_work_after_the_grace_is_left_to_its_requeue() {
+    let mut stack = Stack::new("worker-after-grace", &replies(&["hang"]));
+    stack.settings.smtp.command_timeout = Duration::from_secs(2);
+    stack.settings.worker.shutdown_grace = Duration::from_millis(500);
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let (shutdown, task) = spawn_worker(&stack.settings).await;
+    let id = producer.enqueue(job("hung")).await.expect("enqueued");
+    let start = Instant::now();
+    while stack.smtp.seen().is_empty() {
+        assert!(start.elapsed() < PATIENCE, "the job never reached DATA");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    let drained = task.await.expect("worker task");
+    assert!(!drained.clean, "the hung job outlasted the grace");
+    // Its channel closed, the broker has it back as it was; the send then
+    // times out (uncertain, so a retry), and publishing that retry too
+    // would make a second copy and spend an attempt.
+    tokio::time::sleep(stack.settings.smtp.command_timeout + Duration::from_secs(1)).await;
+    let status = statuses(&stack.settings)
+        .await
+        .get(&id)
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(
+        (status.state, status.attempts),
+        (JobState::Sending, 1),
+        "{status:?}"
+    );
+    // Any retry copy would be back from its tier (5 s at most) by now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(stack.vhost.work_depth().await, 1);
+    producer.close().await;
 }

@@ -4,7 +4,14 @@
 //! Every republish waits for the broker's confirm: the original is acked
 //! only once its successor is safe, so a crash between the two can double a
 //! message in the queue (dedup absorbs that) but never lose one.
+//!
+//! Once the shutdown grace is over, the deliveries still in work go back
+//! to their queues as their channels close: a republish then would only
+//! add a second copy (and a retry's would spend an attempt), so the
+//! forwarder refuses them and the delivery is left to its requeue.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::types::AMQPValue;
@@ -23,12 +30,31 @@ const LAST_ERROR_MAX: usize = 300;
 #[derive(Clone)]
 pub struct Forwarder {
     broker: Broker,
+    closed: Arc<AtomicBool>,
 }
 
 impl Forwarder {
     /// A forwarder publishing through `broker`.
     pub fn new(broker: Broker) -> Self {
-        Self { broker }
+        Self {
+            broker,
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Refuses every republish from now on (see the module's doc).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Publishes `outgoing` unless closed.
+    async fn publish(&self, outgoing: Outgoing) -> Result<(), PublishError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PublishError::Connection(
+                "the worker is stopping: the delivery returns to its queue as it is".to_owned(),
+            ));
+        }
+        self.broker.publish(outgoing).await
     }
 
     /// Sends `incoming` back to its work queue after at least `delay`, as attempt
@@ -48,15 +74,14 @@ impl Forwarder {
         if let Some(error) = last_error {
             changes.push((headers::LAST_ERROR, long_string(&truncate(error))));
         }
-        self.broker
-            .publish(Outgoing {
-                exchange: RETRY_EXCHANGE.to_owned(),
-                routing_key: tier.name.to_owned(),
-                body: incoming.body.clone(),
-                properties: incoming.republish_properties(&changes),
-                mandatory: true,
-            })
-            .await?;
+        self.publish(Outgoing {
+            exchange: RETRY_EXCHANGE.to_owned(),
+            routing_key: tier.name.to_owned(),
+            body: incoming.body.clone(),
+            properties: incoming.republish_properties(&changes),
+            mandatory: true,
+        })
+        .await?;
         Ok(tier)
     }
 
@@ -76,15 +101,14 @@ impl Forwarder {
             (headers::LAST_ERROR, long_string(&truncate(detail))),
             (headers::DEAD_AT, long_string(&now)),
         ];
-        self.broker
-            .publish(Outgoing {
-                exchange: String::new(),
-                routing_key: DEAD_QUEUE.to_owned(),
-                body: incoming.body.clone(),
-                properties: incoming.republish_properties(&changes),
-                mandatory: true,
-            })
-            .await
+        self.publish(Outgoing {
+            exchange: String::new(),
+            routing_key: DEAD_QUEUE.to_owned(),
+            body: incoming.body.clone(),
+            properties: incoming.republish_properties(&changes),
+            mandatory: true,
+        })
+        .await
     }
 }
 

@@ -81,12 +81,18 @@ impl Incoming {
     /// applied to the headers. Broker-added headers (`x-delivery-count`,
     /// `x-death`, `x-first-death-*`) are dropped: they describe the old
     /// message's life and a retry tier would otherwise grow `x-death` forever.
+    /// So is `mailroom-replayed` (unless `changes` sets it, as `dlq replay`
+    /// does): an operator's replay may take a parked claim once, and a
+    /// retry or defer of that replay, which may follow an uncertain send of
+    /// its own, must not.
     pub fn republish_properties(&self, changes: &[(&str, AMQPValue)]) -> BasicProperties {
         let mut table: FieldTable = self
             .headers()
             .inner()
             .iter()
-            .filter(|(name, _)| !name.as_str().starts_with("x-"))
+            .filter(|(name, _)| {
+                !name.as_str().starts_with("x-") && name.as_str() != headers::REPLAYED
+            })
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect::<std::collections::BTreeMap<_, _>>()
             .into();
@@ -195,5 +201,19 @@ mod tests {
         assert_eq!(text(&table, headers::KID).as_deref(), Some("k1"));
         assert!(!table.inner().contains_key("x-death"));
         assert_eq!(properties.message_id(), incoming.properties.message_id());
+    }
+
+    #[test]
+    fn only_the_replay_itself_is_marked_replayed() {
+        let replayed = Incoming::new(
+            with_headers(&[(headers::REPLAYED, AMQPValue::Boolean(true))]),
+            Vec::new(),
+        );
+        assert!(replayed.replayed);
+        let retried =
+            replayed.republish_properties(&[(headers::ATTEMPT, AMQPValue::LongLongInt(2))]);
+        assert!(!Incoming::new(retried, Vec::new()).replayed);
+        let again = replayed.republish_properties(&[(headers::REPLAYED, AMQPValue::Boolean(true))]);
+        assert!(Incoming::new(again, Vec::new()).replayed);
     }
 }

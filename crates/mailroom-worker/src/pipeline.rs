@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mailroom_core::job::SendJob;
 use mailroom_core::offload;
@@ -31,9 +31,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::forward::Forwarder;
 use crate::incoming::Incoming;
 use crate::retry::RetryPolicy;
-use crate::steps::dedup::{Claim, ClaimToken, Dedup};
+use crate::steps::dedup::{Claim, ClaimToken, Dedup, Lease};
 use crate::steps::{check, open, outcome, send};
-use crate::transport::{HandOver, Transport};
+use crate::transport::{HandOver, Transport, Withheld};
 use crate::verdict::{DeadReason, Verdict};
 use mailroom_core::status::{JobState, PreparedStatus, StatusStore, StatusUpdate};
 
@@ -155,7 +155,12 @@ impl Pipeline {
             Err(verdict) => return end(None, None, verdict),
         };
         let checked = offload::heavy(size, || {
-            check::check(&job, &self.limits, OffsetDateTime::now_utc())
+            check::check(
+                &job,
+                &self.limits,
+                self.retry.max_age(),
+                OffsetDateTime::now_utc(),
+            )
         });
         if let Err(verdict) = checked {
             return end(Some(job), None, verdict);
@@ -166,13 +171,14 @@ impl Pipeline {
             Ok(sending) => sending,
             Err(verdict) => return end(Some(job), None, verdict),
         };
+        let asked = Instant::now();
         let claim = self
             .dedup
             .claim(&token, incoming.replayed, &sending)
             .instrument(debug_span!("mailroom.dedup"))
             .await;
-        match claim {
-            Ok(Claim::Acquired) => {}
+        let lease = match claim {
+            Ok(Claim::Acquired) => Lease::new(asked, self.dedup.lease()),
             Ok(Claim::AlreadySent { job_id }) => {
                 return end(Some(job), None, Verdict::Duplicate { first: job_id });
             }
@@ -200,9 +206,9 @@ impl Pipeline {
                 };
                 return end(Some(job), None, verdict);
             }
-        }
+        };
         // Step 6, rate limits, comes with the next issue.
-        let sent = self.send_holding_claim(&job, size, &token).await;
+        let sent = self.send_holding_claim(&job, size, &token, &lease).await;
         Trip {
             job: Some(job),
             claim: Some(token),
@@ -218,18 +224,17 @@ impl Pipeline {
         job: &SendJob,
         size: usize,
         token: &ClaimToken,
+        lease: &Lease,
     ) -> send::Sent {
-        let hand_over: Option<HandOver<'_>> = match self.on_uncertain {
-            OnUncertain::Park => Some(Box::pin(async move {
-                self.dedup
-                    .hand_over(token)
-                    .await
-                    .map_err(|err| format!("handed marker not written: {err}"))
-            })),
-            OnUncertain::Retry => None,
-        };
-        let sending = send::send(&self.transport, job, size, self.on_uncertain, hand_over)
-            .instrument(debug_span!("mailroom.smtp", otel.kind = "client"));
+        let hand_over: HandOver<'_> = Box::pin(self.before_end_of_data(token, lease));
+        let sending = send::send(
+            &self.transport,
+            job,
+            size,
+            self.on_uncertain,
+            Some(hand_over),
+        )
+        .instrument(debug_span!("mailroom.smtp", otel.kind = "client"));
         tokio::pin!(sending);
         let mut renew = tokio::time::interval(self.dedup.lease() / 3);
         renew.tick().await;
@@ -237,12 +242,44 @@ impl Pipeline {
             tokio::select! {
                 sent = &mut sending => return sent,
                 _ = renew.tick() => {
-                    if let Err(err) = self.dedup.renew(token).await {
-                        tracing::warn!(error = %err, "claim lease not renewed");
+                    let asked = Instant::now();
+                    match self.dedup.renew(token).await {
+                        Ok(true) => lease.renewed(asked),
+                        Ok(false) => {
+                            tracing::warn!("claim lease lost: another delivery may own the job");
+                            lease.lost();
+                        }
+                        Err(err) => tracing::warn!(error = %err, "claim lease not renewed"),
                     }
                 }
             }
         }
+    }
+
+    /// Just before the end of DATA is the last point where a send can stop
+    /// with nothing handed over. A claim that may have passed to another
+    /// delivery stops it there (known here, no round trip); in park mode
+    /// the handed marker is written there, by a script that checks the
+    /// claim again.
+    async fn before_end_of_data(&self, token: &ClaimToken, lease: &Lease) -> Result<(), Withheld> {
+        if !lease.holds_at(Instant::now()) {
+            tracing::warn!("claim lease lost before the end of DATA: not handed over");
+            return Err(Withheld::LeaseLost);
+        }
+        if self.on_uncertain == OnUncertain::Park {
+            match self.dedup.hand_over(token).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("claim lost before the end of DATA: not handed over");
+                    return Err(Withheld::LeaseLost);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "Redis unavailable: not handed over blind");
+                    return Err(Withheld::Unavailable(err.to_string()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A claim owner unique to this delivery: a redelivery of a job this

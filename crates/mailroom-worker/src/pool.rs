@@ -25,7 +25,9 @@
 //!
 //! **Shutdown.** On cancel the consumers are cancelled, in-flight jobs get
 //! `worker.shutdown_grace` to finish, and whatever is left unacked returns
-//! to the queue when the connection closes.
+//! to the queue when the connection closes. The grace counts from the
+//! cancel, and every wait on the broker is bounded: a broker that stopped
+//! answering adds at most [`CONSUMER_CANCEL`] and [`CHANNEL_CLOSE`] to it.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -105,6 +107,8 @@ impl Pool {
             .into_iter()
             .map(|queue| tokio::spawn(Arc::clone(&this).consume(queue, shutdown.clone())))
             .collect();
+        shutdown.cancelled().await;
+        let deadline = tokio::time::Instant::now() + this.size.grace;
         let mut channels = Vec::new();
         for consumer in consumers {
             match consumer.await {
@@ -117,7 +121,7 @@ impl Pool {
         this.tracker.close();
         let in_flight = this.tracker.len();
         tracing::info!(in_flight, grace = ?this.size.grace, "draining");
-        let clean = tokio::time::timeout(this.size.grace, this.tracker.wait())
+        let clean = tokio::time::timeout_at(deadline, this.tracker.wait())
             .await
             .is_ok();
         if !clean {
@@ -126,6 +130,9 @@ impl Pool {
                 "grace period over: unfinished jobs return to the queue"
             );
         }
+        // The channels' close puts the unfinished jobs back as they came:
+        // a retry or dead letter they publish after it would be a copy.
+        this.pipeline.forward.close();
         // Closed here, each waiting for its close-ok: a channel left to
         // close itself when dropped races the connection's close, and
         // lapin then logs a connection error on a clean stop.
@@ -196,17 +203,25 @@ impl Pool {
                 u16::try_from(bulk_share(usize::from(transactional))).unwrap_or(transactional)
             }
         };
-        channel
-            .basic_qos(prefetch.max(1), BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().into(),
-                format!("{}/{}", self.pipeline.worker_id, queue.routing_key()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let setup = async {
+            channel
+                .basic_qos(prefetch.max(1), BasicQosOptions::default())
+                .await?;
+            channel
+                .basic_consume(
+                    queue.name().into(),
+                    format!("{}/{}", self.pipeline.worker_id, queue.routing_key()).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+        };
+        // Nor for a broker slow to set the consumer up.
+        let mut consumer = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(Ended::Shutdown(Some(channel.clone()))),
+            consumer = setup => consumer?,
+        };
         tracing::info!(queue = %queue.name(), prefetch, "consuming");
         // Stops the ack sender when this consumer ends, for whatever
         // reason; jobs still in work then ack at once.
@@ -296,17 +311,23 @@ enum Ended {
 /// close together).
 const CHANNEL_CLOSE: Duration = Duration::from_secs(2);
 
+/// How long a consumer's cancel may wait for the broker's answer at
+/// shutdown; without one, closing its channel stops it all the same.
+const CONSUMER_CANCEL: Duration = Duration::from_secs(2);
+
 /// The share of the pool bulk may hold.
 fn bulk_share(n: usize) -> usize {
     (n * 3 / 4).max(1)
 }
 
 async fn stop(channel: &Channel, tag: lapin::types::ShortString) {
-    if let Err(err) = channel
-        .basic_cancel(tag, BasicCancelOptions::default())
-        .await
-    {
-        tracing::debug!(error = %err, "consumer cancel failed; closing the channel requeues");
+    let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
+    match tokio::time::timeout(CONSUMER_CANCEL, cancel).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, "consumer cancel failed; closing the channel requeues");
+        }
+        Err(_) => tracing::warn!("the broker did not answer the consumer's cancel"),
     }
 }
 

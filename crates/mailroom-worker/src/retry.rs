@@ -59,6 +59,11 @@ impl RetryPolicy {
         self.settings.max_attempts
     }
 
+    /// How long after its creation a job may still be tried.
+    pub fn max_age(&self) -> Duration {
+        self.settings.max_age
+    }
+
     /// The delay before attempt `attempt + 1`, `attempt` (from 1) being the
     /// attempt that just failed.
     pub fn delay(&self, attempt: u32) -> Duration {
@@ -81,12 +86,22 @@ impl RetryPolicy {
             return NextStep::GiveUp(GiveUpReason::Attempts);
         }
         let delay = self.delay(attempt);
-        let deadline = created_at + self.settings.max_age;
-        if now + delay > deadline {
-            return NextStep::GiveUp(GiveUpReason::Age);
+        // The check step turns away a job whose deadline is past what a
+        // date can hold; were one to come this far, no attempt is too late
+        // for a deadline that far off.
+        let Some(deadline) = later_by(created_at, self.settings.max_age) else {
+            return NextStep::RetryAfter(delay);
+        };
+        match later_by(now, delay) {
+            Some(next) if next <= deadline => NextStep::RetryAfter(delay),
+            _ => NextStep::GiveUp(GiveUpReason::Age),
         }
-        NextStep::RetryAfter(delay)
     }
+}
+
+/// `at` plus `duration`, or `None` past the last date `time` can hold.
+pub(crate) fn later_by(at: OffsetDateTime, duration: Duration) -> Option<OffsetDateTime> {
+    at.checked_add(time::Duration::try_from(duration).ok()?)
 }
 
 #[cfg(test)]
@@ -159,5 +174,20 @@ mod tests {
             policy().next(1, young, now),
             NextStep::RetryAfter(_)
         ));
+    }
+
+    #[test]
+    fn a_deadline_past_the_last_date_does_not_overflow() {
+        let last = time::PrimitiveDateTime::MAX.assume_utc();
+        assert_eq!(later_by(last, Duration::from_secs(1)), None);
+        assert_eq!(later_by(last, Duration::MAX), None);
+        let now = OffsetDateTime::now_utc();
+        assert!(matches!(
+            policy().next(1, last, now),
+            NextStep::RetryAfter(_)
+        ));
+        let mut endless = policy();
+        endless.settings.max_age = Duration::MAX;
+        assert!(matches!(endless.next(1, now, now), NextStep::RetryAfter(_)));
     }
 }

@@ -20,10 +20,12 @@
 //! end of DATA and cleared by every outcome; a claim that finds a dead
 //! owner's marker turns the key `parked`. A parked key makes every copy of
 //! the job uncertain (to be dead-lettered, not sent), except one an
-//! operator replayed from the dead letters, which claims it.
+//! operator replayed from the dead letters, which claims it. A marker
+//! parks the key even for a replayed copy: it may be that copy's own
+//! earlier delivery, killed after the relay had the message.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use mailroom_core::job::SendJob;
 use mailroom_core::status::{PreparedStatus, RECORD_FN};
@@ -34,8 +36,10 @@ use redis::Script;
 /// (see [`ClaimToken::value`]), lease (ms), `1` for an operator's replay,
 /// the dedup window (ms), then the `sending` status (JSON, state, TTL),
 /// recorded only when the claim is taken. A claim that holds our own value
-/// (a redelivery to this owner) is taken again. Returns `{outcome,
-/// detail}`.
+/// (a redelivery to this owner) is taken again. A replay may take a
+/// `parked` key, never one with another owner's handed marker: that owner
+/// died after handing the message over, and the replay itself may be the
+/// one it was sending. Returns `{outcome, detail}`.
 const CLAIM: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then
@@ -53,10 +57,8 @@ end
 local handed = redis.call('GET', KEYS[2])
 if handed and handed ~= ARGV[1] then
   redis.call('DEL', KEYS[2])
-  if ARGV[3] ~= '1' then
-    redis.call('SET', KEYS[1], 'parked ' .. handed, 'PX', ARGV[4])
-    return { 'uncertain', '' }
-  end
+  redis.call('SET', KEYS[1], 'parked ' .. handed, 'PX', ARGV[4])
+  return { 'uncertain', '' }
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 record_status(KEYS[3], ARGV[5], ARGV[6], ARGV[7])
@@ -68,6 +70,18 @@ return { 'acquired', '' }
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// KEYS: dedup key, handed marker. ARGV: our claim's value, the dedup
+/// window (ms). Writes the marker only while the claim is ours: once the
+/// lease has passed to another delivery, that one may be sending too.
+/// Returns 1 if written.
+const HAND_OVER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 ";
@@ -138,9 +152,54 @@ pub struct ClaimToken {
     sent: String,
 }
 
+/// What a delivery knows of its claim's lease while it sends: until when
+/// the claim surely holds, or that it was lost. Counted from when the
+/// claim (or the last renewal that took) was asked for, so a slow reply
+/// shortens it rather than stretching it.
+#[derive(Debug)]
+pub struct Lease {
+    length: Duration,
+    /// `None` once Redis said the claim is no longer ours.
+    until: Mutex<Option<Instant>>,
+}
+
+impl Lease {
+    /// A claim of `length` asked for at `asked`, and taken.
+    pub fn new(asked: Instant, length: Duration) -> Self {
+        Self {
+            length,
+            until: Mutex::new(Some(asked + length)),
+        }
+    }
+
+    /// A renewal asked for at `asked` took.
+    pub fn renewed(&self, asked: Instant) {
+        if let Some(until) = self.lock().as_mut() {
+            *until = (*until).max(asked + self.length);
+        }
+    }
+
+    /// Redis said the claim is no longer ours.
+    pub fn lost(&self) {
+        *self.lock() = None;
+    }
+
+    /// Whether the claim is surely still ours at `now`: not lost, and its
+    /// last renewal (which may have failed since) has not run out.
+    pub fn holds_at(&self, now: Instant) -> bool {
+        self.lock().is_some_and(|until| now < until)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // A plain value, valid after any panic.
+        self.until.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 struct Scripts {
     claim: Script,
     renew: Script,
+    hand_over: Script,
     release: Script,
 }
 
@@ -166,6 +225,7 @@ impl Dedup {
             scripts: Arc::new(Scripts {
                 claim: Script::new(&format!("{RECORD_FN}{CLAIM}")),
                 renew: Script::new(RENEW),
+                hand_over: Script::new(HAND_OVER),
                 release: Script::new(RELEASE),
             }),
         }
@@ -192,17 +252,18 @@ impl Dedup {
 
     /// Notes that `token`'s delivery is about to hand the whole message to
     /// the relay: from here until an outcome clears it, a claim by another
-    /// delivery is uncertain.
-    pub async fn hand_over(&self, token: &ClaimToken) -> Result<(), StoreError> {
-        let mut connection = self.store.connection();
-        redis::cmd("SET")
-            .arg(&token.handed)
-            .arg(&token.value)
-            .arg("PX")
-            .arg(millis(self.window))
-            .query_async::<()>(&mut connection)
-            .await
-            .map_err(|err| self.store.error(&err))
+    /// delivery is uncertain. `false` if the claim is no longer ours: the
+    /// message must not be handed over.
+    pub async fn hand_over(&self, token: &ClaimToken) -> Result<bool, StoreError> {
+        let written: i64 = self
+            .invoke(
+                &self.scripts.hand_over,
+                token,
+                &[&token.value, &millis(self.window)],
+                None,
+            )
+            .await?;
+        Ok(written == 1)
     }
 
     /// Parks our claim after an uncertain outcome: until an operator
@@ -346,4 +407,34 @@ impl Dedup {
 
 fn millis(duration: Duration) -> String {
     duration.as_millis().max(1).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_holds_until_it_runs_out_unless_renewed() {
+        let asked = Instant::now();
+        let lease = Lease::new(asked, Duration::from_secs(30));
+        assert!(lease.holds_at(asked + Duration::from_secs(29)));
+        // Renewals that failed change nothing: at its end it may be gone.
+        assert!(!lease.holds_at(asked + Duration::from_secs(30)));
+        lease.renewed(asked + Duration::from_secs(10));
+        assert!(lease.holds_at(asked + Duration::from_secs(39)));
+        assert!(!lease.holds_at(asked + Duration::from_secs(40)));
+        // An older renewal never shortens it.
+        lease.renewed(asked + Duration::from_secs(5));
+        assert!(lease.holds_at(asked + Duration::from_secs(39)));
+    }
+
+    #[test]
+    fn a_lost_lease_stays_lost() {
+        let asked = Instant::now();
+        let lease = Lease::new(asked, Duration::from_secs(30));
+        lease.lost();
+        assert!(!lease.holds_at(asked));
+        lease.renewed(asked);
+        assert!(!lease.holds_at(asked));
+    }
 }

@@ -5,7 +5,9 @@
 //! - retry: release the claim, republish to the retry tier ≥ the backoff
 //!   delay with the next attempt number (confirmed), ack; out of attempts
 //!   or age: dead-letter;
-//! - defer: republish to a tier with the same attempt number, ack;
+//! - defer: republish to a tier with the same attempt number, ack; a claim
+//!   taken before is left to its lease (a send withheld because the lease
+//!   may be gone must not free a claim that may be another's now);
 //! - dead letter: release the claim, publish to `mailroom.dead` with the
 //!   reason (confirmed), ack.
 //!

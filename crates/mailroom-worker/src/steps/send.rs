@@ -5,7 +5,9 @@
 //! 5xx is rejected for good. An *uncertain* outcome (the connection died
 //! after the end of DATA, before the reply) follows `worker.on_uncertain`:
 //! retried with the same Message-ID, or parked in the dead-letter queue for
-//! an operator.
+//! an operator. A send withheld before the end of DATA (the claim's lease
+//! may be gone, or Redis could not take the handed marker) is deferred
+//! without spending an attempt: neither is the message's fault.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,8 @@ use mailroom_core::offload;
 use mailroom_core::settings::OnUncertain;
 
 use crate::message::build_message;
-use crate::transport::{HandOver, SendError, Transport};
+use crate::pipeline::{HELD_RECHECK, REDIS_DOWN_DELAY};
+use crate::transport::{HandOver, SendError, Transport, Withheld};
 use crate::verdict::{DeadReason, Verdict};
 
 /// What a send came to, and how long the SMTP part took.
@@ -75,5 +78,42 @@ pub fn verdict_of(result: Result<u16, SendError>, on_uncertain: OnUncertain) -> 
                 detail: err.to_string(),
             },
         },
+        // Whoever holds the claim now finishes the job; this copy comes
+        // back to find it sent, or the claim free again.
+        Err(SendError::Withheld(Withheld::LeaseLost)) => Verdict::Defer {
+            delay: HELD_RECHECK,
+            why: "claim lease lost",
+        },
+        Err(SendError::Withheld(Withheld::Unavailable(_))) => Verdict::Defer {
+            delay: REDIS_DOWN_DELAY,
+            why: "redis unavailable",
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_withheld_send_is_deferred_without_spending_an_attempt() {
+        for on_uncertain in [OnUncertain::Retry, OnUncertain::Park] {
+            assert_eq!(
+                verdict_of(
+                    Err(SendError::Withheld(Withheld::Unavailable(
+                        "connection refused".to_owned()
+                    ))),
+                    on_uncertain
+                ),
+                Verdict::Defer {
+                    delay: REDIS_DOWN_DELAY,
+                    why: "redis unavailable"
+                }
+            );
+            assert!(matches!(
+                verdict_of(Err(SendError::Withheld(Withheld::LeaseLost)), on_uncertain),
+                Verdict::Defer { .. }
+            ));
+        }
     }
 }

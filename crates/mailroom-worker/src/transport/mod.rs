@@ -57,6 +57,22 @@ pub enum SendError {
         /// What went wrong.
         detail: String,
     },
+    /// The hand-over hook stopped the send just before the end of DATA:
+    /// nothing of the message was handed over.
+    #[error("withheld: {0}")]
+    Withheld(Withheld),
+}
+
+/// Why a hand-over hook stopped a send before the end of DATA.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Withheld {
+    /// The dedup claim's lease may have run out: another delivery may own
+    /// the job, and be sending it, now.
+    #[error("the dedup claim's lease may have run out")]
+    LeaseLost,
+    /// Redis could not take the handed marker.
+    #[error("handed marker not written: {0}")]
+    Unavailable(String),
 }
 
 impl SendError {
@@ -121,7 +137,7 @@ pub enum TransportError {
 
 /// Awaited just before a message is handed over whole; an error stops the
 /// send before that point.
-pub type HandOver<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+pub type HandOver<'a> = Pin<Box<dyn Future<Output = Result<(), Withheld>> + Send + 'a>>;
 
 /// The transport of a worker.
 pub enum Transport {

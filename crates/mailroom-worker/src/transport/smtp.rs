@@ -41,7 +41,7 @@ use mailroom_core::settings::{SmtpSettings, TlsMode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::data::{crlf_breaks, data_section};
-use super::{Delivered, HandOver, SendError, TransportError};
+use super::{Delivered, HandOver, SendError, TransportError, Withheld};
 use crate::message::OutgoingMessage;
 
 /// An idle connection older than this is closed rather than reused: relays
@@ -62,6 +62,8 @@ struct Relay {
     port: u16,
     tls: TlsMode,
     tls_parameters: Option<TlsParameters>,
+    /// `smtp.allow_plaintext`, or the relay is on this host.
+    plaintext_allowed: bool,
     hello: ClientId,
     credentials: Option<Credentials>,
     connect_timeout: Duration,
@@ -214,7 +216,8 @@ impl SmtpTransport {
         if settings.url.expose().starts_with("smtps://") {
             tls = TlsMode::Implicit;
         }
-        if tls == TlsMode::None && !settings.allow_plaintext && !is_loopback(&host) {
+        let plaintext_allowed = settings.allow_plaintext || is_loopback(&host);
+        if tls == TlsMode::None && !plaintext_allowed {
             return Err(TransportError::PlaintextRefused { host });
         }
         let tls_parameters = match tls {
@@ -236,6 +239,7 @@ impl SmtpTransport {
                 port,
                 tls,
                 tls_parameters,
+                plaintext_allowed,
                 hello,
                 credentials,
                 connect_timeout: settings.connect_timeout,
@@ -503,6 +507,18 @@ impl SmtpTransport {
                     .map_err(|err| connect_error("STARTTLS", &err))?;
             }
             if let Some(credentials) = &relay.credentials {
+                // With `opportunistic`, a relay that does not offer STARTTLS
+                // may be an attacker who struck it from the EHLO reply:
+                // the password goes in clear only where plaintext is
+                // allowed.
+                if !connection.is_encrypted() && !relay.plaintext_allowed {
+                    abort(&mut connection).await;
+                    return Err(SendError::transient(
+                        None,
+                        "the relay did not offer STARTTLS: AUTH is not sent in clear to a host \
+                         that is not loopback unless smtp.allow_plaintext = true",
+                    ));
+                }
                 // A refused login is the operator's to fix, not the
                 // message's fault: transient, so nothing is dead-lettered
                 // for a wrong password.
@@ -557,8 +573,8 @@ impl SmtpTransport {
         if let Some(hand_over) = hand_over.take() {
             // Nothing was handed over yet: the aborted session drops the
             // partial message, and the retry is safe.
-            if let Err(err) = hand_over.await {
-                return Ended::failed(Step::Before, Failure::HandOver(err));
+            if let Err(why) = hand_over.await {
+                return Ended::failed(Step::Before, Failure::Withheld(why));
             }
         }
         let connection = &mut session.smtp;
@@ -661,15 +677,15 @@ enum Failure {
     Timeout(Duration),
     /// The message needs an extension the relay lacks.
     Unsupported(&'static str),
-    /// The hand-over could not be noted.
-    HandOver(String),
+    /// The hand-over hook stopped the send.
+    Withheld(Withheld),
 }
 
 impl Failure {
     fn is_network(&self) -> bool {
         match self {
             Self::Smtp(err) => err.status().is_none() && !err.is_client(),
-            Self::Timeout(_) | Self::Unsupported(_) | Self::HandOver(_) => false,
+            Self::Timeout(_) | Self::Unsupported(_) | Self::Withheld(_) => false,
         }
     }
 
@@ -693,7 +709,7 @@ impl Failure {
                 &format!("no reply within smtp.command_timeout ({timeout:?})"),
             ),
             Self::Unsupported(what) => SendError::permanent(555, what),
-            Self::HandOver(err) => SendError::transient(None, &err),
+            Self::Withheld(why) => SendError::Withheld(why),
         }
     }
 }
@@ -885,18 +901,114 @@ mod tests {
             ..SmtpSettings::default()
         })
         .expect("transport");
-        let address: lettre::Address = "ada@example.org".parse().expect("address");
-        let message = SmtpMessage::new(OutgoingMessage {
-            envelope: Envelope::new(Some(address.clone()), vec![address]).expect("envelope"),
-            message_id: "<1@example.org>".to_owned(),
-            raw: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
-        });
+        let message = one_message();
         let _busy = Arc::clone(&transport.permits)
             .try_acquire_owned()
             .expect("the only permit");
         let waited = tokio::time::timeout(Duration::from_millis(20), transport.obtain(&message));
         assert!(waited.await.is_err(), "no connection was free");
         assert!(transport.lock_waiters().is_empty());
+    }
+
+    /// A relay on 127.0.0.1 that never offers STARTTLS and takes any
+    /// login; it answers until QUIT or the client leaves, and returns the
+    /// lines it read.
+    async fn relay_without_starttls() -> (u16, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let serving = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let mut seen = Vec::new();
+            write
+                .write_all(b"220 relay ESMTP\r\n")
+                .await
+                .expect("greet");
+            let mut in_data = false;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let verb = line
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_uppercase();
+                seen.push(line.clone());
+                let reply: &[u8] = match verb.as_str() {
+                    _ if in_data && line != "." => continue,
+                    _ if in_data => {
+                        in_data = false;
+                        b"250 queued\r\n"
+                    }
+                    "EHLO" => b"250-relay\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING\r\n",
+                    "AUTH" => b"235 ok\r\n",
+                    "DATA" => {
+                        in_data = true;
+                        b"354 go on\r\n"
+                    }
+                    "QUIT" => {
+                        let _ = write.write_all(b"221 bye\r\n").await;
+                        break;
+                    }
+                    _ => b"250 ok\r\n",
+                };
+                if write.write_all(reply).await.is_err() {
+                    break;
+                }
+            }
+            seen
+        });
+        (port, serving)
+    }
+
+    fn one_message() -> SmtpMessage {
+        let address: lettre::Address = "ada@example.org".parse().expect("address");
+        SmtpMessage::new(OutgoingMessage {
+            envelope: Envelope::new(Some(address.clone()), vec![address]).expect("envelope"),
+            message_id: "<1@example.org>".to_owned(),
+            raw: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
+        })
+    }
+
+    /// `opportunistic` TLS with a login, to a relay whose EHLO lacks
+    /// STARTTLS (as if an attacker had struck it): the password is not
+    /// sent unless plaintext is allowed.
+    #[tokio::test]
+    async fn credentials_never_go_in_clear_off_loopback() {
+        for allow_plaintext in [false, true] {
+            let (port, relay) = relay_without_starttls().await;
+            let transport = SmtpTransport::new(&SmtpSettings {
+                // Reaches the relay on 127.0.0.1 (Linux takes 0.0.0.0 as
+                // this host) under a name that is not loopback.
+                url: Secret::new(format!("smtp://0.0.0.0:{port}")),
+                tls: TlsMode::Opportunistic,
+                allow_plaintext,
+                username: Some("mailer".to_owned()),
+                password: Secret::new("s3cret-pass"),
+                ..SmtpSettings::default()
+            })
+            .expect("transport");
+            let sent = transport.send(&one_message(), None).await;
+            transport.shutdown().await;
+            let seen = relay.await.expect("relay");
+            let authed = seen.iter().any(|line| line.starts_with("AUTH"));
+            if allow_plaintext {
+                assert_eq!(sent, Ok(Delivered { code: 250 }));
+                assert!(authed, "{seen:?}");
+            } else {
+                match sent {
+                    Err(SendError::Transient { detail, .. }) => {
+                        assert!(detail.contains("STARTTLS"), "{detail}");
+                        assert!(!detail.contains("s3cret"), "{detail}");
+                    }
+                    other => panic!("expected a transient error, got {other:?}"),
+                }
+                assert!(!authed, "AUTH went in clear: {seen:?}");
+                assert!(!seen.iter().any(|line| line.starts_with("MAIL")));
+            }
+        }
     }
 
     #[test]
@@ -911,5 +1023,11 @@ mod tests {
             timeout.into_send_error(Step::Before),
             SendError::Transient { .. }
         ));
+        let withheld = Failure::Withheld(Withheld::LeaseLost);
+        assert!(!withheld.is_network(), "not retried on a fresh connection");
+        assert_eq!(
+            withheld.into_send_error(Step::Before),
+            SendError::Withheld(Withheld::LeaseLost)
+        );
     }
 }
