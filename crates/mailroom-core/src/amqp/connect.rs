@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable as _};
 use lapin::types::LongString;
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
 use super::AmqpError;
@@ -22,7 +23,14 @@ pub(super) async fn connect(settings: &AmqpSettings, name: &str) -> Result<Conne
     if settings.urls.is_empty() {
         return Err(AmqpError::NoUrls);
     }
-    let round = || one_round(settings, name);
+    // Parsed up front: lapin reports a URL that does not parse as an I/O
+    // error, which would be retried as a broker that is down.
+    let targets = settings
+        .urls
+        .iter()
+        .map(|url| Target::parse(url.expose()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let round = || one_round(&targets, settings.connect_timeout, name);
     round
         .retry(
             ExponentialBuilder::new()
@@ -38,59 +46,106 @@ pub(super) async fn connect(settings: &AmqpSettings, name: &str) -> Result<Conne
         .await
 }
 
-async fn one_round(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
+/// One URL of `amqp.urls`, parsed.
+struct Target {
+    uri: AMQPUri,
+    /// The URL as it may be logged.
+    shown: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self, AmqpError> {
+        let shown = redact_url(url).unwrap_or_else(|| "(not a URL)".to_owned());
+        match url.parse::<AMQPUri>() {
+            Ok(uri) => Ok(Self { uri, shown }),
+            // The parser quotes the whole URL in some of its messages.
+            Err(reason) => Err(AmqpError::InvalidUrl {
+                reason: reason.replace(url, &shown),
+                url: shown,
+            }),
+        }
+    }
+}
+
+async fn one_round(
+    targets: &[Target],
+    timeout: Duration,
+    name: &str,
+) -> Result<Connection, AmqpError> {
     let mut last = String::new();
-    for url in &settings.urls {
-        let shown = shown(url.expose());
+    for Target { uri, shown } in targets {
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(name.as_bytes()));
         tracing::debug!(url = %shown, "connecting to the broker");
-        match tokio::time::timeout(
-            settings.connect_timeout,
-            Connection::connect(url.expose(), properties),
-        )
-        .await
+        match tokio::time::timeout(timeout, Connection::connect_uri(uri.clone(), properties)).await
         {
             Ok(Ok(connection)) => {
                 tracing::info!(url = %shown, connection = name, "connected to the broker");
                 return Ok(connection);
             }
             Ok(Err(err)) => match refusal(&err) {
-                Refusal::AccessRefused => return Err(AmqpError::AccessRefused { url: shown }),
-                Refusal::NotAllowed => return Err(AmqpError::NotAllowed { url: shown }),
-                _ if is_uri_error(&err) => {
-                    return Err(AmqpError::InvalidUrl {
-                        url: shown,
-                        reason: err.to_string(),
-                    });
+                Refusal::AccessRefused => {
+                    return Err(AmqpError::AccessRefused { url: shown.clone() });
                 }
-                _ => last = format!("{shown}: {}", scrub(&err.to_string(), url.expose())),
+                Refusal::NotAllowed => {
+                    return Err(AmqpError::NotAllowed { url: shown.clone() });
+                }
+                // Connecting from the parsed URI, lapin's errors are the
+                // socket's, TLS's or the broker's: none quotes the URL.
+                _ => last = format!("{shown}: {err}"),
             },
-            Err(_) => last = format!("{shown}: no answer within {:?}", settings.connect_timeout),
+            Err(_) => last = format!("{shown}: no answer within {timeout:?}"),
         }
     }
     Err(AmqpError::Unreachable {
-        urls: settings
-            .urls
+        urls: targets
             .iter()
-            .map(|url| shown(url.expose()))
+            .map(|target| target.shown.as_str())
             .collect::<Vec<_>>()
             .join(", "),
         reason: last,
     })
 }
 
-/// The URL as it may be logged.
-fn shown(url: &str) -> String {
-    redact_url(url).unwrap_or_else(|| "(not a URL)".to_owned())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Secret;
 
-/// An error text with the URL (and so its password) taken out, in case a
-/// library quotes it.
-fn scrub(text: &str, url: &str) -> String {
-    text.replace(url, &shown(url))
-}
+    /// A URL that does not parse fails at once, not after rounds of retries
+    /// with a hint to start RabbitMQ; its password is not in the error.
+    #[tokio::test]
+    async fn a_malformed_url_is_refused_at_once() {
+        let settings = AmqpSettings {
+            urls: vec![
+                Secret::new("amqp://guest:guest@127.0.0.1:1/%2f"),
+                Secret::new("amqp://app:ab/s3cret@rabbit:5672/%2f"),
+            ],
+            connect_timeout: Duration::from_millis(200),
+            ..AmqpSettings::default()
+        };
+        let start = std::time::Instant::now();
+        let err = connect(&settings, "test").await.expect_err("refused");
+        assert!(matches!(err, AmqpError::InvalidUrl { .. }), "{err:?}");
+        assert!(!err.is_transient());
+        let text = err.to_string();
+        assert!(text.contains("amqp://app:***@rabbit"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
 
-fn is_uri_error(err: &lapin::Error) -> bool {
-    matches!(err.kind(), lapin::ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::InvalidInput)
+    #[test]
+    fn a_parser_message_quoting_the_url_is_scrubbed() {
+        let Err(AmqpError::InvalidUrl { url, reason }) = Target::parse("amqp:s3cret@rabbit") else {
+            panic!("parsed");
+        };
+        assert!(
+            !url.contains("s3cret") && !reason.contains("s3cret"),
+            "{url}: {reason}"
+        );
+    }
 }

@@ -4,7 +4,7 @@ use lapin::ErrorKind;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 
 /// Connecting to, or setting up, the broker failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AmqpError {
     /// `amqp.urls` is empty.
     #[error("amqp.urls names no broker")]
@@ -71,6 +71,15 @@ pub enum PublishError {
         /// Routing key.
         routing_key: String,
     },
+    /// The broker blocks publishers (a memory or disk alarm); nothing was
+    /// sent, or it may not be queued yet.
+    #[error("the broker is blocking publishers (a memory or disk alarm on RabbitMQ)")]
+    Blocked,
+    /// The broker returned a message as unroutable, but not this one: lapin
+    /// could not say which publish of a batch it belonged to, so whether
+    /// this one was queued is unknown.
+    #[error("the broker returned another message than this one; its outcome is unknown")]
+    ReturnMismatch,
     /// The broker refused to take the message (nack), e.g. a full queue.
     #[error("the broker refused the message (nack)")]
     Nacked,
@@ -89,7 +98,11 @@ impl PublishError {
     /// Whether publishing again may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Nacked | Self::ConfirmTimeout(_) | Self::Connection(_) => true,
+            Self::Blocked
+            | Self::ReturnMismatch
+            | Self::Nacked
+            | Self::ConfirmTimeout(_)
+            | Self::Connection(_) => true,
             Self::Amqp(err) => err.is_transient(),
             Self::Unroutable { .. } => false,
         }

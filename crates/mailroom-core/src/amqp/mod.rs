@@ -12,6 +12,7 @@
 mod connect;
 mod declare;
 mod error;
+mod reconnect;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{Mutex, RwLock};
 
 pub use error::{AmqpError, PublishError};
+use reconnect::Reconnects;
 
 use crate::settings::AmqpSettings;
 use crate::wire::WorkQueue;
@@ -54,9 +56,8 @@ struct Inner {
     settings: AmqpSettings,
     name: String,
     session: RwLock<Arc<Session>>,
-    /// Held while a new session is opened, so one reconnect serves every
-    /// caller that found the old one dead.
-    reconnecting: Mutex<()>,
+    /// One reconnect serves every caller that found the old session dead.
+    reconnects: Reconnects,
     next: AtomicUsize,
 }
 
@@ -90,7 +91,7 @@ impl Broker {
                 settings: settings.clone(),
                 name: name.to_owned(),
                 session: RwLock::new(Arc::new(session)),
-                reconnecting: Mutex::new(()),
+                reconnects: Reconnects::default(),
                 next: AtomicUsize::new(0),
             }),
         })
@@ -152,9 +153,15 @@ impl Broker {
         Ok(depth)
     }
 
-    /// Publishes one message and waits for the broker's confirm.
+    /// Publishes one message and waits for the broker's confirm, at most
+    /// `amqp.confirm_timeout` in all.
     pub async fn publish(&self, message: Outgoing) -> Result<(), PublishError> {
         let session = self.session().await?;
+        // A broker short of memory or disk holds every publish unsent until
+        // the alarm clears: say so now rather than wait the timeout out.
+        if session.connection.status().blocked() {
+            return Err(PublishError::Blocked);
+        }
         let slot = self.inner.next.fetch_add(1, Ordering::Relaxed) % session.channels.len();
         let channel = self.publishing_channel(&session, slot).await?;
         let options = BasicPublishOptions {
@@ -168,26 +175,40 @@ impl Broker {
             properties,
             ..
         } = message;
-        let confirm = channel
-            .basic_publish(
-                exchange.as_str().into(),
-                routing_key.as_str().into(),
-                options,
-                &body,
-                properties,
-            )
-            .await
-            .map_err(|err| PublishError::Connection(err.to_string()))?;
-        // lapin holds its own copy until it is written; this one need not
-        // wait for the confirm (a window of large messages would add up).
-        drop(body);
+        let message_id = properties.message_id().clone();
         let timeout = self.inner.settings.confirm_timeout;
-        let confirmation = tokio::time::timeout(timeout, confirm)
-            .await
-            .map_err(|_| PublishError::ConfirmTimeout(timeout))?
-            .map_err(|err| PublishError::Connection(err.to_string()))?;
+        // One deadline over sending and the confirm: sending waits as long
+        // as the broker blocks the connection, which may begin after the
+        // check above.
+        let (to_exchange, to_key) = (exchange.as_str().into(), routing_key.as_str().into());
+        let confirmation = tokio::time::timeout(timeout, async move {
+            let confirm = channel
+                .basic_publish(to_exchange, to_key, options, &body, properties)
+                .await?;
+            // lapin holds its own copy until it is written; this one need
+            // not wait for the confirm (a window of large messages would
+            // add up).
+            drop(body);
+            confirm.await
+        })
+        .await
+        .map_err(|_| {
+            if session.connection.status().blocked() {
+                PublishError::Blocked
+            } else {
+                PublishError::ConfirmTimeout(timeout)
+            }
+        })?
+        .map_err(|err| PublishError::Connection(err.to_string()))?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
+            // lapin hands a return to whichever publish an ack resolves
+            // first; when one ack covers several, that may not be its own.
+            Confirmation::Ack(Some(returned))
+                if returned.delivery.properties.message_id() != &message_id =>
+            {
+                Err(PublishError::ReturnMismatch)
+            }
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
                 exchange,
                 routing_key,
@@ -223,16 +244,18 @@ impl Broker {
         if current.alive() {
             return Ok(current);
         }
-        let _reconnecting = self.inner.reconnecting.lock().await;
-        // Someone else may have reconnected while we waited.
-        let current = self.inner.session.read().await.clone();
-        if current.alive() {
-            return Ok(current);
-        }
-        tracing::warn!(connection = %self.inner.name, "broker connection lost: reconnecting");
-        let fresh = Arc::new(open_session(&self.inner.settings, &self.inner.name).await?);
-        *self.inner.session.write().await = Arc::clone(&fresh);
-        Ok(fresh)
+        let inner = &self.inner;
+        let alive = async {
+            let current = inner.session.read().await.clone();
+            current.alive().then_some(current)
+        };
+        let reconnect = async {
+            tracing::warn!(connection = %inner.name, "broker connection lost: reconnecting");
+            let fresh = Arc::new(open_session(&inner.settings, &inner.name).await?);
+            *inner.session.write().await = Arc::clone(&fresh);
+            Ok(fresh)
+        };
+        inner.reconnects.run(alive, reconnect).await
     }
 
     /// The channel of `slot`, replaced by a new confirm-mode one if a
@@ -286,3 +309,6 @@ async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Erro
         .await?;
     Ok(channel)
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
+use secret::scrub_urls;
 pub use secret::{Secret, redact_url};
 pub use sections::{
     AmqpSettings, ApiSettings, JwtAlgorithm, JwtSettings, OnUncertain, RedisSettings,
@@ -40,6 +41,22 @@ const LIST_KEYS: [&str; 4] = [
     "limits.blocked_extensions",
     "api.trusted_proxies",
     "api.deny_cidrs",
+];
+
+/// Where in [`Settings`] a secret goes.
+type SecretSlot = fn(&mut Settings) -> &mut Secret;
+
+/// Secret settings an environment variable may set, each with where it goes.
+/// They are taken from the environment as they are written, after the rest:
+/// the environment source's type guessing would turn a password `0071234`
+/// into `71234`, or `TRUE` into `true`. (`amqp.urls` is split as a list,
+/// whose items are never guessed at.)
+const ENV_SECRETS: [(&str, SecretSlot); 5] = [
+    ("redis.url", |s| &mut s.redis.url),
+    ("redis.hash_key", |s| &mut s.redis.hash_key),
+    ("smtp.url", |s| &mut s.smtp.url),
+    ("smtp.password", |s| &mut s.smtp.password),
+    ("seal.keys", |s| &mut s.seal.keys),
 ];
 
 /// All of mailroom's settings.
@@ -109,6 +126,7 @@ impl Settings {
             .into_iter()
             .filter(|(key, _)| key.starts_with(ENV_PREFIX))
             .collect();
+        let raw_secrets = env_secrets(&env);
         let file = match path {
             Some(path) => {
                 if !path.is_file() {
@@ -136,7 +154,10 @@ impl Settings {
             .add_source(environment)
             .build()
             .and_then(Config::try_deserialize)
-            .map_err(|e| SettingsError::Parse(one_line(&e.to_string())))?;
+            .map_err(|e| SettingsError::Parse(scrub_urls(&one_line(&e.to_string()))))?;
+        for (slot, value) in raw_secrets {
+            *slot(&mut settings) = value;
+        }
         settings.read_secret_files()?;
         settings.check()?;
         Ok(settings)
@@ -367,6 +388,21 @@ impl Settings {
             .prefetch
             .unwrap_or_else(|| concurrency.saturating_add(concurrency.div_ceil(4)))
     }
+}
+
+/// The secret settings `env` sets, with their text as it is there. Keys are
+/// matched as the environment source matches them: any case, `__` for `.`.
+fn env_secrets(env: &HashMap<String, String>) -> Vec<(SecretSlot, Secret)> {
+    let prefix = format!("{ENV_PREFIX}__").to_lowercase();
+    env.iter()
+        .filter_map(|(key, value)| {
+            let dotted = key.to_lowercase().strip_prefix(&prefix)?.replace("__", ".");
+            ENV_SECRETS
+                .iter()
+                .find(|(name, _)| *name == dotted)
+                .map(|(_, slot)| (*slot, Secret::new(value.as_str())))
+        })
+        .collect()
 }
 
 fn has_scheme(url: &Secret, schemes: &[&str]) -> bool {

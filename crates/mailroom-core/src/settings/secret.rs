@@ -37,7 +37,13 @@ impl Secret {
 }
 
 /// `scheme://user:password@host/...` with the password masked; `None` when
-/// the text is not a URL.
+/// the text is not a URL, or its userinfo cannot be told apart safely.
+///
+/// The userinfo runs to the *last* `@`, not to the first `/`, `?` or `#`:
+/// passwords from `openssl rand -base64` hold `/` and are often pasted
+/// unescaped. A `@` later in the path or query only makes more be masked,
+/// never less. A userinfo without `:` may be a bare token, so it is masked
+/// whole.
 pub fn redact_url(text: &str) -> Option<String> {
     let (scheme, rest) = text.split_once("://")?;
     if scheme.is_empty()
@@ -47,16 +53,36 @@ pub fn redact_url(text: &str) -> Option<String> {
     {
         return None;
     }
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let shown = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{user}:***@{host}")
-        }
-        None => authority.to_owned(),
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return Some(text.to_owned());
     };
-    Some(format!("{scheme}://{shown}{path}"))
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    // A user name holding a path or query delimiter means the `@` did not
+    // end a userinfo: what is safe to show is unclear, so nothing is.
+    if user.contains(['/', '?', '#']) {
+        return None;
+    }
+    let user = if userinfo.contains(':') { user } else { "" };
+    Some(format!("{scheme}://{user}:***@{host}"))
+}
+
+/// `text` (an error message) with the userinfo of every URL in it masked,
+/// for messages that quote a value which may be a URL with a password.
+pub(crate) fn scrub_urls(text: &str) -> String {
+    text.split(' ')
+        .map(|word| match word.find("://") {
+            Some(at) => {
+                let start = word[..at]
+                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '+'))
+                    .map_or(0, |i| i + 1);
+                let (before, url) = word.split_at(start);
+                let shown = redact_url(url).unwrap_or_else(|| "[redacted]".to_owned());
+                format!("{before}{shown}")
+            }
+            None => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl fmt::Debug for Secret {
@@ -110,6 +136,48 @@ mod tests {
         assert_eq!(
             Secret::new("smtp://u:p@ss@mail:587").redacted(),
             "smtp://u:***@mail:587"
+        );
+    }
+
+    /// `openssl rand -base64` passwords hold `/`, `+` and `=`, and may be
+    /// pasted unescaped; `?` and `#` in one must not end the userinfo either.
+    #[test]
+    fn a_password_with_url_delimiters_is_still_masked() {
+        for (url, shown) in [
+            (
+                "amqp://app:ab/cd@rabbit:5672/%2f",
+                "amqp://app:***@rabbit:5672/%2f",
+            ),
+            ("amqp://app:x+y/z==@rabbit/%2f", "amqp://app:***@rabbit/%2f"),
+            ("redis://:p?q#r@redis:6379/0", "redis://:***@redis:6379/0"),
+            ("amqps://app:a/b@c/d@rabbit/vh", "amqps://app:***@rabbit/vh"),
+        ] {
+            assert_eq!(Secret::new(url).redacted(), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_userinfo_without_a_colon_is_masked_whole() {
+        assert_eq!(
+            Secret::new("redis://tok3n@redis:6379").redacted(),
+            "redis://:***@redis:6379"
+        );
+    }
+
+    /// Where the `@` cannot have ended a userinfo, nothing of it is shown.
+    #[test]
+    fn an_ambiguous_url_is_redacted_whole() {
+        for url in ["redis://redis/0?note=a:b@c", "redis://redis/0#x@y"] {
+            assert_eq!(Secret::new(url).redacted(), "[redacted]", "{url}");
+        }
+    }
+
+    #[test]
+    fn urls_in_messages_are_scrubbed() {
+        let message = r#"invalid type: string "amqp://app:ab/cd@rabbit/", expected a sequence; see redis://:hunter2@r:6379 or http://docs"#;
+        assert_eq!(
+            scrub_urls(message),
+            r#"invalid type: string "amqp://app:***@rabbit/", expected a sequence; see redis://:***@r:6379 or http://docs"#
         );
     }
 }

@@ -1,11 +1,13 @@
 //! The settings sections. Every field has a default that works against a
 //! local RabbitMQ, Redis and SMTP sink.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::ratelimit::Rate;
 
@@ -17,14 +19,17 @@ use crate::setting_enum;
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
     /// Broker URLs (`amqp://` or `amqps://`), tried in order: name every
-    /// node of a cluster. They may hold passwords.
+    /// node of a cluster. They may hold passwords. One URL may be given as
+    /// a plain string.
+    #[serde(deserialize_with = "one_or_many")]
     pub urls: Vec<Secret>,
     /// A file with more URLs, one a line (a mounted secret).
     pub urls_file: Option<PathBuf>,
     /// How long one connection attempt may take.
     #[serde(with = "super::duration")]
     pub connect_timeout: Duration,
-    /// How long to wait for a publisher confirm before calling it failed.
+    /// How long a publish may take, sending and publisher confirm, before
+    /// it is called failed (a blocked or stalled connection included).
     #[serde(with = "super::duration")]
     pub confirm_timeout: Duration,
     /// Unconfirmed messages a batch publish keeps in flight.
@@ -44,6 +49,32 @@ impl Default for AmqpSettings {
             channels: 4,
         }
     }
+}
+
+/// `urls = "amqp://..."` as well as a list: refusing the string would
+/// quote it, password and all, in the error.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    struct Urls;
+    impl<'de> Visitor<'de> for Urls {
+        type Value = Vec<Secret>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of amqp:// URLs, or one")
+        }
+
+        fn visit_str<E: de::Error>(self, url: &str) -> Result<Self::Value, E> {
+            Ok(vec![Secret::new(url)])
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut urls = Vec::new();
+            while let Some(url) = seq.next_element()? {
+                urls.push(url);
+            }
+            Ok(urls)
+        }
+    }
+    d.deserialize_any(Urls)
 }
 
 /// `[redis]`: dedup, status, rate limits, API keys.

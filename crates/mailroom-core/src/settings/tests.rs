@@ -309,3 +309,55 @@ fn hash_key_is_required_where_used_and_comes_from_a_file() {
     .expect("loads");
     assert_eq!(settings.hash_key().expect("set"), b"0123456789abcdef0123");
 }
+
+/// The environment source guesses at types: secrets must not be changed by it.
+#[test]
+fn secrets_from_the_environment_keep_their_exact_text() {
+    let settings = load(&[
+        ("MAILROOM__SMTP__PASSWORD", "0071234"),
+        ("MAILROOM__REDIS__HASH_KEY", "TRUE"),
+        ("MAILROOM__SEAL__KEYS", "1e3"),
+        ("MAILROOM__SMTP__URL", "smtp://relay:587"),
+    ])
+    .expect("loads");
+    assert_eq!(settings.smtp.password.expose(), "0071234");
+    assert_eq!(settings.redis.hash_key.expose(), "TRUE");
+    assert_eq!(settings.seal.keys.expose(), "1e3");
+    assert_eq!(settings.smtp.url.expose(), "smtp://relay:587");
+    // A `_FILE` still wins over the variable, as before.
+    let file = toml_file("from-file\n");
+    let settings = load(&[
+        ("MAILROOM__SMTP__PASSWORD", "0071234"),
+        (
+            "MAILROOM__SMTP__PASSWORD_FILE",
+            file.path().to_str().expect("utf-8"),
+        ),
+    ])
+    .expect("loads");
+    assert_eq!(settings.smtp.password.expose(), "from-file");
+}
+
+#[test]
+fn one_amqp_url_may_be_a_plain_string() {
+    let file = toml_file("[amqp]\nurls = \"amqp://app:s3cret@rabbit/%2f\"\n");
+    let settings = Settings::load_with_env(Some(file.path()), env(&[])).expect("loads");
+    assert_eq!(settings.amqp.urls.len(), 1);
+    assert_eq!(
+        settings.amqp.urls[0].expose(),
+        "amqp://app:s3cret@rabbit/%2f"
+    );
+    let file = toml_file("[amqp]\nurls = 5\n");
+    let err = Settings::load_with_env(Some(file.path()), env(&[])).expect_err("a number");
+    assert!(err.to_string().contains("amqp.urls"), "{err}");
+}
+
+/// The config crate quotes a bad value in its message; a URL's password
+/// must not come along.
+#[test]
+fn parse_errors_do_not_quote_url_passwords() {
+    let file = toml_file("[worker]\nconcurrency = \"amqp://app:ab/s3cret@rabbit/%2f\"\n");
+    let err = Settings::load_with_env(Some(file.path()), env(&[])).expect_err("not a number");
+    let shown = err.to_string();
+    assert!(shown.contains("worker.concurrency"), "{shown}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+}

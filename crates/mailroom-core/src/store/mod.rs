@@ -12,7 +12,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable as _};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::settings::{RedisSettings, redact_url};
+use crate::settings::RedisSettings;
 
 pub use hash::KeyedHash;
 pub use setup::{MINIMUM_VERSION, Risk};
@@ -99,7 +99,8 @@ impl RedisStore {
     /// connected, a lost connection is re-established on the next command.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
         let raw = settings.url.expose();
-        let url: Arc<str> = redact_url(raw).unwrap_or_else(|| raw.to_owned()).into();
+        // Never the raw text: a value that is not a URL may be the secret itself.
+        let url: Arc<str> = settings.url.redacted().into();
         let client = redis::Client::open(raw).map_err(|err| StoreError::InvalidUrl {
             url: url.to_string(),
             reason: err.to_string(),

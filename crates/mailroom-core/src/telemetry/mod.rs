@@ -340,9 +340,12 @@ pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
 pub const ERROR_TEXT_MAX: usize = 300;
 
 /// An error text fit to keep: every address-like word masked (an SMTP reply
-/// such as `550 <ada@example.org>: no such user` names the recipient), and
-/// cut to [`ERROR_TEXT_MAX`] bytes at a character boundary.
+/// such as `550 <ada@example.org>: no such user` names the recipient), what
+/// is in double quotes hidden (a quoted local part, `"ada lovelace"@…`, has
+/// spaces in it), and cut to [`ERROR_TEXT_MAX`] bytes at a character
+/// boundary.
 pub fn redact_error(text: &str) -> String {
+    let text = hide_quoted(text);
     let mut out = String::with_capacity(text.len().min(ERROR_TEXT_MAX + 4));
     for (i, word) in text.split(' ').enumerate() {
         if i > 0 {
@@ -378,6 +381,23 @@ pub fn redact_error(text: &str) -> String {
     out
 }
 
+/// `text` with what stands between double quotes replaced by `***` (an
+/// unclosed quote hides the rest).
+fn hide_quoted(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('"') {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    for (i, part) in text.split('"').enumerate() {
+        if i % 2 == 0 {
+            out.push_str(part);
+        } else {
+            out.push_str("\"***\"");
+        }
+    }
+    out.into()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -400,6 +420,13 @@ mod tests {
             "550 5.1.1 <a***@example.org>: no such user"
         );
         assert_eq!(redact_error("451 busy"), "451 busy");
+        let quoted = redact_error("550 <\"ada lovelace\"@example.org>: no such user");
+        assert!(
+            !quoted.contains("ada") && !quoted.contains("lovelace"),
+            "{quoted}"
+        );
+        assert!(quoted.contains("@example.org"), "{quoted}");
+        assert!(!redact_error("550 \"ada lovelace").contains("ada"));
         let long = "é".repeat(400);
         let cut = redact_error(&long);
         assert!(cut.len() <= ERROR_TEXT_MAX + '…'.len_utf8());

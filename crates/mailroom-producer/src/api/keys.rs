@@ -315,14 +315,16 @@ impl ApiKeyStore {
         Ok(revoked == 1)
     }
 
-    /// Rotation: a new key with `id`'s tenant, scopes, networks and rate;
-    /// the old one keeps working until `old_expires_at`, so callers can
-    /// change over. Returns the new key and its record.
+    /// Rotation: a new key with `id`'s tenant, scopes, networks, rate and
+    /// expiry; the old one keeps working until `old_expires_at` (or its own
+    /// expiry, if sooner), so callers can change over. Returns the new key
+    /// and its record; `None` if `id` is unknown. An expired key is refused:
+    /// its index entry outlives it, and rotating would bring it back.
     pub async fn rotate(
         &self,
         id: &str,
         old_expires_at: OffsetDateTime,
-    ) -> Result<Option<(String, KeyRecord)>, StoreError> {
+    ) -> Result<Option<(String, KeyRecord)>, RotateError> {
         let index_key = self.store.key("apikeys");
         let mut connection = self.store.connection();
         let entry: Option<String> = redis::cmd("HGET")
@@ -336,6 +338,17 @@ impl ApiKeyStore {
         };
         let mut entry: IndexEntry = from_json(&entry)?;
         let old = &entry.record;
+        if let Some(expired_at) = old.expires_at
+            && !old.is_live(OffsetDateTime::now_utc())
+        {
+            return Err(RotateError::Expired {
+                id: id.to_owned(),
+                expired_at,
+            });
+        }
+        let old_expires_at = old
+            .expires_at
+            .map_or(old_expires_at, |own| own.min(old_expires_at));
         let created = self
             .create(NewKey {
                 tenant: old.tenant.clone(),
@@ -355,6 +368,9 @@ impl ApiKeyStore {
             .arg(to_json(&entry.record)?)
             .arg("EXAT")
             .arg(old_expires_at.unix_timestamp())
+            // Only if it is still there: one revoked or expired since the
+            // read above must stay gone.
+            .arg("XX")
             .ignore()
             .cmd("HSET")
             .arg(&index_key)
@@ -366,6 +382,22 @@ impl ApiKeyStore {
             .map_err(|err| self.store.error(&err))?;
         Ok(Some(created))
     }
+}
+
+/// Why a key was not rotated.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    /// The key has expired.
+    #[error("key {id} expired at {expired_at}; create a new key instead")]
+    Expired {
+        /// The key's id.
+        id: String,
+        /// When it expired.
+        expired_at: OffsetDateTime,
+    },
+    /// Redis did not answer as asked.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {

@@ -71,6 +71,8 @@ pub async fn run(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<
             let Some((key, record)) = keys.rotate(&id, until).await? else {
                 bail!("no key with id {id}");
             };
+            // The new key has the old one's expiry, which also caps the grace.
+            let until = record.expires_at.map_or(until, |own| own.min(until));
             eprintln!(
                 "mailroom: new key {} for tenant {}; {id} stops working at {until}",
                 record.id, record.tenant

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use mailroom_core::amqp::Broker;
 use mailroom_core::job::{Attachment, EmailMessage, JobId, JobRequest, Lane};
 use mailroom_core::seal::SealKey;
-use mailroom_core::settings::{Secret, Settings, TransportKind, redact_url};
+use mailroom_core::settings::{Secret, Settings, TransportKind};
 use mailroom_core::status::{JobState, StatusStore};
 use mailroom_core::store::RedisStore;
 use mailroom_core::wire;
@@ -124,7 +124,7 @@ async fn preflight(settings: &Settings) -> anyhow::Result<()> {
         .amqp
         .urls
         .first()
-        .and_then(|u| redact_url(u.expose()))
+        .map(Secret::redacted)
         .unwrap_or_default();
     let broker = Broker::connect_as(&settings.amqp, "mailroom-demo-check")
         .await
@@ -132,14 +132,19 @@ async fn preflight(settings: &Settings) -> anyhow::Result<()> {
             format!("RabbitMQ is not reachable at {url}: start it with `rabbitmq-server -detached` (Debian: `apt-get install rabbitmq-server`)")
         })?;
     broker.declare(&wire::Topology::standard()).await?;
-    let waiting = broker.work_depth().await?;
+    // Jobs waiting out a retry delay come back to the work queues, where
+    // the demo's worker would take them too.
+    let mut waiting = broker.work_depth().await?;
+    for tier in &wire::RETRY_TIERS {
+        waiting += broker.queue_depth(&tier.queue()).await?;
+    }
     broker.close().await;
     if waiting > 0 {
         bail!(
-            "the work queues at {url} hold {waiting} jobs that the demo's worker would consume; run the demo against an empty vhost, e.g. MAILROOM__AMQP__URLS=amqp://guest:guest@127.0.0.1:5672/demo"
+            "the work and retry queues at {url} hold {waiting} jobs that the demo's worker would consume; run the demo against an empty vhost, e.g. MAILROOM__AMQP__URLS=amqp://guest:guest@127.0.0.1:5672/demo"
         );
     }
-    let redis = redact_url(settings.redis.url.expose()).unwrap_or_default();
+    let redis = settings.redis.url.redacted();
     RedisStore::connect(&settings.redis).await.with_context(|| {
         format!("Redis is not reachable at {redis}: start it with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`")
     })?;
@@ -270,5 +275,42 @@ fn print_outbox(dir: &Path, rows: &[Row]) {
     );
     for path in written {
         println!("  {}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mailroom_core::amqp::Outgoing;
+    use mailroom_tests::rabbit::TestVhost;
+
+    use super::*;
+
+    /// A job waiting out a retry delay comes back to a work queue, where
+    /// the demo's worker would take it.
+    #[tokio::test]
+    async fn a_job_in_a_retry_queue_stops_the_demo() {
+        let vhost = TestVhost::new("demo-retry");
+        let mut settings = Settings::default();
+        settings.amqp = vhost.settings();
+        let broker = Broker::connect(&settings.amqp).await.expect("broker");
+        broker
+            .declare(&wire::Topology::standard())
+            .await
+            .expect("topology");
+        // The longest tier: the job stays put while the test runs.
+        let tier = wire::RETRY_TIERS.last().expect("a tier");
+        broker
+            .publish(Outgoing {
+                exchange: String::new(),
+                routing_key: tier.queue(),
+                body: b"job".to_vec(),
+                properties: lapin::BasicProperties::default(),
+                mandatory: true,
+            })
+            .await
+            .expect("published");
+        broker.close().await;
+        let err = preflight(&settings).await.expect_err("a job waits");
+        assert!(format!("{err:#}").contains("hold 1 jobs"), "{err:#}");
     }
 }

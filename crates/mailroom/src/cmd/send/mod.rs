@@ -37,7 +37,11 @@ const PROGRESS_THRESHOLD: u64 = 1 << 20;
 #[derive(Debug, Args)]
 pub struct SendArgs {
     /// A JSON job, or NDJSON (one job a line); `-` reads standard input.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["from", "to", "subject", "text", "text_file"])]
+    /// Each job says everything itself: only --tenant goes with it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "from", "to", "cc", "bcc", "reply_to", "subject", "text", "text_file", "html_file",
+        "attach", "header", "lane", "idempotency_key", "expires_in",
+    ])]
     json: Option<PathBuf>,
     /// Sender mailbox, e.g. "Shop <noreply@shop.example>".
     #[arg(long, required_unless_present = "json")]
@@ -417,4 +421,46 @@ fn progress_bar(size: Option<u64>) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        send: SendArgs,
+    }
+
+    /// A flag --json would ignore is refused rather than silently dropped.
+    #[test]
+    fn json_refuses_the_flags_it_would_ignore() {
+        for flag in [
+            &["--from", "a@example.com"][..],
+            &["--cc", "c@example.com"],
+            &["--bcc", "b@example.com"],
+            &["--reply-to", "r@example.com"],
+            &["--html-file", "body.html"],
+            &["--attach", "file.pdf"],
+            &["--header", "X-A: 1"],
+            &["--lane", "bulk"],
+            &["--idempotency-key", "k1"],
+            &["--expires-in", "10m"],
+        ] {
+            let args = [&["mailroom-send", "--json", "jobs.ndjson"][..], flag].concat();
+            let err = Cli::try_parse_from(&args).expect_err(flag[0]);
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flag:?}: {err}"
+            );
+        }
+        let cli = Cli::try_parse_from(["mailroom-send", "--json", "-", "--tenant", "acme"])
+            .expect("--tenant goes with --json");
+        assert_eq!(cli.send.tenant, "acme");
+        assert_eq!(cli.send.lane, Lane::Transactional);
+    }
 }
