@@ -17,7 +17,7 @@ use mailroom_core::settings::Settings;
 use mailroom_core::store::RedisStore;
 use mailroom_core::wire::{self, headers};
 use mailroom_producer::Producer;
-use mailroom_producer::api::keys::{NewKey, Scope};
+use mailroom_producer::api::keys::{KeyRecord, NewKey, RotateError, Scope};
 use mailroom_producer::api::{Api, NetworkPolicy, parse_cidr};
 use mailroom_tests::rabbit::{TestVhost, rabbitmqctl};
 use mailroom_tests::redis::TestPrefix;
@@ -198,6 +198,17 @@ async fn an_accepted_message_is_in_the_queue_sealed_for_the_keys_tenant() {
     producer.close().await;
 }
 
+/// A send key of tenant `acme` that expires at `at`, and its record.
+async fn key_expiring_at(api: &Api, at: OffsetDateTime) -> (String, KeyRecord) {
+    api.keys()
+        .create(NewKey {
+            expires_at: Some(at),
+            ..new_key("acme", &[Scope::Send])
+        })
+        .await
+        .expect("key")
+}
+
 async fn key_for(api: &Api, tenant: &str) -> String {
     key(api, tenant).await
 }
@@ -207,14 +218,8 @@ async fn every_bad_credential_gets_the_same_401() {
     let stack = Stack::new("api-401");
     let api = stack.api().await;
     let router = api.router();
-    let (expiring, _) = api
-        .keys()
-        .create(NewKey {
-            expires_at: Some(OffsetDateTime::now_utc() + Duration::from_secs(1)),
-            ..new_key("acme", &[Scope::Send])
-        })
-        .await
-        .expect("key");
+    let (expiring, _) =
+        key_expiring_at(&api, OffsetDateTime::now_utc() + Duration::from_secs(1)).await;
     let (revoked, record) = api
         .keys()
         .create(new_key("acme", &[Scope::Send]))
@@ -606,6 +611,23 @@ async fn a_spent_rate_limit_answers_429_with_retry_after() {
     assert!((1..=30).contains(&retry), "{retry}");
 }
 
+/// POSTs a batch of `count` ordinary messages as `key` from loopback.
+async fn send_batch(router: &Router, key: &str, count: usize) -> Answer {
+    let batch = json!({"messages": vec![message("one"); count]});
+    call(router, LOCAL, post("/v1/messages/batch", Some(key), &batch)).await
+}
+
+/// A 422 whose first error is about `field`.
+fn assert_invalid(answer: &Answer, field: &str) {
+    assert_eq!(
+        answer.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        answer.body
+    );
+    assert_eq!(answer.body["errors"][0]["field"], field);
+}
+
 /// A batch over `api.max_batch` is 422 and costs one request, not its
 /// length: a 429 would have its client retry what can never pass.
 #[tokio::test]
@@ -615,20 +637,7 @@ async fn an_oversized_batch_is_422_and_costs_one_request() {
     let router = api.router();
     let key = limited_key(&api, "3/m").await;
     let max = stack.settings.api.max_batch;
-    let batch = json!({"messages": vec![message("one"); max + 1]});
-    let answer = call(
-        &router,
-        LOCAL,
-        post("/v1/messages/batch", Some(&key), &batch),
-    )
-    .await;
-    assert_eq!(
-        answer.status,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "{}",
-        answer.body
-    );
-    assert_eq!(answer.body["errors"][0]["field"], "messages");
+    assert_invalid(&send_batch(&router, &key, max + 1).await, "messages");
     for _ in 0..2 {
         assert_eq!(send_as(&router, &key).await.status, StatusCode::ACCEPTED);
     }
@@ -833,6 +842,20 @@ async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
     rabbitmqctl(&["clear_permissions", "-p", stack.vhost.name(), "guest"]);
     stack.vhost.close_connections("mailroom-producer");
     assert_unavailable(&send_as(&router, &key).await);
+    // A batch none of which got through is a 503 too, and its answer is
+    // not kept for its Idempotency-Key: the retry must do the work.
+    let batch = || {
+        let mut request = post(
+            "/v1/messages/batch",
+            Some(&key),
+            &json!({"messages": [message("one"), message("two")]}),
+        );
+        request
+            .headers_mut()
+            .insert("idempotency-key", "batch-1".parse().expect("value"));
+        request
+    };
+    assert_unavailable(&call(&router, LOCAL, batch()).await);
     rabbitmqctl(&[
         "set_permissions",
         "-p",
@@ -842,12 +865,24 @@ async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
         ".*",
         ".*",
     ]);
-    let answer = send_as(&router, &key).await;
+    // A failed reconnect's error is handed out for a second before the
+    // next attempt, so the first tries after the broker is back may still
+    // be refused, each with nothing done.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut answer = send_as(&router, &key).await;
+    while answer.status != StatusCode::ACCEPTED && tokio::time::Instant::now() < deadline {
+        assert_unavailable(&answer);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        answer = send_as(&router, &key).await;
+    }
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    let answer = call(&router, LOCAL, batch()).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert!(!answer.headers.contains_key("idempotent-replayed"));
     assert_eq!(
         stack.vhost.work_depth().await,
-        2,
-        "the refused request left nothing behind"
+        4,
+        "the refused requests left nothing behind"
     );
 }
 
@@ -1149,4 +1184,88 @@ async fn a_rotated_key_works_beside_the_old_one_until_its_grace_ends() {
             .expect("rotate")
             .is_none()
     );
+}
+
+/// A body within the byte limit that would parse into far more memory
+/// than its size (millions of tiny list items) is refused before parsing.
+#[tokio::test]
+async fn a_body_of_a_million_tiny_values_is_413() {
+    let stack = Stack::new("api-values");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let recipients = format!("[{}\"\"]", "\"\",".repeat(1_000_000));
+    let single = format!(
+        r#"{{"message": {{"from": "shop@example.com", "to": {recipients}, "subject": "s", "text": "t"}}}}"#
+    );
+    let batch = format!(r#"{{"messages": [{}0]}}"#, "0,".repeat(1_000_000));
+    for (path, body) in [("/v1/messages", single), ("/v1/messages/batch", batch)] {
+        let request = Request::post(path)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::from(body))
+            .expect("request");
+        let answer = call(&router, LOCAL, request).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{path}: {}",
+            answer.body
+        );
+    }
+    assert_eq!(stack.vhost.work_depth().await, 0);
+}
+
+/// A batch larger than the key's burst could never pass: 422, not a 429
+/// whose `Retry-After` would send the client round for ever.
+#[tokio::test]
+async fn a_batch_over_the_rate_limits_burst_is_422() {
+    let stack = Stack::new("api-burst");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = limited_key(&api, "3/m").await;
+    assert_invalid(&send_batch(&router, &key, 4).await, "messages");
+    let answer = send_batch(&router, &key, 3).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+}
+
+/// Rotation never lengthens the old key's life, and never brings back an
+/// expired key (whose index entry outlives it).
+#[tokio::test]
+async fn rotation_keeps_the_old_keys_earlier_expiry_and_refuses_an_expired_key() {
+    let stack = Stack::new("api-rotate-expiry");
+    let api = stack.api().await;
+    let router = api.router();
+    let soon = OffsetDateTime::now_utc() + Duration::from_hours(1);
+    let (_, record) = key_expiring_at(&api, soon).await;
+    let grace_end = OffsetDateTime::now_utc() + Duration::from_hours(7 * 24);
+    let (_, rotated) = api
+        .keys()
+        .rotate(&record.id, grace_end)
+        .await
+        .expect("rotate")
+        .expect("the key exists");
+    assert_eq!(rotated.expires_at, Some(soon));
+    let listed = api.keys().list().await.expect("list");
+    let old = listed
+        .iter()
+        .find(|l| l.record.id == record.id)
+        .expect("old key listed");
+    assert_eq!(old.record.expires_at, Some(soon), "grace lengthened it");
+
+    let (expired, record) =
+        key_expiring_at(&api, OffsetDateTime::now_utc() + Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let keys_before = api.keys().list().await.expect("list").len();
+    match api.keys().rotate(&record.id, grace_end).await {
+        Err(RotateError::Expired { id, .. }) => assert_eq!(id, record.id),
+        other => panic!("rotated an expired key: {other:?}"),
+    }
+    assert_eq!(
+        api.keys().list().await.expect("list").len(),
+        keys_before,
+        "a successor was made"
+    );
+    let answer = send_as(&router, &expired).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
 }

@@ -106,7 +106,8 @@ pub enum Decision {
 /// tolerance (µs) per limit.
 ///
 /// Returns `{wait in µs (0: allowed), index of the refusing limit}` per
-/// request, flattened, or `{-1, current value of the guard}` when the guard
+/// request, flattened (the wait is the longest of the limits' waits, so a
+/// client that waits it is not refused by the next limit), or `{-1, current value of the guard}` when the guard
 /// does not hold (then nothing is spent).
 const GCRA: &str = r"
 local guards = tonumber(ARGV[1])
@@ -134,9 +135,8 @@ for j = 1, n do
   local wait, which = 0, 0
   for i = 1, limits do
     local allow_at = tats[i] + intervals[i] * (cost - 1) - tolerances[i]
-    if allow_at > now then
+    if allow_at - now > wait then
       wait, which = math.ceil(allow_at - now), i - 1
-      break
     end
   end
   if wait == 0 then

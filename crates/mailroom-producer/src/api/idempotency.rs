@@ -98,6 +98,10 @@ impl Idempotency {
         })
         .map_err(|err| StoreError::Malformed(err.to_string()))?;
         let start = Instant::now();
+        // The first request usually answers within milliseconds; a slow
+        // one (the broker in trouble) should not have its waiters poll
+        // Redis at full speed, so the pause doubles up to a quarter second.
+        let mut pause = Duration::from_millis(10);
         loop {
             let mut connection = self.store.connection();
             let set: Option<String> = redis::cmd("SET")
@@ -133,7 +137,8 @@ impl Idempotency {
             if start.elapsed() > WAIT_FOR_FIRST {
                 return Ok(Taken::InProgress);
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
         }
     }
 

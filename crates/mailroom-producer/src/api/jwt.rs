@@ -196,11 +196,11 @@ impl JwtVerifier {
         let now = now.unix_timestamp();
         let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(0);
         let exp = claims.get("exp")?.as_i64()?;
-        if now > exp + leeway {
+        if now > exp.saturating_add(leeway) {
             return None;
         }
         if let Some(nbf) = claims.get("nbf")
-            && now + leeway < nbf.as_i64()?
+            && now.saturating_add(leeway) < nbf.as_i64()?
         {
             return None;
         }

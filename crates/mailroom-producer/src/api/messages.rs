@@ -20,6 +20,7 @@ use super::auth::{Principal, Refusal, authenticate, authorize, charge};
 use super::idempotency::{Stored, Taken};
 use super::keys::Scope;
 use super::problem::Problem;
+use super::values;
 use super::{ApiState, LogFields};
 use crate::{EnqueueError, prepare};
 
@@ -76,6 +77,10 @@ struct Outcome {
     status: StatusCode,
     body: String,
     job_ids: Vec<JobId>,
+    /// Some of the work failed for a reason of ours (a batch item's 503):
+    /// the answer must not be replayed for the `Idempotency-Key`, or the
+    /// client's retry would get the same failure for the whole window.
+    transient: bool,
 }
 
 impl Outcome {
@@ -84,6 +89,7 @@ impl Outcome {
             status,
             body: serde_json::to_string(value).unwrap_or_default(),
             job_ids,
+            transient: status.is_server_error(),
         }
     }
 
@@ -226,7 +232,9 @@ async fn handle(
     cost: fn(&ApiSettings, &[u8]) -> u32,
     work: Work,
 ) -> Response {
-    let ip = state.network.client_ip(peer, headers);
+    let Some(ip) = state.network.client_ip(peer, headers) else {
+        return refused(unknown_client());
+    };
     let caller = match authenticate(state, headers, ip, Scope::Send).await {
         Ok(caller) => caller,
         Err(refusal) => return refused(refusal),
@@ -264,6 +272,7 @@ async fn handle(
                 status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
                 job_ids: replayed_ids(&stored.body),
                 body: stored.body,
+                transient: false,
             };
             return respond(outcome, fields, true);
         }
@@ -281,7 +290,10 @@ async fn handle(
         }
     };
     let outcome = work(state, &principal, &body, Some(&key)).await;
-    let kept = if outcome.status.is_server_error() {
+    // Items of a batch that did get through are sent once even if the
+    // retry enqueues them again: each carries `KEY#INDEX` for the worker's
+    // dedup.
+    let kept = if outcome.transient {
         state.idempotency.abandon(slot).await
     } else {
         let stored = Stored {
@@ -332,6 +344,11 @@ fn fields_of(principal: &Principal) -> LogFields {
 }
 
 /// The answer to a refused request, logged with the caller if known.
+/// A trusted proxy forwarded a client address that is not one.
+fn unknown_client() -> Refusal {
+    Problem::forbidden("the client's address in X-Forwarded-For could not be read").into()
+}
+
 fn refused(refusal: Refusal) -> Response {
     let response = refusal.problem.into_response();
     match refusal.caller {
@@ -487,22 +504,25 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 }
 
 /// A serde error without the values it may quote (they may be personal
-/// data); field names and positions stay.
+/// data): everything from the first double quote to the last goes, so an
+/// escaped quote inside a value cannot end the cut early, and so does the
+/// name of an unknown field or variant (the caller's text). Field names
+/// serde expects, and the position, stay.
 fn json_error(err: &serde_json::Error) -> String {
     let text = err.to_string();
-    let mut out = String::with_capacity(text.len());
-    let mut quoted = false;
-    for c in text.chars() {
-        if c == '"' {
-            if !quoted {
-                out.push_str("\"…\"");
-            }
-            quoted = !quoted;
-        } else if !quoted {
-            out.push(c);
+    let mut text = match (text.find('"'), text.rfind('"')) {
+        (Some(first), Some(last)) if last > first => {
+            format!("{}\"…\"{}", &text[..first], &text[last + 1..])
         }
+        _ => text,
+    };
+    if text.starts_with("unknown ")
+        && let Some(open) = text.find('`')
+        && let Some(close) = text[open + 1..].find('`')
+    {
+        text.replace_range(open..=open + 1 + close, "`…`");
     }
-    out
+    text
 }
 
 /// Parses, checks and enqueues one request for `principal`.
@@ -556,10 +576,14 @@ fn enqueue_one<'a>(
     key: Option<&'a str>,
 ) -> Pending<'a> {
     Box::pin(async move {
-        let parsed = offload::heavy(body.len(), || serde_json::from_slice::<JobRequest>(body));
+        let most = values::per_message(&state.limits);
+        let parsed = offload::heavy(body.len(), || {
+            values::within(body, most).then(|| serde_json::from_slice::<JobRequest>(body))
+        });
         let request = match parsed {
-            Ok(request) => request,
-            Err(err) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
+            Some(Ok(request)) => request,
+            Some(Err(err)) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
+            None => return Outcome::problem(&Problem::too_many_values(1)),
         };
         match accept(state, principal, request, key.map(str::to_owned)).await {
             Ok(id) => Outcome::json(StatusCode::ACCEPTED, &Accepted::new(id), vec![id]),
@@ -575,12 +599,16 @@ fn enqueue_batch<'a>(
     key: Option<&'a str>,
 ) -> Pending<'a> {
     Box::pin(async move {
-        let parsed = offload::heavy(body.len(), || serde_json::from_slice::<Batch>(body));
-        let batch = match parsed {
-            Ok(batch) => batch,
-            Err(err) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
-        };
         let max = state.settings.max_batch;
+        let most = values::per_message(&state.limits).saturating_mul(max);
+        let parsed = offload::heavy(body.len(), || {
+            values::within(body, most).then(|| serde_json::from_slice::<Batch>(body))
+        });
+        let batch = match parsed {
+            Some(Ok(batch)) => batch,
+            Some(Err(err)) => return Outcome::problem(&Problem::bad_json(json_error(&err))),
+            None => return Outcome::problem(&Problem::too_many_values(max)),
+        };
         if batch.messages.is_empty() || batch.messages.len() > max {
             return Outcome::problem(&Problem::invalid_field(
                 "messages",
@@ -614,6 +642,20 @@ fn enqueue_batch<'a>(
         ))
         .await;
         let job_ids: Vec<JobId> = accepted.iter().filter_map(|item| item.id).collect();
+        let transient = accepted.iter().any(|item| item.status >= 500);
+        if job_ids.is_empty() && transient {
+            // Nothing got through and some of it only for our reasons: the
+            // whole request is the retryable 503 (with `Retry-After`), not
+            // a 207 a client would not retry.
+            if let Some(problem) = accepted
+                .into_iter()
+                .filter_map(|item| item.problem)
+                .find(|problem| problem.status >= 500)
+            {
+                return Outcome::problem(&problem);
+            }
+            return Outcome::problem(&Problem::unavailable("the broker"));
+        }
         let status = if job_ids.len() == accepted.len() {
             StatusCode::ACCEPTED
         } else {
@@ -624,7 +666,10 @@ fn enqueue_batch<'a>(
             rejected: accepted.len() - job_ids.len(),
             results: accepted,
         };
-        Outcome::json(status, &answer, job_ids)
+        Outcome {
+            transient,
+            ..Outcome::json(status, &answer, job_ids)
+        }
     })
 }
 
@@ -662,7 +707,9 @@ pub async fn status(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let ip = state.network.client_ip(peer, &headers);
+    let Some(ip) = state.network.client_ip(peer, &headers) else {
+        return refused(unknown_client());
+    };
     let principal = match authorize(&state, &headers, ip, Scope::Read, 1).await {
         Ok(principal) => principal,
         Err(refusal) => return refused(refusal),
@@ -727,6 +774,21 @@ mod tests {
         let text = json_error(&err);
         assert!(!text.contains("ada@"), "{text}");
         assert!(text.contains("line 1"), "{text}");
+        // An escaped quote inside a value must not end the redaction.
+        let err =
+            serde_json::from_str::<JobRequest>(r#"{"message": {"to": "x\" ada@example.org"}}"#)
+                .expect_err("a string is not a list");
+        let text = json_error(&err);
+        assert!(!text.contains("ada"), "{text}");
+        let err =
+            serde_json::from_str::<JobRequest>(r#"{"secret_name": 1}"#).expect_err("unknown field");
+        let text = json_error(&err);
+        assert!(!text.contains("secret_name"), "{text}");
+        assert!(text.contains("`message`"), "{text}");
+        let err = serde_json::from_str::<JobRequest>(r#"{"lane": "ada"}"#).expect_err("variant");
+        let text = json_error(&err);
+        assert!(!text.contains("ada"), "{text}");
+        assert!(text.contains("`bulk`"), "{text}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod schema;
 mod serve;
 mod spend;
 pub mod tls;
+mod values;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -290,7 +291,7 @@ async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: 
     let client_ip = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(peer)| state.network.client_ip(*peer, request.headers()));
+        .and_then(|ConnectInfo(peer)| state.network.client_ip(*peer, request.headers()));
     // The request's span continues the caller's trace (`traceparent`), so
     // one trace runs from the caller through enqueue, worker and SMTP. It
     // is DEBUG, as the other hot-path spans: the exporter takes it, the log

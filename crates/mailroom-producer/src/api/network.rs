@@ -58,28 +58,27 @@ impl NetworkPolicy {
 
     /// The client's address: the peer, unless the peer is a trusted proxy;
     /// then the right-most `X-Forwarded-For` entry that is not one (entries
-    /// left of it could have been written by anyone).
-    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    /// left of it could have been written by anyone). `None` when a hop
+    /// that must be believed is not an address: the client is then
+    /// unknown, and falling back to the proxy's own address would let it
+    /// pass allowlists meant for the proxy's network.
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> Option<IpAddr> {
         let peer = canonical(peer.ip());
         if !self.trusted(peer) {
-            return peer;
+            return Some(peer);
         }
         let mut client = peer;
         for value in headers.get_all("x-forwarded-for").iter().rev() {
-            let Ok(text) = value.to_str() else {
-                return client;
-            };
-            for hop in text.rsplit(',') {
-                let Some(ip) = parse_hop(hop) else {
-                    return client;
-                };
-                client = canonical(ip);
+            // By bytes: a hop of non-ASCII garbage written by the client
+            // must not hide the hops a proxy appended right of it.
+            for hop in value.as_bytes().rsplit(|&byte| byte == b',') {
+                client = canonical(parse_hop(hop)?);
                 if !self.trusted(client) {
-                    return client;
+                    return Some(client);
                 }
             }
         }
-        client
+        Some(client)
     }
 
     /// Whether `ip` is on the deny list.
@@ -89,9 +88,13 @@ impl NetworkPolicy {
 }
 
 /// One `X-Forwarded-For` hop: an address, maybe with a port or brackets.
-fn parse_hop(hop: &str) -> Option<IpAddr> {
-    let hop = hop.trim();
-    hop.parse::<IpAddr>()
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop).ok()?.trim();
+    let bare = hop
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(hop);
+    bare.parse::<IpAddr>()
         .ok()
         .or_else(|| hop.parse::<SocketAddr>().ok().map(|addr| addr.ip()))
 }
@@ -121,8 +124,12 @@ mod tests {
         map
     }
 
-    fn peer(ip: &str) -> SocketAddr {
-        SocketAddr::new(ip.parse().expect("ip"), 40000)
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("ip")
+    }
+
+    fn peer(text: &str) -> SocketAddr {
+        SocketAddr::new(ip(text), 40000)
     }
 
     #[test]
@@ -131,23 +138,45 @@ mod tests {
         let spoof = headers(&["1.2.3.4"]);
         assert_eq!(
             policy.client_ip(peer("203.0.113.9"), &spoof),
-            "203.0.113.9".parse::<IpAddr>().expect("ip")
+            Some(ip("203.0.113.9"))
         );
         assert_eq!(
             policy.client_ip(peer("10.1.1.1"), &spoof),
-            "1.2.3.4".parse::<IpAddr>().expect("ip")
+            Some(ip("1.2.3.4"))
         );
         // A client cannot hide behind entries it wrote itself.
         let chain = headers(&["6.6.6.6, 198.51.100.7, 10.2.2.2"]);
         assert_eq!(
             policy.client_ip(peer("10.1.1.1"), &chain),
-            "198.51.100.7".parse::<IpAddr>().expect("ip")
+            Some(ip("198.51.100.7"))
         );
+        // Garbage where an address must be believed: unknown, not the proxy.
         let garbage = headers(&["not-an-ip"]);
+        assert_eq!(policy.client_ip(peer("10.1.1.1"), &garbage), None);
         assert_eq!(
-            policy.client_ip(peer("10.1.1.1"), &garbage),
-            "10.1.1.1".parse::<IpAddr>().expect("ip")
+            policy.client_ip(peer("10.1.1.1"), &headers(&["[2001:db8::7]"])),
+            Some(ip("2001:db8::7"))
         );
+    }
+
+    #[test]
+    fn non_ascii_hops_do_not_hide_the_appended_address() {
+        let policy = NetworkPolicy::new(&["10.0.0.0/8".to_owned()], &[]).expect("policy");
+        let mut map = HeaderMap::new();
+        map.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\x80, 203.0.113.5").expect("value"),
+        );
+        assert_eq!(
+            policy.client_ip(peer("10.1.1.1"), &map),
+            Some(ip("203.0.113.5"))
+        );
+        let mut map = HeaderMap::new();
+        map.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"1.2.3.4, \x80").expect("value"),
+        );
+        assert_eq!(policy.client_ip(peer("10.1.1.1"), &map), None);
     }
 
     #[test]
@@ -159,7 +188,7 @@ mod tests {
         assert!(policy.denies("2001:db8::1".parse().expect("ip")));
         assert!(!policy.denies("198.51.100.1".parse().expect("ip")));
         let mapped = policy.client_ip(peer("::ffff:192.0.2.44"), &HeaderMap::new());
-        assert!(policy.denies(mapped));
+        assert!(mapped.is_some_and(|mapped| policy.denies(mapped)));
         assert!(NetworkPolicy::new(&["10.0.0.0/33".to_owned()], &[]).is_err());
     }
 }

@@ -117,6 +117,29 @@ impl Problem {
         .detail(format!("the limit is {limit} bytes"))
     }
 
+    /// 413, for a body within the byte limit that holds more JSON values
+    /// than `messages` messages could need.
+    pub fn too_many_values(messages: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "https://mailroom.dev/problems/too-large",
+            "Request body too large",
+        )
+        .detail(format!(
+            "the body holds more list items than {messages} message(s) within the limits can"
+        ))
+    }
+
+    /// 422, for a batch larger than the rate limits let through at once.
+    pub fn over_burst(messages: u32, burst: u32) -> Self {
+        Self::invalid_field(
+            "messages",
+            &format!(
+                "holds {messages} messages; the rate limits let at most {burst} through at once: split the batch"
+            ),
+        )
+    }
+
     /// 415.
     pub fn unsupported_media_type() -> Self {
         Self::new(

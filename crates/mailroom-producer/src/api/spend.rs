@@ -156,10 +156,17 @@ impl Spender {
             (key.as_str(), principal.rate),
             (whole.as_str(), self.tenant_rate),
         ];
+        // A cost over a limit's burst is refused by the script for ever,
+        // with a wait that would only send the client round again.
+        let burst = principal.rate.count.min(self.tenant_rate.count);
         match self.limiter.check_each_guarded(guard, &limits, costs).await {
             Ok(Guarded::Decided(decisions)) => decisions
                 .into_iter()
-                .map(|decision| match decision {
+                .zip(costs)
+                .map(|(decision, &cost)| match decision {
+                    (Decision::Limited { .. }, _) if cost > burst => {
+                        Err(Problem::over_burst(cost, burst))
+                    }
                     (Decision::Allowed, _) => Ok(Spent::Done),
                     (Decision::Limited { retry_after }, which) => Err(Problem::rate_limited(
                         retry_after,
