@@ -75,6 +75,46 @@ async fn slow_and_idle_clients_are_cut_off_at_the_header_timeout() {
     shutdown.cancel();
 }
 
+/// A client that sends pipelined requests and never reads the answers is
+/// cut off once a write has waited the header timeout, instead of holding
+/// its connection for ever.
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off() {
+    let (vhost, redis) = (
+        TestVhost::new("api-slowread"),
+        TestPrefix::new("api-slowread"),
+    );
+    let mut settings = mailroom_tests::stack::base_settings(&vhost, &redis);
+    settings.api.header_timeout = Duration::from_secs(1);
+    let (port, shutdown) = serve(&settings).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    // A small receive window, so the server's writes stall soon.
+    socket.set_recv_buffer_size(4096).expect("buffer");
+    let mut stream = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .expect("connect");
+    let requests = "GET /openapi.json HTTP/1.1\r\nHost: api\r\n\r\n".repeat(500);
+    // The server stops reading once its answers back up; what it did not
+    // read is of no matter.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        stream.write_all(requests.as_bytes()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let answers = read_to_close(&mut stream, Duration::from_secs(30))
+        .await
+        .expect("the connection is closed");
+    // Had the server waited, all 500 would have come once we read.
+    let served = answers.matches("HTTP/1.1 200").count();
+    assert!(
+        served < 500,
+        "the stalled connection was kept: {served} answers"
+    );
+    shutdown.cancel();
+}
+
 /// Headers over the connection's 16 KiB buffer are refused with 431 rather
 /// than held; headers just under it pass, and a message larger than the
 /// buffer still streams through.

@@ -5,18 +5,22 @@
 //! buffers. The deadline also closes an idle keep-alive connection, so a
 //! client that sends slowly, or not at all, cannot hold a connection (and a
 //! descriptor) for ever; the cap keeps oversized headers from pinning
-//! memory.
+//! memory. Writes that make no progress for as long fail too, so neither
+//! can a client that stops reading its answers.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -36,8 +40,9 @@ const DRAIN: Duration = Duration::from_secs(25);
 pub struct Limits {
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
-    /// How long a client has to send a request's headers, and how long an
-    /// idle keep-alive connection is kept.
+    /// How long a client has to send a request's headers, how long an
+    /// idle keep-alive connection is kept, and how long an answer may wait
+    /// for the client to read it.
     pub header_timeout: Duration,
 }
 
@@ -122,7 +127,10 @@ async fn serve_connection<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_buf_size(MAX_BUFFER)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+        .serve_connection(
+            TokioIo::new(WriteDeadline::new(io, header_timeout)),
+            TowerToHyperService::new(service),
+        );
     tokio::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => {}
@@ -130,5 +138,94 @@ async fn serve_connection<I>(
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;
         }
+    }
+}
+
+/// A stream whose writes fail once they have made no progress for `limit`.
+/// Without it a client that sends pipelined requests and never reads the
+/// answers holds its connection, and the kernel's send buffer (megabytes),
+/// for as long as it likes: no other timeout covers a stalled write.
+struct WriteDeadline<I> {
+    io: I,
+    limit: Duration,
+    /// Running while a write waits.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteDeadline<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        Self {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// What a write that returned `polled` gives: its result once it made
+    /// progress, an error once it has waited `limit`.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading its answers",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteDeadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.watch(cx, polled)
     }
 }

@@ -190,6 +190,31 @@ async fn ndjson_is_sent_with_a_summary_by_line() {
     assert_eq!(env.vhost.work_depth().await, 2);
 }
 
+/// A refused line's reason never quotes what the line held, and a line of
+/// a million tiny list items is refused before it is parsed (it would
+/// take gigabytes as values, and its errors a screen each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_quote_no_value_and_floods_are_not_parsed() {
+    let env = Env::new("cli-refusals");
+    let quoted = r#"{"message":"Dear Ada, your password is hunter2"}"#;
+    let flood = format!(
+        r#"{{"message":{{"from":"a@example.com","to":["b@example.org"],"subject":"s","text":"t","tags":[{}""]}}}}"#,
+        "\"\",".repeat(1_000_000)
+    );
+    let input = format!("{quoted}\n{flood}\n{GOOD_JOB}\n");
+    let out = env.run(&["send", "--json", "-"], Some(&input));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(stderr.contains("line 1: not a job"), "{stderr}");
+    assert!(
+        stderr.contains("line 2: not a job: holds more list items"),
+        "{stderr}"
+    );
+    assert!(stderr.len() < 2_000, "{} bytes of refusals", stderr.len());
+    assert_eq!(env.vhost.work_depth().await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_windows_file_with_a_line_of_binary_sends_its_good_lines() {
     let env = Env::new("cli-bytes");

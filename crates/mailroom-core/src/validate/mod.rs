@@ -13,6 +13,7 @@
 mod address;
 mod attachments;
 mod headers;
+pub mod json;
 mod limits;
 #[cfg(test)]
 mod tests;

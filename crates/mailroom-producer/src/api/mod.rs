@@ -24,7 +24,6 @@ mod schema;
 mod serve;
 mod spend;
 pub mod tls;
-mod values;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

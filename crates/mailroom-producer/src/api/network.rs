@@ -89,7 +89,9 @@ impl NetworkPolicy {
 
 /// One `X-Forwarded-For` hop: an address, maybe with a port or brackets.
 fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
-    let hop = std::str::from_utf8(hop).ok()?.trim();
+    // Only the whitespace HTTP knows: `str::trim` would also drop Unicode
+    // spaces a client put there.
+    let hop = std::str::from_utf8(hop).ok()?.trim_matches([' ', '\t']);
     let bare = hop
         .strip_prefix('[')
         .and_then(|rest| rest.strip_suffix(']'))

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane};
 use mailroom_core::settings::Settings;
 use mailroom_core::validate::Limits;
+use mailroom_core::validate::json::{redacted_error, values_per_job, values_within};
 use mailroom_producer::{Checked, Producer, prepare};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -29,6 +30,9 @@ const LINGER: Duration = Duration::from_millis(50);
 
 /// Rejections printed in full; the rest are counted.
 const MAX_SHOWN_REJECTIONS: usize = 50;
+
+/// Longest reason said for one refused line.
+const MAX_REASON_CHARS: usize = 1_000;
 
 /// Files at least this large (bytes) get a progress bar on a terminal.
 const PROGRESS_THRESHOLD: u64 = 1 << 20;
@@ -198,8 +202,15 @@ fn attachment(path: &Path, limits: &Limits) -> anyhow::Result<Attachment> {
     )?;
     let filename = path
         .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .with_context(|| format!("--attach {}: not a file name", path.display()))?;
+        .with_context(|| format!("--attach {}: not a file name", path.display()))?
+        .to_str()
+        .with_context(|| {
+            format!(
+                "--attach {}: the file name is not UTF-8; rename the file",
+                path.display()
+            )
+        })?
+        .to_owned();
     let content_type = mime_guess::from_path(path)
         .first_or_octet_stream()
         .essence_str()
@@ -211,36 +222,35 @@ fn attachment(path: &Path, limits: &Limits) -> anyhow::Result<Attachment> {
     })
 }
 
-/// Rejections, in line order: the first [`MAX_SHOWN_REJECTIONS`] kept, the
+/// Rejections: the first [`MAX_SHOWN_REJECTIONS`] said as they happen
+/// (a job piped in is answered at once, not at the end of the input), the
 /// rest counted.
 #[derive(Default)]
 struct Rejections {
-    shown: Vec<(usize, String)>,
     count: usize,
 }
 
 impl Rejections {
-    fn add(&mut self, line: usize, reason: String) {
+    fn add(&mut self, line: usize, reason: &str, progress: &ProgressBar) {
         self.count += 1;
-        self.shown.push((line, reason));
-        if self.shown.len() >= 2 * MAX_SHOWN_REJECTIONS {
-            self.trim();
+        if self.count <= MAX_SHOWN_REJECTIONS {
+            progress.suspend(|| eprintln!("line {line}: {}", shorten(reason)));
         }
     }
 
-    fn trim(&mut self) {
-        self.shown.sort_by_key(|(line, _)| *line);
-        self.shown.truncate(MAX_SHOWN_REJECTIONS);
+    fn print(&self) {
+        if self.count > MAX_SHOWN_REJECTIONS {
+            eprintln!("... and {} more", self.count - MAX_SHOWN_REJECTIONS);
+        }
     }
+}
 
-    fn print(mut self) {
-        self.trim();
-        for (line, reason) in &self.shown {
-            eprintln!("line {line}: {reason}");
-        }
-        if self.count > self.shown.len() {
-            eprintln!("... and {} more", self.count - self.shown.len());
-        }
+/// `reason` cut to [`MAX_REASON_CHARS`]: a job with hundreds of bad
+/// fields is not worth a screenful each.
+fn shorten(reason: &str) -> std::borrow::Cow<'_, str> {
+    match reason.char_indices().nth(MAX_REASON_CHARS) {
+        Some((end, _)) => format!("{}…", &reason[..end]).into(),
+        None => reason.into(),
     }
 }
 
@@ -249,8 +259,11 @@ fn parse(json: &str, tenant: &str, limits: &Limits) -> Result<Checked, String> {
     if !json.trim_start().starts_with('{') {
         return Err("not a job: expected a JSON object".to_owned());
     }
-    let request =
-        serde_json::from_str::<JobRequest>(json).map_err(|e| format!("not a job: {e}"))?;
+    if !values_within(json.as_bytes(), values_per_job(limits)) {
+        return Err("not a job: holds more list items than a job within the limits can".to_owned());
+    }
+    let request = serde_json::from_str::<JobRequest>(json)
+        .map_err(|e| format!("not a job: {}", redacted_error(&e)))?;
     prepare(request, tenant, limits).map_err(|e| e.to_string())
 }
 
@@ -309,7 +322,7 @@ async fn send_file(settings: &Settings, path: &Path, tenant: &str) -> anyhow::Re
                         }
                         chunk.push((item.line, job));
                     }
-                    Err(reason) => rejected.add(item.line, reason),
+                    Err(reason) => rejected.add(item.line, &reason, &progress),
                 }
             }
             None => {}
@@ -400,7 +413,7 @@ async fn send_chunk(
                 enqueued += 1;
                 progress.suspend(|| println!("line {line}: {id}"));
             }
-            Err(err) => rejected.add(line, format!("not enqueued: {err}")),
+            Err(err) => rejected.add(line, &format!("not enqueued: {err}"), progress),
         }
     }
     enqueued
