@@ -35,6 +35,10 @@ pub const DEAD_QUEUE: &str = "mailroom.dead";
 /// Content type of a sealed job.
 pub const CONTENT_TYPE: &str = "application/vnd.mailroom.sealed";
 
+/// AMQP delivery mode of a message written to disk: every job and every
+/// republish of one.
+pub const PERSISTENT: u8 = 2;
+
 /// Sealed jobs larger than this go to their lane's large-job queue. A
 /// 2 KiB message seals to ~2.4 KB; one with a 200 KiB attachment to
 /// ~280 KB.

@@ -14,14 +14,11 @@ use mailroom_core::telemetry::inject_span;
 use mailroom_core::validate::{
     Limits, ValidationErrors, validate_job, validate_request, validate_tenant,
 };
-use mailroom_core::wire::{CONTENT_TYPE, JOBS_EXCHANGE, Topology, WorkQueue, headers};
+use mailroom_core::wire::{CONTENT_TYPE, JOBS_EXCHANGE, PERSISTENT, Topology, WorkQueue, headers};
 use time::OffsetDateTime;
 use tracing::Instrument as _;
 
 use crate::{EnqueueError, ProducerError};
-
-/// AMQP delivery mode of a message written to disk.
-const PERSISTENT: u8 = 2;
 
 /// Publishes jobs. Cheap to clone; share one per process.
 #[derive(Clone)]

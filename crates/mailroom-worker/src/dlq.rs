@@ -111,6 +111,11 @@ pub enum DlqError {
     /// A broker operation failed.
     #[error("dead-letter queue: {0}")]
     Broker(lapin::Error),
+    /// The broker did not hand over the next dead letter in time.
+    #[error(
+        "dead-letter queue: no answer within {0:?} while reading a dead letter (the connection may have been lost: lapin drops a connection on a message whose AMQP properties are not UTF-8; see the worker's log)"
+    )]
+    Stalled(Duration),
     /// A replayed message was not confirmed; it stays in the dead-letter queue.
     #[error("replay of {id} not confirmed: {source}")]
     Replay {
@@ -136,16 +141,31 @@ impl From<lapin::Error> for DlqError {
     }
 }
 
+/// How long the broker may take to hand over one dead letter.
+const GET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The next dead letter, taken (unacked) from the queue: a lost connection
+/// must end the command, not leave it waiting for an answer that never
+/// comes.
+async fn next_letter(
+    channel: &Channel,
+) -> Result<Option<lapin::message::BasicGetMessage>, DlqError> {
+    tokio::time::timeout(
+        GET_TIMEOUT,
+        channel.basic_get(DEAD_QUEUE.into(), BasicGetOptions::default()),
+    )
+    .await
+    .map_err(|_| DlqError::Stalled(GET_TIMEOUT))?
+    .map_err(DlqError::from)
+}
+
 /// Lists up to `limit` dead letters, oldest first, leaving them in place.
 pub async fn list(broker: &Broker, limit: usize) -> Result<Vec<DeadLetter>, DlqError> {
     let channel = broker.channel().await?;
     let depth = depth(&channel).await?;
     let mut letters = Vec::new();
     for _ in 0..depth.min(limit) {
-        let Some(message) = channel
-            .basic_get(DEAD_QUEUE.into(), BasicGetOptions::default())
-            .await?
-        else {
+        let Some(message) = next_letter(&channel).await? else {
             break;
         };
         letters.push(DeadLetter::read(&message.delivery.properties));
@@ -163,10 +183,7 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
     let mut held = 0;
     let mut result = Ok(());
     for _ in 0..depth {
-        let Some(message) = channel
-            .basic_get(DEAD_QUEUE.into(), BasicGetOptions::default())
-            .await?
-        else {
+        let Some(message) = next_letter(&channel).await? else {
             break;
         };
         let delivery = message.delivery;

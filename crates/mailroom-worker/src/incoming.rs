@@ -8,7 +8,7 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use mailroom_core::job::Lane;
-use mailroom_core::wire::{WorkQueue, headers};
+use mailroom_core::wire::{PERSISTENT, WorkQueue, headers};
 
 /// One message taken from a work queue.
 #[derive(Clone, Debug)]
@@ -84,14 +84,22 @@ impl Incoming {
     /// So is `mailroom-replayed` (unless `changes` sets it, as `dlq replay`
     /// does): an operator's replay may take a parked claim once, and a
     /// retry or defer of that replay, which may follow an uncertain send of
-    /// its own, must not.
+    /// its own, must not. So are `CC` and `BCC`: the broker routes by them,
+    /// and a publisher's `CC` naming a work queue would send every dead
+    /// letter back to work, for ever (a retry sets its own).
+    ///
+    /// Of the other properties only the message id, content type and
+    /// timestamp are kept, and the copy is persistent: a publisher's
+    /// `expiration` would drop a dead letter from its queue unseen, and its
+    /// `user_id` would make the broker refuse the republish.
     pub fn republish_properties(&self, changes: &[(&str, AMQPValue)]) -> BasicProperties {
         let mut table: FieldTable = self
             .headers()
             .inner()
             .iter()
             .filter(|(name, _)| {
-                !name.as_str().starts_with("x-") && name.as_str() != headers::REPLAYED
+                let name = name.as_str();
+                !name.starts_with("x-") && ![headers::REPLAYED, "CC", "BCC"].contains(&name)
             })
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect::<std::collections::BTreeMap<_, _>>()
@@ -99,7 +107,19 @@ impl Incoming {
         for (name, value) in changes {
             table.insert(ShortString::from(*name), value.clone());
         }
-        self.properties.clone().with_headers(table)
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(table);
+        if let Some(id) = self.properties.message_id() {
+            properties = properties.with_message_id(id.clone());
+        }
+        if let Some(content_type) = self.properties.content_type() {
+            properties = properties.with_content_type(content_type.clone());
+        }
+        if let Some(timestamp) = self.properties.timestamp() {
+            properties = properties.with_timestamp(*timestamp);
+        }
+        properties
     }
 }
 
@@ -201,6 +221,25 @@ mod tests {
         assert_eq!(text(&table, headers::KID).as_deref(), Some("k1"));
         assert!(!table.inner().contains_key("x-death"));
         assert_eq!(properties.message_id(), incoming.properties.message_id());
+    }
+
+    #[test]
+    fn a_publishers_routing_and_expiry_do_not_follow_a_republish() {
+        let properties = with_headers(&[(
+            headers::CC,
+            AMQPValue::FieldArray(vec![long_string("mailroom.send.transactional")].into()),
+        )])
+        .with_expiration(ShortString::from("3000"))
+        .with_user_id(ShortString::from("someone"))
+        .with_delivery_mode(1);
+        let incoming = Incoming::new(properties, Vec::new());
+        let republished = incoming.republish_properties(&[]);
+        let table = republished.headers().clone().unwrap_or_default();
+        assert!(!table.inner().contains_key(headers::CC));
+        assert_eq!(republished.expiration(), &None);
+        assert_eq!(republished.user_id(), &None);
+        assert_eq!(republished.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(republished.message_id(), incoming.properties.message_id());
     }
 
     #[test]

@@ -69,6 +69,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    deepen_thread_stacks();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,6 +96,24 @@ fn report(err: &anyhow::Error) -> String {
         text.push_str(&part);
     }
     text
+}
+
+/// Gives threads spawned without a stack size of their own 64 MiB (an
+/// address range; only the pages used take memory) unless
+/// `RUST_MIN_STACK` says otherwise. lapin's I/O thread parses a message's
+/// header table recursively, a frame a level, and a publisher can nest
+/// tables some 20,000 deep within one 128 KiB frame: on the default 2 MiB
+/// that overflowed and aborted the worker on every delivery of it.
+#[expect(
+    unsafe_code,
+    reason = "the environment is written before any other thread exists"
+)]
+fn deepen_thread_stacks() {
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // SAFETY: called first thing in `main`, while this is the only
+        // thread, so nothing reads the environment meanwhile.
+        unsafe { std::env::set_var("RUST_MIN_STACK", "67108864") };
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
