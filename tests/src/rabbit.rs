@@ -55,14 +55,23 @@ impl TestVhost {
     /// # Panics
     /// When the broker cannot be asked.
     pub async fn work_depth(&self) -> u32 {
+        let broker = self.declared().await;
+        let depth = broker.work_depth().await.expect("depth");
+        broker.close().await;
+        depth
+    }
+
+    /// A broker connection to this vhost, mailroom's topology declared.
+    ///
+    /// # Panics
+    /// When the broker cannot be reached or refuses the topology.
+    pub async fn declared(&self) -> Broker {
         let broker = Broker::connect(&self.settings()).await.expect("broker");
         broker
             .declare(&Topology::standard())
             .await
             .expect("topology");
-        let depth = broker.work_depth().await.expect("depth");
-        broker.close().await;
-        depth
+        broker
     }
 
     /// Declares `name` as a plain durable classic queue, in the way of a

@@ -63,3 +63,53 @@ async fn a_cluster_is_refused_by_the_worker_and_the_api() {
         Err(err) => refused(err.to_string()),
     }
 }
+
+/// A refused login is said as such, at once: waiting does not fix it, and
+/// "unreachable" sent people looking at the network for a quarter minute.
+#[tokio::test]
+async fn a_refused_login_fails_at_once_and_says_so() {
+    let redis = PrivateRedis::start();
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut connection = client.get_connection().expect("connected");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("right-pass")
+        .query::<()>(&mut connection)
+        .expect("a password set");
+    let port = redis.url().rsplit(':').next().expect("a port").to_owned();
+    for url in [
+        format!("redis://:wr0ng-pass@127.0.0.1:{port}"),
+        format!("redis://nobody:wr0ng-pass@127.0.0.1:{port}"),
+        format!("redis://127.0.0.1:{port}"),
+    ] {
+        let mut settings = redis.settings("mailroom-test:");
+        settings.url = mailroom_core::settings::Secret::new(url.as_str());
+        let start = std::time::Instant::now();
+        let err = RedisStore::connect(&settings)
+            .await
+            .expect_err("a wrong password");
+        assert!(
+            matches!(err, StoreError::AuthFailed { .. }),
+            "{url}: {err:?}"
+        );
+        let shown = err.to_string();
+        assert!(
+            shown.contains("refused the login")
+                && shown.contains("check the user and password in redis.url"),
+            "{shown}"
+        );
+        assert!(!shown.contains("wr0ng-pass"), "{shown}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "{url}: {:?}",
+            start.elapsed()
+        );
+    }
+    let mut settings = redis.settings("mailroom-test:");
+    settings.url =
+        mailroom_core::settings::Secret::new(format!("redis://:right-pass@127.0.0.1:{port}"));
+    RedisStore::connect(&settings)
+        .await
+        .expect("the right password");
+}

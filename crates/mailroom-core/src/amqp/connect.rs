@@ -20,17 +20,11 @@ const ROUNDS: usize = 6;
 
 /// Connects to the first URL that answers.
 pub(super) async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
-    if settings.urls.is_empty() {
-        return Err(AmqpError::NoUrls);
-    }
     // Parsed up front: lapin reports a URL that does not parse as an I/O
     // error, which would be retried as a broker that is down.
-    let targets = settings
-        .urls
-        .iter()
-        .map(|url| Target::parse(url.expose()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let round = || one_round(&targets, settings.connect_timeout, name);
+    let targets = targets(settings)?;
+    let hint = unreachable_hint(settings);
+    let round = || one_round(&targets, settings.connect_timeout, name, hint);
     round
         .retry(
             ExponentialBuilder::new()
@@ -46,6 +40,27 @@ pub(super) async fn connect(settings: &AmqpSettings, name: &str) -> Result<Conne
         .await
 }
 
+impl AmqpSettings {
+    /// Whether every URL of `urls` parses as connecting parses it, so a
+    /// settings check (and `mailroom config`) refuses what a connection
+    /// would.
+    pub fn check_urls(&self) -> Result<(), AmqpError> {
+        targets(self).map(drop)
+    }
+}
+
+fn targets(settings: &AmqpSettings) -> Result<Vec<Target>, AmqpError> {
+    if settings.urls.is_empty() {
+        return Err(AmqpError::NoUrls);
+    }
+    settings
+        .urls
+        .iter()
+        .enumerate()
+        .map(|(index, url)| Target::parse(url.expose(), index + 1))
+        .collect()
+}
+
 /// One URL of `amqp.urls`, parsed.
 struct Target {
     uri: AMQPUri,
@@ -54,12 +69,14 @@ struct Target {
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Self, AmqpError> {
+    /// `url`, the `position`th (from 1) of `amqp.urls`.
+    fn parse(url: &str, position: usize) -> Result<Self, AmqpError> {
         let shown = redact_url(url).unwrap_or_else(|| "(not a URL)".to_owned());
         match url.parse::<AMQPUri>() {
             Ok(uri) => Ok(Self { uri, shown }),
             // The parser quotes the whole URL in some of its messages.
             Err(reason) => Err(AmqpError::InvalidUrl {
+                position,
                 reason: reason.replace(url, &shown),
                 url: shown,
             }),
@@ -67,10 +84,22 @@ impl Target {
     }
 }
 
+/// What to do when no broker answers: start one, when `amqp.urls` is the
+/// default (a RabbitMQ on this machine); else check the setting, since
+/// starting a local broker would not help.
+fn unreachable_hint(settings: &AmqpSettings) -> &'static str {
+    if settings.urls == AmqpSettings::default().urls {
+        "start it with `rabbitmq-server -detached`"
+    } else {
+        "check that it runs there and that amqp.urls names it"
+    }
+}
+
 async fn one_round(
     targets: &[Target],
     timeout: Duration,
     name: &str,
+    hint: &'static str,
 ) -> Result<Connection, AmqpError> {
     let mut last = String::new();
     for Target { uri, shown } in targets {
@@ -103,7 +132,7 @@ async fn one_round(
             .map(|target| target.shown.as_str())
             .collect::<Vec<_>>()
             .join(", "),
-        reason: last,
+        reason: format!("{last} ({hint})"),
     })
 }
 
@@ -129,8 +158,11 @@ mod tests {
         assert!(matches!(err, AmqpError::InvalidUrl { .. }), "{err:?}");
         assert!(!err.is_transient());
         let text = err.to_string();
-        assert!(text.contains("amqp://app:***@rabbit"), "{text}");
+        assert!(text.contains("entry 2: amqp://app:***@rabbit"), "{text}");
         assert!(!text.contains("s3cret"), "{text}");
+        // The likely cause, a `/` in the password, is named with its cure.
+        assert!(text.contains("invalid port number"), "{text}");
+        assert!(text.contains("percent-encoded, e.g. / as %2F"), "{text}");
         assert!(
             start.elapsed() < Duration::from_secs(1),
             "{:?}",
@@ -138,9 +170,19 @@ mod tests {
         );
     }
 
+    /// Starting a local broker is the cure only where the default URL points.
+    #[test]
+    fn only_the_default_url_is_told_to_start_rabbitmq() {
+        let mut settings = AmqpSettings::default();
+        assert!(unreachable_hint(&settings).contains("rabbitmq-server"));
+        settings.urls = vec![Secret::new("amqp://guest:guest@127.0.0.1:5673/%2f")];
+        assert!(unreachable_hint(&settings).contains("amqp.urls"));
+    }
+
     #[test]
     fn a_parser_message_quoting_the_url_is_scrubbed() {
-        let Err(AmqpError::InvalidUrl { url, reason }) = Target::parse("amqp:s3cret@rabbit") else {
+        let Err(AmqpError::InvalidUrl { url, reason, .. }) = Target::parse("amqp:s3cret@rabbit", 1)
+        else {
             panic!("parsed");
         };
         assert!(

@@ -10,8 +10,13 @@ pub enum AmqpError {
     #[error("amqp.urls names no broker")]
     NoUrls,
     /// A URL does not parse.
-    #[error("amqp.urls: {url} is not a valid AMQP URL: {reason}")]
+    #[error(
+        "amqp.urls entry {position}: {url} is not a valid AMQP URL: {reason} \
+         (in a user name or password, the characters / ? # @ : must be percent-encoded, e.g. / as %2F)"
+    )]
     InvalidUrl {
+        /// Which entry of `amqp.urls`, from 1.
+        position: usize,
         /// The URL, password masked.
         url: String,
         /// Why.
@@ -30,11 +35,11 @@ pub enum AmqpError {
         url: String,
     },
     /// No broker answered.
-    #[error("RabbitMQ unreachable at {urls}: {reason} (start it with `rabbitmq-server -detached`)")]
+    #[error("RabbitMQ unreachable at {urls}: {reason}")]
     Unreachable {
         /// The URLs tried, passwords masked.
         urls: String,
-        /// The last failure.
+        /// The last failure, and what to do about it.
         reason: String,
     },
     /// A queue exists with other arguments than mailroom declares.

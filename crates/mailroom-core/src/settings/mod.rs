@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, Environment, File, FileFormat, ValueKind};
 use serde::{Deserialize, Serialize};
 
 use secret::scrub_urls;
@@ -22,7 +22,9 @@ pub use sections::{
     RetrySettings, SealSettings, SmtpSettings, TlsMode, TransportKind, WorkerSettings,
 };
 
+use crate::amqp::AmqpError;
 use crate::seal::{Keyring, KeyringError};
+use crate::store::StoreError;
 use crate::telemetry::TelemetrySettings;
 use crate::validate::Limits;
 
@@ -34,6 +36,11 @@ pub const ENV_PREFIX: &str = "MAILROOM";
 
 /// Shortest `redis.hash_key` accepted: below this an HMAC key is guessable.
 const MIN_HASH_KEY_LEN: usize = 16;
+
+/// Largest `limits.max_message_bytes` accepted: a sealed job is about 1.4
+/// times its message (base64, then the seal), and RabbitMQ refuses
+/// messages over its `max_message_size`, 128 MiB by default.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: [&str; 4] = [
@@ -87,6 +94,17 @@ pub enum SettingsError {
     /// A value has the wrong type or form.
     #[error("bad setting: {0}")]
     Parse(String),
+    /// A key that is no setting, or a number its setting cannot hold;
+    /// named with where it was set, which the config crate does not say.
+    #[error("bad setting {key}{}: {problem}", place(.origin.as_deref()))]
+    Value {
+        /// Dotted key, e.g. `worker.concurrency`.
+        key: String,
+        /// Where it was set: a file, or the environment.
+        origin: Option<String>,
+        /// What is wrong, and what is allowed.
+        problem: String,
+    },
     /// A value is out of its allowed range.
     #[error("bad setting {key}: {allowed}")]
     Invalid {
@@ -108,6 +126,19 @@ pub enum SettingsError {
     /// The sealing keys.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
+    /// A URL of `amqp.urls` does not parse.
+    #[error("bad setting {0}")]
+    Amqp(#[from] AmqpError),
+    /// `redis.url` does not parse.
+    #[error("bad setting {0}")]
+    Redis(#[from] StoreError),
+}
+
+/// ` in PLACE`, or nothing when the place is unknown.
+fn place(origin: Option<&str>) -> String {
+    origin
+        .map(|origin| format!(" in {origin}"))
+        .unwrap_or_default()
 }
 
 impl Settings {
@@ -129,11 +160,19 @@ impl Settings {
         let raw_secrets = env_secrets(&env);
         let file = match path {
             Some(path) => {
-                if !path.is_file() {
+                let refused = match std::fs::metadata(path) {
+                    Ok(meta) if meta.is_file() => None,
+                    Ok(_) => Some("not a file".to_owned()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Some("no such file".to_owned())
+                    }
+                    Err(e) => Some(e.kind().to_string()),
+                };
+                if let Some(reason) = refused {
                     return Err(SettingsError::File {
                         key: "--config",
                         path: path.to_owned(),
-                        reason: "no such file".to_owned(),
+                        reason,
                     });
                 }
                 File::from(path).format(FileFormat::Toml).required(true)
@@ -149,15 +188,23 @@ impl Settings {
         for key in LIST_KEYS {
             environment = environment.with_list_parse_key(key);
         }
-        let mut settings: Settings = Config::builder()
+        let parse_error =
+            |e: config::ConfigError| SettingsError::Parse(scrub_urls(&one_line(&e.to_string())));
+        let config = Config::builder()
             .add_source(file)
             .add_source(environment)
             .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|e| SettingsError::Parse(scrub_urls(&one_line(&e.to_string()))))?;
+            .map_err(parse_error)?;
+        let defaults = serde_json::to_value(Settings::default())
+            .map_err(|e| SettingsError::Parse(e.to_string()))?;
+        check_shape(&config.cache, &defaults, "")?;
+        let mut settings: Settings = config.try_deserialize().map_err(parse_error)?;
         for (slot, value) in raw_secrets {
             *slot(&mut settings) = value;
         }
+        // A list from the environment is split at commas only: the space
+        // of `a, b` would stay in front of the second URL.
+        settings.amqp.urls = trimmed(&settings.amqp.urls);
         settings.read_secret_files()?;
         settings.check()?;
         Ok(settings)
@@ -167,13 +214,8 @@ impl Settings {
     fn read_secret_files(&mut self) -> Result<(), SettingsError> {
         if let Some(path) = &self.amqp.urls_file {
             let text = read_secret(path, "amqp.urls_file")?;
-            self.amqp.urls = text
-                .expose()
-                .split(['\n', ','])
-                .map(str::trim)
-                .filter(|url| !url.is_empty())
-                .map(Secret::new)
-                .collect();
+            let urls: Vec<Secret> = text.expose().split(['\n', ',']).map(Secret::new).collect();
+            self.amqp.urls = trimmed(&urls);
         }
         if let Some(path) = &self.redis.url_file {
             self.redis.url = read_secret(path, "redis.url_file")?;
@@ -187,7 +229,8 @@ impl Settings {
         Ok(())
     }
 
-    /// Range checks serde cannot express.
+    /// Checks serde cannot express: ranges, and the broker and Redis URLs
+    /// parsed as connecting parses them.
     fn check(&self) -> Result<(), SettingsError> {
         let invalid = |key, allowed: &str| {
             Err(SettingsError::Invalid {
@@ -198,17 +241,26 @@ impl Settings {
         if self.amqp.urls.is_empty() {
             return invalid("amqp.urls", "at least one amqp:// or amqps:// URL");
         }
-        if !self
+        if let Some(position) = self
             .amqp
             .urls
             .iter()
-            .all(|url| has_scheme(url, &["amqp", "amqps"]))
+            .position(|url| !has_scheme(url, &["amqp", "amqps"]))
         {
-            return invalid("amqp.urls", "URLs must start with amqp:// or amqps://");
+            return Err(SettingsError::Invalid {
+                key: "amqp.urls",
+                allowed: format!(
+                    "entry {} ({}): URLs must start with amqp:// or amqps://",
+                    position + 1,
+                    self.amqp.urls[position].redacted()
+                ),
+            });
         }
+        self.amqp.check_urls()?;
         if !has_scheme(&self.redis.url, &["redis", "rediss"]) {
             return invalid("redis.url", "a URL starting with redis:// or rediss://");
         }
+        self.redis.client()?;
         if !has_scheme(&self.smtp.url, &["smtp", "smtps"]) {
             return invalid(
                 "smtp.url",
@@ -231,6 +283,7 @@ impl Settings {
         if !(1..=4096).contains(&self.worker.concurrency) {
             return invalid("worker.concurrency", "a whole number from 1 to 4096");
         }
+        self.check_limits()?;
         for (key, bytes) in [
             ("worker.max_inflight_bytes", self.worker.max_inflight_bytes),
             ("api.max_inflight_bytes", self.api.max_inflight_bytes),
@@ -352,6 +405,32 @@ impl Settings {
         Ok(())
     }
 
+    /// Upper bounds of `[limits]` (`check_minimums` has the lower ones):
+    /// the CLI reads a file up to them, and a job must fit in a broker
+    /// message.
+    fn check_limits(&self) -> Result<(), SettingsError> {
+        let limits = &self.limits;
+        if limits.max_message_bytes > MAX_MESSAGE_BYTES {
+            return Err(SettingsError::Invalid {
+                key: "limits.max_message_bytes",
+                allowed: format!(
+                    "a number of bytes from 1024 to {MAX_MESSAGE_BYTES} (64 MiB: a sealed job is \
+                     about 1.4 times its message, and RabbitMQ refuses messages over 128 MiB by default)"
+                ),
+            });
+        }
+        if limits.max_attachment_bytes > limits.max_message_bytes {
+            return Err(SettingsError::Invalid {
+                key: "limits.max_attachment_bytes",
+                allowed: format!(
+                    "a number of bytes not above limits.max_message_bytes ({})",
+                    limits.max_message_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The sealing keyring from `[seal]`.
     pub fn keyring(&self) -> Result<Keyring, SettingsError> {
         let keys = (!self.seal.keys.is_empty()).then(|| self.seal.keys.expose());
@@ -402,6 +481,71 @@ fn env_secrets(env: &HashMap<String, String>) -> Vec<(SecretSlot, Secret)> {
                 .find(|(name, _)| *name == dotted)
                 .map(|(_, slot)| (*slot, Secret::new(value.as_str())))
         })
+        .collect()
+}
+
+/// What the sources set, checked against the shape of the defaults where
+/// the config crate is lenient: a key that is no setting is named with the
+/// file (or the environment) it came from, which serde's message leaves
+/// out; and a fraction, or a number beyond 64 bits, is refused where a
+/// whole number goes. (The environment source reads
+/// `99999999999999999999` as a float, which the config crate then rounds
+/// and saturates to 18446744073709551615: a limit of no limit.)
+fn check_shape(
+    set: &config::Value,
+    default: &serde_json::Value,
+    key: &str,
+) -> Result<(), SettingsError> {
+    let refuse = |key: String, value: &config::Value, problem: String| {
+        Err(SettingsError::Value {
+            key,
+            origin: value.origin().map(ToOwned::to_owned),
+            problem,
+        })
+    };
+    match (&set.kind, default) {
+        (ValueKind::Table(table), serde_json::Value::Object(known)) => {
+            for (name, value) in table {
+                let key = if key.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{key}.{name}")
+                };
+                let Some(default) = known.get(name) else {
+                    let names: Vec<&str> = known.keys().map(String::as_str).collect();
+                    return refuse(
+                        key,
+                        value,
+                        format!("no such setting; expected one of {}", names.join(", ")),
+                    );
+                };
+                check_shape(value, default, &key)?;
+            }
+            Ok(())
+        }
+        (ValueKind::Float(number), default) if default.is_u64() || default.is_i64() => {
+            // 2^63: the environment source reads anything up to i64::MAX as an integer.
+            let whole =
+                number.fract() == 0.0 && (0.0..9_223_372_036_854_775_808.0).contains(number);
+            if whole {
+                return Ok(());
+            }
+            refuse(
+                key.to_owned(),
+                set,
+                format!("a whole number from 0 to {}, not {number}", i64::MAX),
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `urls` trimmed, empty ones left out.
+fn trimmed(urls: &[Secret]) -> Vec<Secret> {
+    urls.iter()
+        .map(|url| url.expose().trim())
+        .filter(|url| !url.is_empty())
+        .map(Secret::new)
         .collect()
 }
 

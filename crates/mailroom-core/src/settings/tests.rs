@@ -361,3 +361,140 @@ fn parse_errors_do_not_quote_url_passwords() {
     assert!(shown.contains("worker.concurrency"), "{shown}");
     assert!(!shown.contains("s3cret"), "{shown}");
 }
+
+/// The environment source reads a number beyond i64 as a float, which the
+/// config crate rounded and saturated: 99999999999999999999 bytes became
+/// 18446744073709551615, a limit of no limit.
+#[test]
+fn numbers_that_do_not_fit_are_refused_not_saturated() {
+    for (key, value, named) in [
+        (
+            "MAILROOM__LIMITS__MAX_MESSAGE_BYTES",
+            "99999999999999999999",
+            "limits.max_message_bytes",
+        ),
+        (
+            "MAILROOM__API__BODY_LIMIT_BYTES",
+            "18446744073709551615",
+            "api.body_limit_bytes",
+        ),
+        ("MAILROOM__API__MAX_BATCH", "1.5", "api.max_batch"),
+        (
+            "MAILROOM__LIMITS__MAX_RECIPIENTS",
+            "-2.0",
+            "limits.max_recipients",
+        ),
+    ] {
+        let err = load(&[(key, value)]).expect_err(key);
+        let shown = err.to_string();
+        assert!(
+            shown.contains(&format!("{named} in the environment: a whole number")),
+            "{shown}"
+        );
+    }
+    let file = toml_file("[limits]\nmax_recipients = 1e30\n");
+    let err = Settings::load_with_env(Some(file.path()), env(&[])).expect_err("too large");
+    let shown = err.to_string();
+    assert!(shown.contains("limits.max_recipients in "), "{shown}");
+    assert!(shown.contains(".toml: a whole number"), "{shown}");
+    // A float setting still takes a fraction, and a whole float is whole.
+    let settings = load(&[
+        ("MAILROOM__WORKER__RETRY__MULTIPLIER", "2.5"),
+        ("MAILROOM__LIMITS__MAX_RECIPIENTS", "5.0"),
+    ])
+    .expect("loads");
+    assert!((settings.worker.retry.multiplier - 2.5).abs() < f32::EPSILON);
+    assert_eq!(settings.limits.max_recipients, 5);
+}
+
+/// A message must fit in a broker message once sealed, and the CLI reads
+/// a file up to the limit.
+#[test]
+fn message_limits_are_bounded() {
+    for (pairs, named, allowed) in [
+        (
+            &[("MAILROOM__LIMITS__MAX_MESSAGE_BYTES", "67108865")][..],
+            "limits.max_message_bytes",
+            "from 1024 to 67108864",
+        ),
+        (
+            &[
+                ("MAILROOM__LIMITS__MAX_MESSAGE_BYTES", "1048576"),
+                ("MAILROOM__LIMITS__MAX_ATTACHMENT_BYTES", "2097152"),
+            ][..],
+            "limits.max_attachment_bytes",
+            "not above limits.max_message_bytes (1048576)",
+        ),
+    ] {
+        let err = load(pairs).expect_err(named);
+        let shown = err.to_string();
+        assert!(shown.contains(named) && shown.contains(allowed), "{shown}");
+    }
+    let settings = load(&[("MAILROOM__LIMITS__MAX_MESSAGE_BYTES", "67108864")]).expect("64 MiB");
+    assert_eq!(settings.limits.max_message_bytes, MAX_MESSAGE_BYTES);
+}
+
+/// serde names the unknown key but not where it was set.
+#[test]
+fn an_unknown_key_is_named_with_its_file() {
+    let file = toml_file("[worker]\nconcurency = 3\n");
+    let err = Settings::load_with_env(Some(file.path()), env(&[])).expect_err("a typo");
+    let shown = err.to_string();
+    let path = file.path().display().to_string();
+    let name = path.rsplit('/').next().expect("a name");
+    assert!(shown.contains("worker.concurency in "), "{shown}");
+    assert!(shown.contains(name), "{shown}");
+    assert!(shown.contains("expected one of concurrency,"), "{shown}");
+    let file = toml_file("color = 1\n");
+    let err = Settings::load_with_env(Some(file.path()), env(&[])).expect_err("a typo");
+    assert!(err.to_string().contains("bad setting color in "), "{err}");
+}
+
+#[test]
+fn a_config_folder_is_not_a_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let err = Settings::load_with_env(Some(dir.path()), env(&[])).expect_err("a folder");
+    let shown = err.to_string();
+    assert!(shown.contains("not a file"), "{shown}");
+    assert!(!shown.contains("no such file"), "{shown}");
+}
+
+/// `a, b` in the environment leaves a space before `b`; a URL that does
+/// not parse is named by its place in the list, password masked, with
+/// the likely cause of a `/` in the password.
+#[test]
+fn amqp_urls_are_trimmed_and_a_bad_one_is_named() {
+    let settings = load(&[("MAILROOM__AMQP__URLS", "amqp://a@h1, amqp://b@h2 ,")]).expect("loads");
+    let urls: Vec<&str> = settings.amqp.urls.iter().map(Secret::expose).collect();
+    assert_eq!(urls, ["amqp://a@h1", "amqp://b@h2"]);
+
+    let err = load(&[("MAILROOM__AMQP__URLS", "amqp://a@h1,http://b:s3cret@h2")])
+        .expect_err("a bad scheme");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("amqp.urls: entry 2 (http://b:***@h2)"),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+
+    let err = load(&[("MAILROOM__AMQP__URLS", "amqp://u:p/ss3cret@rabbit/")]).expect_err("a /");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("amqp.urls entry 1: amqp://u:***@rabbit/"),
+        "{shown}"
+    );
+    assert!(shown.contains("invalid port number"), "{shown}");
+    assert!(shown.contains("e.g. / as %2F"), "{shown}");
+    assert!(!shown.contains("ss3cret"), "{shown}");
+}
+
+#[test]
+fn a_redis_url_that_does_not_parse_is_refused() {
+    let err = load(&[("MAILROOM__REDIS__URL", "redis://:s3cret@redis:port")]).expect_err("a port");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("redis.url redis://:***@redis:port"),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+}

@@ -1,7 +1,7 @@
 //! Redis, as both roles use it: one multiplexed connection that reconnects
 //! on its own, every key under `redis.key_prefix`, and errors that say
-//! whether Redis was unreachable (try later, never act blind) or refused a
-//! command.
+//! whether Redis was unreachable (try later, never act blind), refused the
+//! login (waiting does not fix that) or refused a command.
 
 mod hash;
 mod setup;
@@ -35,6 +35,16 @@ pub enum StoreError {
         /// The URL, password redacted.
         url: String,
         /// What the connection said.
+        reason: String,
+    },
+    /// Redis refused the user name or password (or wants one).
+    #[error(
+        "Redis at {url} refused the login: {reason} (check the user and password in redis.url)"
+    )]
+    AuthFailed {
+        /// The URL, password redacted.
+        url: String,
+        /// What Redis said.
         reason: String,
     },
     /// Redis answered with an error.
@@ -95,16 +105,12 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// Connects to `settings.url`, retrying a few times with jittered
-    /// backoff so a Redis that is still starting is waited for. Once
-    /// connected, a lost connection is re-established on the next command.
+    /// backoff so a Redis that is still starting is waited for (not one
+    /// that refused the login). Once connected, a lost connection is
+    /// re-established on the next command.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let raw = settings.url.expose();
-        // Never the raw text: a value that is not a URL may be the secret itself.
+        let client = settings.client()?;
         let url: Arc<str> = settings.url.redacted().into();
-        let client = redis::Client::open(raw).map_err(|err| StoreError::InvalidUrl {
-            url: url.to_string(),
-            reason: err.to_string(),
-        })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
@@ -159,7 +165,29 @@ impl RedisStore {
     }
 }
 
+impl RedisSettings {
+    /// A client for `url`, which is parsed, not connected to: a settings
+    /// check (and `mailroom config`) refuses what a connection would.
+    pub fn client(&self) -> Result<redis::Client, StoreError> {
+        redis::Client::open(self.url.expose()).map_err(|err| StoreError::InvalidUrl {
+            // Never the raw text: a value that is not a URL may be the secret itself.
+            url: self.url.redacted(),
+            reason: err.to_string(),
+        })
+    }
+}
+
 fn classify(url: &str, err: &redis::RedisError) -> StoreError {
+    // Before the reachability tests: the client counts a refused login as
+    // a reason to reconnect.
+    if err.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS"))
+    {
+        return StoreError::AuthFailed {
+            url: url.to_owned(),
+            reason: err.to_string(),
+        };
+    }
     if err.is_io_error()
         || err.is_timeout()
         || err.is_connection_dropped()

@@ -29,6 +29,8 @@ pub fn parse_cidr(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()
         .ok()
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+        // `10.0.0.5/8` is the network `10.0.0.0/8`: stored and shown so.
+        .map(|net| net.trunc())
 }
 
 fn parse_all(setting: &'static str, values: &[String]) -> Result<Vec<IpNet>, BadCidr> {

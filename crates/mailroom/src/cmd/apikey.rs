@@ -92,6 +92,18 @@ pub async fn run(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<
 }
 
 async fn create(keys: &ApiKeyStore, args: CreateArgs) -> anyhow::Result<()> {
+    let (key, record) = keys.create(new_key(args)?).await?;
+    tracing::info!(key_id = %record.id, tenant = %record.tenant, "API key created");
+    eprintln!(
+        "mailroom: key {} for tenant {} (shown once; only its hash is stored)",
+        record.id, record.tenant
+    );
+    println!("{key}");
+    Ok(())
+}
+
+/// The key `args` describe, checked.
+fn new_key(args: CreateArgs) -> anyhow::Result<NewKey> {
     if args.scopes.is_empty() {
         bail!("--scopes: give at least one of send, read");
     }
@@ -107,24 +119,25 @@ async fn create(keys: &ApiKeyStore, args: CreateArgs) -> anyhow::Result<()> {
     let allow_cidrs = args
         .allow_cidrs
         .iter()
-        .map(|text| parse_cidr(text).with_context(|| format!("--allow-cidr {text:?}: not a CIDR")))
-        .collect::<anyhow::Result<_>>()?;
-    let (key, record) = keys
-        .create(NewKey {
-            tenant: args.tenant,
-            scopes: args.scopes,
-            allow_cidrs,
-            rate: args.rate,
-            expires_at: args.expires.map(|d| OffsetDateTime::now_utc() + d),
+        .map(|text| {
+            let net =
+                parse_cidr(text).with_context(|| format!("--allow-cidr {text:?}: not a CIDR"))?;
+            // `10.0.0.5/8` is stored as the network it names, so `list`
+            // shows what the key allows.
+            let network = net.trunc();
+            if network != net {
+                eprintln!("mailroom: --allow-cidr {net} taken as {network}");
+            }
+            Ok(network)
         })
-        .await?;
-    tracing::info!(key_id = %record.id, tenant = %record.tenant, "API key created");
-    eprintln!(
-        "mailroom: key {} for tenant {} (shown once; only its hash is stored)",
-        record.id, record.tenant
-    );
-    println!("{key}");
-    Ok(())
+        .collect::<anyhow::Result<_>>()?;
+    Ok(NewKey {
+        tenant: args.tenant,
+        scopes: args.scopes,
+        allow_cidrs,
+        rate: args.rate,
+        expires_at: args.expires.map(|d| OffsetDateTime::now_utc() + d),
+    })
 }
 
 fn table(listed: &[mailroom_producer::api::keys::Listed]) -> String {
@@ -172,4 +185,28 @@ fn table(listed: &[mailroom_producer::api::keys::Listed]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(allow_cidrs: &[&str]) -> CreateArgs {
+        CreateArgs {
+            tenant: "acme".to_owned(),
+            scopes: vec![Scope::Send],
+            allow_cidrs: allow_cidrs.iter().map(ToString::to_string).collect(),
+            rate: None,
+            expires: None,
+        }
+    }
+
+    #[test]
+    fn networks_are_stored_without_host_bits() {
+        let key = new_key(args(&["10.0.0.5/8", "2001:db8::1/32", "192.0.2.7"])).expect("valid");
+        let networks: Vec<String> = key.allow_cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(networks, ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]);
+        let err = new_key(args(&["10.0.0.0/33"])).expect_err("not a CIDR");
+        assert!(err.to_string().contains("--allow-cidr"), "{err}");
+    }
 }

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use mailroom_core::amqp::Broker;
 use mailroom_core::job::{Attachment, EmailMessage, JobId, JobRequest, Lane};
 use mailroom_core::seal::SealKey;
-use mailroom_core::settings::{Secret, Settings, TransportKind};
+use mailroom_core::settings::{RedisSettings, Secret, Settings, TransportKind};
 use mailroom_core::status::{JobState, StatusStore};
 use mailroom_core::store::RedisStore;
 use mailroom_core::wire;
@@ -117,7 +117,7 @@ fn demo_settings(settings: &Settings) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
-/// Says which service is missing, where, and how to start it, before
+/// Says which service is missing, where, and what to do about it, before
 /// anything else happens; and refuses to consume someone else's jobs.
 async fn preflight(settings: &Settings) -> anyhow::Result<()> {
     let url = settings
@@ -126,11 +126,9 @@ async fn preflight(settings: &Settings) -> anyhow::Result<()> {
         .first()
         .map(Secret::redacted)
         .unwrap_or_default();
-    let broker = Broker::connect_as(&settings.amqp, "mailroom-demo-check")
-        .await
-        .with_context(|| {
-            format!("RabbitMQ is not reachable at {url}: start it with `rabbitmq-server -detached` (Debian: `apt-get install rabbitmq-server`)")
-        })?;
+    // Its error says where and what to do: start RabbitMQ, for the default
+    // URL, else check amqp.urls.
+    let broker = Broker::connect_as(&settings.amqp, "mailroom-demo-check").await?;
     broker.declare(&wire::Topology::standard()).await?;
     // Jobs waiting out a retry delay come back to the work queues, where
     // the demo's worker would take them too.
@@ -144,11 +142,25 @@ async fn preflight(settings: &Settings) -> anyhow::Result<()> {
             "the work and retry queues at {url} hold {waiting} jobs that the demo's worker would consume; run the demo against an empty vhost, e.g. MAILROOM__AMQP__URLS=amqp://guest:guest@127.0.0.1:5672/demo"
         );
     }
-    let redis = settings.redis.url.redacted();
-    RedisStore::connect(&settings.redis).await.with_context(|| {
-        format!("Redis is not reachable at {redis}: start it with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`")
-    })?;
-    Ok(())
+    match RedisStore::connect(&settings.redis).await {
+        Ok(_) => Ok(()),
+        Err(err) if err.is_unavailable() => Err(err).context(redis_hint(&settings.redis)),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// What to do about a Redis that does not answer: start one, when
+/// `redis.url` is the default (a Redis on this machine); else check the
+/// setting, since starting a local Redis would not help.
+fn redis_hint(redis: &RedisSettings) -> String {
+    if redis.url == RedisSettings::default().url {
+        "Redis is not running here: start it with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`".to_owned()
+    } else {
+        format!(
+            "Redis is not reachable at {}: check that it runs there and that redis.url names it",
+            redis.url.redacted()
+        )
+    }
 }
 
 fn samples(run_tag: &str) -> Vec<(&'static str, JobRequest)> {
@@ -292,11 +304,7 @@ mod tests {
         let vhost = TestVhost::new("demo-retry");
         let mut settings = Settings::default();
         settings.amqp = vhost.settings();
-        let broker = Broker::connect(&settings.amqp).await.expect("broker");
-        broker
-            .declare(&wire::Topology::standard())
-            .await
-            .expect("topology");
+        let broker = vhost.declared().await;
         // The longest tier: the job stays put while the test runs.
         let tier = wire::RETRY_TIERS.last().expect("a tier");
         broker
@@ -312,5 +320,20 @@ mod tests {
         broker.close().await;
         let err = preflight(&settings).await.expect_err("a job waits");
         assert!(format!("{err:#}").contains("hold 1 jobs"), "{err:#}");
+    }
+
+    /// Starting a local Redis is the cure only where the default URL points.
+    #[test]
+    fn the_redis_hint_suggests_starting_it_only_at_the_default_address() {
+        let mut redis = RedisSettings::default();
+        assert!(redis_hint(&redis).contains("start it with `redis-server"));
+        redis.url = Secret::new("redis://:s3cret@127.0.0.1:6390");
+        let hint = redis_hint(&redis);
+        assert!(!hint.contains("redis-server"), "{hint}");
+        assert!(
+            hint.contains("127.0.0.1:6390") && hint.contains("redis.url"),
+            "{hint}"
+        );
+        assert!(!hint.contains("s3cret"), "{hint}");
     }
 }

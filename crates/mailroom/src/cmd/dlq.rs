@@ -57,48 +57,83 @@ fn reasons() -> clap::builder::PossibleValuesParser {
     ]))
 }
 
-/// Runs a `dlq` subcommand.
+/// Runs a `dlq` subcommand. Flags are checked before connecting: a
+/// malformed `--id` is the caller's mistake, whatever the broker holds.
 pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
-    let broker = Broker::connect_as(&settings.amqp, "mailroom-dlq")
-        .await
-        .context("cannot reach RabbitMQ")?;
-    let result = match command {
-        DlqCommand::List { limit } => dlq::list(&broker, limit).await.map(|letters| {
-            print!("{}", table(&letters, OffsetDateTime::now_utc()));
-        }),
+    match command {
+        DlqCommand::List { limit } => {
+            on_broker(settings, async |broker| {
+                let letters = dlq::list(broker, limit).await?;
+                print!("{}", table(&letters, OffsetDateTime::now_utc()));
+                Ok(())
+            })
+            .await
+        }
         DlqCommand::Replay(args) => {
-            let selection = match (args.id, args.reason) {
-                (Some(id), _) => Selection::Id(id),
-                (None, Some(reason)) => Selection::Reason(reason),
-                (None, None) => Selection::All,
-            };
-            match dlq::replay(&broker, &selection).await {
-                Ok(replayed) => {
-                    requeue_statuses(settings, &replayed).await;
-                    eprintln!("mailroom: replayed {} dead letter(s)", replayed.len());
-                    Ok(())
-                }
-                Err(err) => Err(err),
-            }
+            let selection = selection(&args)?;
+            on_broker(settings, async |broker| {
+                replay(settings, broker, &selection).await
+            })
+            .await
         }
         DlqCommand::Purge { yes } => {
             if !yes {
-                broker.close().await;
                 bail!("purge deletes every dead letter for good: run again with --yes");
             }
-            dlq::purge(&broker).await.map(|n| {
-                eprintln!("mailroom: purged {n} dead letter(s)");
+            on_broker(settings, async |broker| {
+                let purged = dlq::purge(broker).await?;
+                eprintln!("mailroom: purged {purged} dead letter(s)");
+                Ok(())
             })
+            .await
         }
-    };
+    }
+}
+
+/// Runs `work` on a broker connection, closed whatever the outcome.
+async fn on_broker(
+    settings: &Settings,
+    work: impl AsyncFnOnce(&Broker) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let broker = Broker::connect_as(&settings.amqp, "mailroom-dlq")
+        .await
+        .context("cannot reach RabbitMQ")?;
+    let result = work(&broker).await;
     broker.close().await;
-    Ok(result?)
+    result
+}
+
+/// What `args` select. An `--id` must be a job id, as `mailroom status`
+/// takes it, and is compared in its canonical form.
+fn selection(args: &ReplayArgs) -> anyhow::Result<Selection> {
+    Ok(match (&args.id, &args.reason) {
+        (Some(id), _) => Selection::Id(super::status::parse_job_id(id)?.to_string()),
+        (None, Some(reason)) => Selection::Reason(reason.clone()),
+        (None, None) => Selection::All,
+    })
+}
+
+/// Replays `selection`; an `--id` that matched no dead letter is an error,
+/// where a reason or `--all` may match none.
+async fn replay(settings: &Settings, broker: &Broker, selection: &Selection) -> anyhow::Result<()> {
+    let replayed = dlq::replay(broker, selection).await?;
+    requeue_statuses(settings, &replayed).await;
+    if let Selection::Id(id) = selection
+        && replayed.is_empty()
+    {
+        bail!("no dead letter with id {id} (see `mailroom dlq list`)");
+    }
+    eprintln!("mailroom: replayed {} dead letter(s)", replayed.len());
+    Ok(())
 }
 
 /// Logs each replayed job and marks its status `queued` again, so the
 /// worker may record what happens next. Statuses only inform: a Redis
 /// problem here is a warning, the replay itself has happened.
 async fn requeue_statuses(settings: &Settings, replayed: &[DeadLetter]) {
+    if replayed.is_empty() {
+        return;
+    }
     for letter in replayed {
         tracing::info!(job_id = %letter.id, reason = %letter.reason, attempts = letter.attempts, "dead letter replayed");
     }
@@ -138,4 +173,58 @@ fn table(letters: &[DeadLetter], now: OffsetDateTime) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use mailroom_core::settings::Secret;
+    use mailroom_tests::rabbit::TestVhost;
+
+    use super::*;
+
+    fn replay_id(id: &str) -> DlqCommand {
+        DlqCommand::Replay(ReplayArgs {
+            id: Some(id.to_owned()),
+            reason: None,
+            all: false,
+        })
+    }
+
+    /// Refused before connecting: no broker listens on port 1, and
+    /// connecting would retry for half a minute.
+    #[tokio::test]
+    async fn a_malformed_id_is_refused() {
+        let mut settings = Settings::default();
+        settings.amqp.urls = vec![Secret::new("amqp://guest:guest@127.0.0.1:1/%2f")];
+        for id in ["nope", "", "0190f5a4-0000-7000-8000"] {
+            let err = run(&settings, replay_id(id)).await.expect_err(id);
+            assert!(
+                err.to_string().contains("is not a job id (a UUID)"),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_id_that_matches_no_dead_letter_is_an_error() {
+        let vhost = TestVhost::new("dlq-unknown-id");
+        let mut settings = Settings::default();
+        settings.amqp = vhost.settings();
+        let broker = vhost.declared().await;
+        broker.close().await;
+        let id = JobId::new();
+        let err = run(&settings, replay_id(&id.to_string().to_uppercase()))
+            .await
+            .expect_err("no such dead letter");
+        assert_eq!(
+            err.to_string(),
+            format!("no dead letter with id {id} (see `mailroom dlq list`)")
+        );
+        let all = DlqCommand::Replay(ReplayArgs {
+            id: None,
+            reason: None,
+            all: true,
+        });
+        run(&settings, all).await.expect("--all may replay none");
+    }
 }
