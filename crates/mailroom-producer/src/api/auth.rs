@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use mailroom_core::ratelimit::Rate;
 use time::OffsetDateTime;
 
@@ -55,16 +55,29 @@ impl Touches {
 /// none: which one a proxy checked and which one would be used could
 /// differ.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let value = values.next()?.to_str().ok()?;
-    if values.next().is_some() {
-        return None;
-    }
+    let value = one_header(headers, header::AUTHORIZATION.as_str())
+        .ok()??
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|token| !token.is_empty())
+}
+
+/// The one value of header `name`, if sent; `Err` if sent more than once
+/// (which of them a proxy in front checked is not to be guessed).
+pub(super) fn one_header<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+) -> Result<Option<&'h HeaderValue>, ()> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    match values.next() {
+        Some(_) => Err(()),
+        None => Ok(first),
+    }
 }
 
 /// A refused request: the answer, and the caller when it was known by
@@ -266,7 +279,6 @@ fn check(record: &KeyRecord, scope: Scope, ip: IpAddr) -> Result<(), Problem> {
 
 #[cfg(test)]
 mod tests {
-    use axum::http::HeaderValue;
 
     use super::*;
 

@@ -81,6 +81,12 @@ impl KeyRecord {
     pub fn allows(&self, ip: IpAddr) -> bool {
         self.allow_cidrs.is_empty() || self.allow_cidrs.iter().any(|net| net.contains(&ip))
     }
+
+    /// Until when the key works once rotated with a grace ending at
+    /// `grace_end`: a grace never outlasts the key's own expiry.
+    pub fn rotated_until(&self, grace_end: OffsetDateTime) -> OffsetDateTime {
+        self.expires_at.map_or(grace_end, |own| own.min(grace_end))
+    }
 }
 
 /// A key as listed: its record and when it was last used.
@@ -346,9 +352,7 @@ impl ApiKeyStore {
                 expired_at,
             });
         }
-        let old_expires_at = old
-            .expires_at
-            .map_or(old_expires_at, |own| own.min(old_expires_at));
+        let old_expires_at = old.rotated_until(old_expires_at);
         let created = self
             .create(NewKey {
                 tenant: old.tenant.clone(),

@@ -17,7 +17,7 @@ use mailroom_core::validate::json::{redacted_error, values_per_job, values_withi
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::auth::{Principal, Refusal, authenticate, authorize, charge};
+use super::auth::{Principal, Refusal, authenticate, authorize, charge, one_header};
 use super::idempotency::{Stored, Taken};
 use super::keys::Scope;
 use super::problem::Problem;
@@ -433,7 +433,7 @@ async fn read_json_body(
     share: &mut Option<Share>,
 ) -> Result<Bytes, Problem> {
     // Two types would leave which one a proxy checked to a guess.
-    let content_type = only(headers, header::CONTENT_TYPE.as_str())
+    let content_type = one_header(headers, header::CONTENT_TYPE.as_str())
         .ok()
         .flatten()
         .and_then(|value| value.to_str().ok())
@@ -485,7 +485,7 @@ async fn read_json_body(
 
 /// The `Idempotency-Key` header, if sent and well-formed.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let Some(value) = only(headers, "idempotency-key")
+    let Some(value) = one_header(headers, "idempotency-key")
         .map_err(|()| Problem::invalid_field("Idempotency-Key", "sent more than once"))?
     else {
         return Ok(None);
@@ -505,16 +505,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
             )
         })?;
     Ok(Some(text.to_owned()))
-}
-
-/// The one value of header `name`, if sent; `Err` if sent more than once.
-fn only<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h HeaderValue>, ()> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next();
-    match values.next() {
-        Some(_) => Err(()),
-        None => Ok(first),
-    }
 }
 
 /// Parses, checks and enqueues one request for `principal`.

@@ -72,7 +72,7 @@ pub async fn run(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<
                 bail!("no key with id {id}");
             };
             // The new key has the old one's expiry, which also caps the grace.
-            let until = record.expires_at.map_or(until, |own| own.min(until));
+            let until = record.rotated_until(until);
             eprintln!(
                 "mailroom: new key {} for tenant {}; {id} stops working at {until}",
                 record.id, record.tenant
@@ -119,17 +119,9 @@ fn new_key(args: CreateArgs) -> anyhow::Result<NewKey> {
     let allow_cidrs = args
         .allow_cidrs
         .iter()
-        .map(|text| {
-            let net =
-                parse_cidr(text).with_context(|| format!("--allow-cidr {text:?}: not a CIDR"))?;
-            // `10.0.0.5/8` is stored as the network it names, so `list`
-            // shows what the key allows.
-            let network = net.trunc();
-            if network != net {
-                eprintln!("mailroom: --allow-cidr {net} taken as {network}");
-            }
-            Ok(network)
-        })
+        // `parse_cidr` gives the network (`10.0.0.5/8` is `10.0.0.0/8`), so
+        // `list` shows what the key allows.
+        .map(|text| parse_cidr(text).with_context(|| format!("--allow-cidr {text:?}: not a CIDR")))
         .collect::<anyhow::Result<_>>()?;
     Ok(NewKey {
         tenant: args.tenant,
