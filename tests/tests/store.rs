@@ -113,3 +113,52 @@ async fn a_refused_login_fails_at_once_and_says_so() {
         .await
         .expect("the right password");
 }
+
+#[tokio::test]
+async fn readiness_needs_a_redis_that_takes_writes_not_one_that_answers_ping() {
+    let redis = PrivateRedis::start();
+    let store = RedisStore::connect(&redis.settings("mailroom-test:"))
+        .await
+        .expect("connected");
+    store
+        .takes_writes()
+        .await
+        .expect("a plain server takes writes");
+    for (setting, value, then) in [
+        // Out of memory: PING answers, every write is refused.
+        ("maxmemory", "1", "0"),
+        // A script may not write while a replica the setting asks for is
+        // missing.
+        ("min-replicas-to-write", "1", "0"),
+    ] {
+        let set = |value: &str| {
+            let mut command = redis::cmd("CONFIG");
+            command.arg("SET").arg(setting).arg(value);
+            command
+        };
+        let mut admin = store.connection();
+        let _: () = set(value).query_async(&mut admin).await.expect("set");
+        store.ping().await.expect("it still answers PING");
+        let err = store.takes_writes().await.expect_err(setting);
+        assert!(matches!(err, StoreError::Command(_)), "{setting}: {err:?}");
+        let _: () = set(then).query_async(&mut admin).await.expect("reset");
+        store.takes_writes().await.expect(setting);
+    }
+}
+
+#[tokio::test]
+async fn a_command_line_connection_fails_at_once_when_redis_is_away() {
+    let mut redis = PrivateRedis::start();
+    let settings = redis.settings("mailroom-test:");
+    redis.stop();
+    let start = std::time::Instant::now();
+    let err = RedisStore::connect_once(&settings)
+        .await
+        .expect_err("nothing listens");
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        start.elapsed() < settings.timeout,
+        "{:?} to fail",
+        start.elapsed()
+    );
+}

@@ -817,6 +817,61 @@ async fn with_redis_gone_nothing_is_sent_blind_and_it_is_sent_once_redis_is_back
 }
 
 #[tokio::test]
+async fn a_sent_mark_redis_refused_is_written_once_it_takes_writes() {
+    let slow = SmtpOptions {
+        delay: Duration::from_secs(2),
+        ..SmtpOptions::default()
+    };
+    let mut stack = Stack::new("worker-late-mark", &slow);
+    let redis = mailroom_tests::redis::PrivateRedis::start();
+    stack.settings.redis = redis.settings("mailroom-test:");
+    let (producer, worker) = start(&stack.settings).await;
+    let keyed = |subject: &str| {
+        let mut job = job(subject);
+        job.idempotency_key = Some("late-mark".to_owned());
+        job
+    };
+    let first = producer.enqueue(keyed("first")).await.expect("enqueued");
+    let store = statuses(&stack.settings).await;
+    reached(&store, &first, JobState::Sending).await;
+
+    // The relay has the message in hand; from now on Redis refuses every
+    // write (a replica of nothing is read-only), so the mail goes and its
+    // `sent` mark does not.
+    let admin = redis::Client::open(redis.url()).expect("url");
+    let mut admin = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let replica_of = |host: &'static str, port: &'static str| {
+        let mut command = redis::cmd("REPLICAOF");
+        command.arg(host).arg(port);
+        command
+    };
+    let _: () = replica_of("127.0.0.1", "1")
+        .query_async(&mut admin)
+        .await
+        .expect("read-only");
+    stack.smtp.wait_accepted(1, PATIENCE);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        store.get(&first).await.expect("status").map(|s| s.state),
+        Some(JobState::Sending),
+        "Redis took no write"
+    );
+
+    let _: () = replica_of("NO", "ONE")
+        .query_async(&mut admin)
+        .await
+        .expect("writable");
+    assert_eq!(settled(&store, &first).await.state, JobState::Sent);
+    let again = producer.enqueue(keyed("again")).await.expect("enqueued");
+    assert_eq!(settled(&store, &again).await.state, JobState::Duplicate);
+    assert_eq!(stack.smtp.accepted().len(), 1, "the mail went once");
+    stop(worker, producer).await;
+}
+
+#[tokio::test]
 async fn a_flood_of_duplicates_sends_each_key_once() {
     let stack = Stack::new("worker-flood", &SmtpOptions::default());
     let (producer, worker) = start(&stack.settings).await;

@@ -62,7 +62,7 @@ pub async fn serve(
 
 async fn ready(State(probe): State<Probe>) -> (StatusCode, String) {
     let broker = probe.broker.is_connected();
-    let redis = probe.store.ping().await.is_ok();
+    let redis = probe.store.takes_writes().await.is_ok();
     let status = if broker && redis {
         StatusCode::OK
     } else {

@@ -25,6 +25,9 @@ pub const RETRIES: &str = "mailroom_retries_total";
 pub const DEAD_LETTERS: &str = "mailroom_dead_letters_total";
 /// Deliveries being processed now.
 pub const IN_FLIGHT: &str = "mailroom_in_flight";
+/// Sent jobs whose `sent` mark Redis has not taken yet (see
+/// `steps::late_marks`).
+pub const LATE_MARKS: &str = "mailroom_sent_marks_waiting";
 
 /// Outcomes [`job`] counts.
 const OUTCOMES: [&str; 5] = ["sent", "retry", "deferred", "duplicate", "dead"];
@@ -44,6 +47,13 @@ pub fn register() {
         counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
     }
     gauge!(IN_FLIGHT).increment(0.0);
+    gauge!(LATE_MARKS).set(0.0);
+}
+
+/// Sets how many `sent` marks wait for Redis.
+#[allow(clippy::cast_precision_loss)] // a count far below 2^52
+pub fn late_marks(waiting: usize) {
+    gauge!(LATE_MARKS).set(waiting as f64);
 }
 
 /// Counts a finished job.

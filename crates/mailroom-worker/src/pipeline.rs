@@ -32,6 +32,7 @@ use crate::forward::Forwarder;
 use crate::incoming::Incoming;
 use crate::retry::RetryPolicy;
 use crate::steps::dedup::{Claim, ClaimToken, Dedup, Lease};
+use crate::steps::late_marks::LateMarks;
 use crate::steps::{check, open, outcome, send};
 use crate::transport::{HandOver, Transport, Withheld};
 use crate::verdict::{DeadReason, Verdict};
@@ -62,6 +63,7 @@ pub struct Pipeline {
     pub(crate) keyring: Keyring,
     pub(crate) limits: Limits,
     pub(crate) dedup: Dedup,
+    pub(crate) late_marks: LateMarks,
     pub(crate) status: StatusStore,
     pub(crate) transport: Transport,
     pub(crate) retry: RetryPolicy,
@@ -102,6 +104,7 @@ impl Pipeline {
         Arc::new(Self {
             keyring,
             limits,
+            late_marks: LateMarks::new(dedup.clone(), dedup.window()),
             dedup,
             status,
             transport,

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mailroom_core::amqp::{AmqpError, Broker};
 use mailroom_core::settings::{Settings, SettingsError};
@@ -43,6 +44,10 @@ pub enum WorkerError {
         source: std::io::Error,
     },
 }
+
+/// How long `sent` marks that Redis refused get at shutdown (see
+/// [`LateMarks`](crate::steps::late_marks::LateMarks)).
+const LATE_MARKS_AT_STOP: Duration = Duration::from_secs(3);
 
 /// A connected worker.
 pub struct Worker {
@@ -128,6 +133,7 @@ impl Worker {
             .run(shutdown)
             .await;
         self.pipeline.transport().shutdown().await;
+        self.pipeline.late_marks.close(LATE_MARKS_AT_STOP).await;
         self.broker.close().await;
         drained
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable as _};
+use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::settings::RedisSettings;
@@ -109,20 +110,7 @@ impl RedisStore {
     /// that refused the login). Once connected, a lost connection is
     /// re-established on the next command.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let client = settings.client()?;
-        let url: Arc<str> = settings.url.redacted().into();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let manager = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|err| classify(&url, &err))?;
-        let store = Self {
-            manager,
-            prefix: settings.key_prefix.as_str().into(),
-            url,
-        };
+        let store = Self::lazy(settings, 2)?;
         (|| store.ping())
             .retry(
                 ExponentialBuilder::new()
@@ -139,6 +127,34 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// Connects once, for a command someone waits on: a Redis out of reach
+    /// fails it within `redis.timeout` (a service waits, see
+    /// [`connect`](Self::connect)).
+    pub async fn connect_once(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let store = Self::lazy(settings, 0)?;
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// A store whose connection is made by its first command, and made
+    /// again up to `retries` times within a command that finds it lost.
+    fn lazy(settings: &RedisSettings, retries: usize) -> Result<Self, StoreError> {
+        let client = settings.client()?;
+        let url: Arc<str> = settings.url.redacted().into();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(retries)
+            .set_max_delay(Duration::from_secs(1));
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|err| classify(&url, &err))?;
+        Ok(Self {
+            manager,
+            prefix: settings.key_prefix.as_str().into(),
+            url,
+        })
+    }
+
     /// `PING`.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut connection = self.manager.clone();
@@ -146,6 +162,19 @@ impl RedisStore {
             .query_async::<String>(&mut connection)
             .await
             .map(drop)
+            .map_err(|err| self.error(&err))
+    }
+
+    /// Whether Redis takes a scripted write now, as the worker's and the
+    /// API's every step needs: a Redis that answers `PING` but is out of
+    /// memory, read-only, or refuses scripts to this user fails it.
+    pub async fn takes_writes(&self) -> Result<(), StoreError> {
+        let probe = Script::new("return redis.call('SET', KEYS[1], '1', 'PX', 60000)");
+        let mut connection = self.manager.clone();
+        probe
+            .key(self.key("ready"))
+            .invoke_async::<()>(&mut connection)
+            .await
             .map_err(|err| self.error(&err))
     }
 

@@ -2,6 +2,7 @@
 //! networks it may come from, and the fleet-wide rate limits of the key and
 //! the tenant.
 
+use mailroom_core::store::StoreError;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -153,7 +154,7 @@ pub async fn authenticate(
         .keys
         .fetch(&slot)
         .await
-        .map_err(|_| key_store())?
+        .map_err(|err| key_store(&err))?
         .ok_or_else(Problem::unauthorized)?;
     check(&found.record, scope, ip)?;
     Ok(Caller::Key { slot, found })
@@ -205,7 +206,7 @@ pub async fn charge(
                 found = state
                     .keys
                     .remember(&slot, current)
-                    .map_err(|_| key_store())?
+                    .map_err(|err| key_store(&err))?
                     .ok_or_else(Problem::unauthorized)?;
                 check(&found.record, scope, ip)?;
             }
@@ -217,11 +218,11 @@ pub async fn charge(
             }
         }
     }
-    Err(key_store().into())
+    Err(Problem::unavailable("the key store").into())
 }
 
-fn key_store() -> Problem {
-    Problem::unavailable("the key store")
+fn key_store(err: &StoreError) -> Problem {
+    Problem::unavailable_because("the key store", err)
 }
 
 /// Records the key's use, at most once a minute a key, off the request's

@@ -282,9 +282,9 @@ async fn handle(
         Ok(Taken::InProgress) => {
             return with_fields(Problem::in_progress().into_response(), fields);
         }
-        Err(_) => {
+        Err(err) => {
             return with_fields(
-                Problem::unavailable("the idempotency store").into_response(),
+                Problem::unavailable_because("the idempotency store", &err).into_response(),
                 fields,
             );
         }
@@ -541,7 +541,7 @@ async fn accept(
         .await
         .map_err(|err| match err {
             EnqueueError::Invalid(errors) => Problem::invalid(&errors),
-            EnqueueError::Publish(_) => Problem::unavailable("the broker"),
+            EnqueueError::Publish(err) => Problem::unavailable_because("the broker", &err),
             EnqueueError::Seal(_) => {
                 tracing::error!(error = %err, "a job could not be sealed");
                 Problem::unavailable("sealing")
@@ -706,8 +706,8 @@ pub async fn status(
             respond(outcome, fields, false)
         }
         Ok(_) => with_fields(Problem::not_found().into_response(), fields),
-        Err(_) => with_fields(
-            Problem::unavailable("the status store").into_response(),
+        Err(err) => with_fields(
+            Problem::unavailable_because("the status store", &err).into_response(),
             fields,
         ),
     }

@@ -248,12 +248,12 @@ async fn healthz() -> &'static str {
 
 /// `/readyz`: broker and Redis reachable.
 #[utoipa::path(get, path = "/readyz", tag = "service", responses(
-    (status = 200, description = "Broker and Redis reachable"),
-    (status = 503, description = "Broker or Redis unreachable"),
+    (status = 200, description = "Broker reachable, Redis taking writes"),
+    (status = 503, description = "Broker unreachable, or Redis unreachable or refusing writes"),
 ))]
 async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, String) {
     let broker = state.producer.broker().is_connected();
-    let redis = state.store.ping().await.is_ok();
+    let redis = state.store.takes_writes().await.is_ok();
     let word = |up| if up { "up" } else { "down" };
     let status = if broker && redis {
         StatusCode::OK

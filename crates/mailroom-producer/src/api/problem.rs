@@ -6,7 +6,8 @@
 //! failures all read alike, so a caller cannot tell a missing key from an
 //! unknown, expired or revoked one.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -229,6 +230,19 @@ impl Problem {
         .detail(format!("the {which} rate limit is spent"));
         problem.retry_after = Some(retry_after);
         problem
+    }
+
+    /// [`unavailable`](Self::unavailable), saying in the log why: at most
+    /// a line a second, since an outage fails every request alike.
+    pub fn unavailable_because(what: &str, cause: &dyn std::fmt::Display) -> Self {
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        if LAST.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(error = %cause, "{what} is unavailable: answering 503");
+        }
+        Self::unavailable(what)
     }
 
     /// 503 with `Retry-After`: the broker or Redis is out of reach; nothing

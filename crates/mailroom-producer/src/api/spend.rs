@@ -178,8 +178,8 @@ impl Spender {
                 .iter()
                 .map(|_| Ok(Spent::Stale(current.clone())))
                 .collect(),
-            Err(_) => {
-                let problem = Problem::unavailable("the rate limiter");
+            Err(err) => {
+                let problem = Problem::unavailable_because("the rate limiter", &err);
                 costs.iter().map(|_| Err(problem.clone())).collect()
             }
         }

@@ -231,6 +231,11 @@ impl Dedup {
         }
     }
 
+    /// How long a `sent` mark is kept.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
     /// How long a claim holds unless renewed.
     pub fn lease(&self) -> Duration {
         self.lease

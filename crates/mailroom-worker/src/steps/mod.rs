@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod dedup;
+pub mod late_marks;
 pub mod open;
 pub mod outcome;
 pub mod send;

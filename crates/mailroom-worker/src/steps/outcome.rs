@@ -41,7 +41,7 @@ pub async fn settle(pipeline: &Pipeline, incoming: &Incoming, trip: Trip) -> Dis
     match verdict {
         Verdict::Sent { code } => {
             span.record("mailroom.outcome", "sent");
-            if let (Some(job), Some(token)) = (&job, &claim) {
+            if let (Some(job), Some(token)) = (&job, claim) {
                 mark_sent(pipeline, job, token, incoming.attempt).await;
                 let end_to_end = (OffsetDateTime::now_utc() - job.created_at)
                     .try_into()
@@ -185,9 +185,11 @@ async fn dead_letter(
 /// Marks the job sent (and its status), trying a few times: the mail has
 /// gone, so the one thing that must not happen is another send because
 /// Redis blinked. If it still fails, the delivery is acked anyway
-/// (resending would be worse) and the claim's lease keeps duplicates out
-/// until it runs out.
-async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attempt: u32) {
+/// (resending would be worse) and the mark is handed to
+/// [`LateMarks`](crate::steps::late_marks::LateMarks), which writes it once
+/// Redis takes writes again; until then the claim's lease keeps duplicates
+/// out.
+async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: ClaimToken, attempt: u32) {
     let update = StatusUpdate::new(job, JobState::Sent).attempts(attempt);
     // Fails only where `sending` could not be prepared either, which ended
     // the trip before the send; the dedup key matters more than the status.
@@ -200,14 +202,14 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
     let mut tries = 0_u32;
     let attempt = || {
         tries += 1;
-        pipeline.dedup.mark_sent(token, sent.as_ref(), hand_over)
+        pipeline.dedup.mark_sent(&token, sent.as_ref(), hand_over)
     };
     let result = attempt
         .retry(
             ExponentialBuilder::new()
                 .with_min_delay(Duration::from_millis(50))
-                .with_max_delay(Duration::from_secs(2))
-                .with_max_times(6)
+                .with_max_delay(Duration::from_millis(500))
+                .with_max_times(4)
                 .with_jitter(),
         )
         .await;
@@ -218,7 +220,10 @@ async fn mark_sent(pipeline: &Pipeline, job: &SendJob, token: &ClaimToken, attem
             tracing::debug!("marked sent by an earlier try");
         }
         Ok(other) => tracing::warn!(outcome = ?other, "sent, but the claim had changed hands"),
-        Err(err) => tracing::error!(error = %err, "sent, but not marked sent in Redis"),
+        Err(err) => {
+            tracing::warn!(error = %err, "sent, but not marked sent in Redis yet: written once it takes writes");
+            pipeline.late_marks.hand(token, sent, hand_over);
+        }
     }
 }
 

@@ -56,7 +56,7 @@ pub struct CreateArgs {
 
 /// Runs an `apikey` subcommand.
 pub async fn run(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<()> {
-    let store = RedisStore::connect(&settings.redis)
+    let store = RedisStore::connect_once(&settings.redis)
         .await
         .context("cannot reach Redis")?;
     let keys = ApiKeyStore::new(store, settings.hash_key()?);

@@ -142,7 +142,7 @@ async fn preflight(settings: &Settings) -> anyhow::Result<()> {
             "the work and retry queues at {url} hold {waiting} jobs that the demo's worker would consume; run the demo against an empty vhost, e.g. MAILROOM__AMQP__URLS=amqp://guest:guest@127.0.0.1:5672/demo"
         );
     }
-    match RedisStore::connect(&settings.redis).await {
+    match RedisStore::connect_once(&settings.redis).await {
         Ok(_) => Ok(()),
         Err(err) if err.is_unavailable() => Err(err).context(redis_hint(&settings.redis)),
         Err(err) => Err(err.into()),

@@ -137,7 +137,7 @@ async fn requeue_statuses(settings: &Settings, replayed: &[DeadLetter]) {
     for letter in replayed {
         tracing::info!(job_id = %letter.id, reason = %letter.reason, attempts = letter.attempts, "dead letter replayed");
     }
-    let store = match RedisStore::connect(&settings.redis).await {
+    let store = match RedisStore::connect_once(&settings.redis).await {
         Ok(store) => StatusStore::new(store, settings.worker.status_retention),
         Err(err) => {
             tracing::warn!(error = %err, "statuses not updated after the replay");

@@ -15,7 +15,7 @@ const SHOWN_CHARS: usize = 40;
 /// Prints the status of `id`.
 pub async fn run(settings: &Settings, id: &str) -> anyhow::Result<()> {
     let id = parse_job_id(id)?;
-    let store = RedisStore::connect(&settings.redis).await?;
+    let store = RedisStore::connect_once(&settings.redis).await?;
     let status = StatusStore::new(store, settings.worker.status_retention)
         .get(&id)
         .await?
