@@ -887,6 +887,43 @@ async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
 }
 
 #[tokio::test]
+async fn readiness_comes_back_after_a_lost_broker_connection_without_a_request() {
+    let stack = Stack::new("api-ready");
+    let api = stack.api().await;
+    let router = api.router();
+    let ready = || async {
+        let request = Request::get("/readyz")
+            .body(Body::empty())
+            .expect("request");
+        call(&router, LOCAL, request).await
+    };
+    assert_eq!(ready().await.status, StatusCode::OK);
+    assert!(stack.vhost.close_connections("mailroom-producer") >= 1);
+    // Until a probe finds the connection dead, nothing reconnects it: only
+    // a probe may, since no request comes.
+    let until = |wanted: StatusCode, within: u64| {
+        let ready = &ready;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(within);
+            let mut answer = ready().await;
+            while answer.status != wanted && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                answer = ready().await;
+            }
+            answer
+        }
+    };
+    let answer = until(StatusCode::SERVICE_UNAVAILABLE, 5).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the close was not seen"
+    );
+    let answer = until(StatusCode::OK, 15).await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn redis_out_of_reach_is_503_with_retry_after_and_nothing_enqueued() {
     let mut stack = Stack::new("api-503-redis");
     let mut redis = mailroom_tests::redis::PrivateRedis::start();

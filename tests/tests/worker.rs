@@ -872,6 +872,45 @@ async fn a_sent_mark_redis_refused_is_written_once_it_takes_writes() {
 }
 
 #[tokio::test]
+async fn a_retry_tier_deleted_under_the_worker_is_declared_again_and_the_retry_goes_through() {
+    let stack = Stack::new("worker-tier-gone", &replies(&["451", "250"]));
+    let (producer, worker) = start(&stack.settings).await;
+    // The first retry waits 1-2 s: one of these two tiers.
+    for tier in ["mailroom.retry.1s", "mailroom.retry.5s"] {
+        mailroom_tests::rabbit::rabbitmqctl(&["delete_queue", "-p", stack.vhost.name(), tier]);
+    }
+    let id = producer.enqueue(job("retried")).await.expect("enqueued");
+    let status = settled(&statuses(&stack.settings).await, &id).await;
+    assert_eq!(status.state, JobState::Sent);
+    assert_eq!(status.attempts, 2);
+    let replies: Vec<_> = stack.smtp.seen().into_iter().map(|s| s.reply).collect();
+    assert_eq!(replies, ["451", "250"], "one send an attempt, none burnt");
+    stop(worker, producer).await;
+}
+
+#[tokio::test]
+async fn a_work_queue_deleted_under_the_worker_is_declared_again_and_consumed() {
+    let stack = Stack::new("worker-queue-gone", &SmtpOptions::default());
+    let (producer, worker) = start(&stack.settings).await;
+    let queue = mailroom_core::wire::WorkQueue::ALL[0].name();
+    mailroom_tests::rabbit::rabbitmqctl(&["delete_queue", "-p", stack.vhost.name(), &queue]);
+    let start = Instant::now();
+    while !mailroom_tests::rabbit::rabbitmqctl(&["list_queues", "-p", stack.vhost.name(), "name"])
+        .lines()
+        .any(|line| line.trim() == queue)
+    {
+        assert!(start.elapsed() < PATIENCE, "{queue} was not declared again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = producer.enqueue(job("after")).await.expect("enqueued");
+    assert_eq!(
+        settled(&statuses(&stack.settings).await, &id).await.state,
+        JobState::Sent
+    );
+    stop(worker, producer).await;
+}
+
+#[tokio::test]
 async fn a_flood_of_duplicates_sends_each_key_once() {
     let stack = Stack::new("worker-flood", &SmtpOptions::default());
     let (producer, worker) = start(&stack.settings).await;

@@ -229,3 +229,20 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
         self.watch(cx, polled)
     }
 }
+
+/// The answer of `/readyz` (the API's and the worker's): `200` when the
+/// broker takes publishes and Redis takes writes, else `503`; the body
+/// says which is which.
+pub fn readyz(broker: crate::amqp::Readiness, redis: bool) -> (axum::http::StatusCode, String) {
+    let ready = broker == crate::amqp::Readiness::Up && redis;
+    let status = if ready {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let redis = if redis { "up" } else { "down" };
+    (
+        status,
+        format!("broker {}\nredis {redis}\n", broker.as_str()),
+    )
+}

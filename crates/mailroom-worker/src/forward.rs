@@ -14,19 +14,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use lapin::types::AMQPValue;
 use mailroom_core::amqp::{Broker, Outgoing, PublishError};
-use mailroom_core::wire::{self, DEAD_QUEUE, RETRY_EXCHANGE, RetryTier, headers};
+use mailroom_core::wire::{self, DEAD_QUEUE, RETRY_EXCHANGE, RetryTier, Topology, headers};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::incoming::{Incoming, long_string};
 use crate::verdict::DeadReason;
 
+/// How often a republish held by a memory or disk alarm is tried again.
+const BLOCKED_PAUSE: Duration = Duration::from_secs(2);
+
 /// Longest `mailroom-last-error` kept: enough for an SMTP reply line.
 const LAST_ERROR_MAX: usize = 300;
 
-/// Republishes deliveries through the worker's broker connection.
+/// Republishes deliveries through the worker's publishing connection.
 #[derive(Clone)]
 pub struct Forwarder {
     broker: Broker,
@@ -47,14 +51,53 @@ impl Forwarder {
         self.closed.store(true, Ordering::Release);
     }
 
-    /// Publishes `outgoing` unless closed.
+    /// Publishes `outgoing` unless closed, trying again a few times over
+    /// some seconds (and for as long as a resource alarm lasts) before the
+    /// caller gives the delivery back to its queue: a requeue would send
+    /// the mail again and spend one of the deliveries the queue's
+    /// `x-delivery-limit` allows, in milliseconds when the broker refuses
+    /// at once. A queue of the topology found missing is declared again.
     async fn publish(&self, outgoing: Outgoing) -> Result<(), PublishError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(PublishError::Connection(
-                "the worker is stopping: the delivery returns to its queue as it is".to_owned(),
-            ));
+        let mut pauses = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(4))
+            .with_max_times(4)
+            .with_jitter()
+            .build();
+        let mut failures = 0_u32;
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(PublishError::Connection(
+                    "the worker is stopping: the delivery returns to its queue as it is".to_owned(),
+                ));
+            }
+            let err = match self.broker.publish(outgoing.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            if matches!(err, PublishError::Unroutable { .. })
+                && let Err(declare) = self.broker.declare(&Topology::standard()).await
+            {
+                tracing::warn!(error = %declare, "the topology could not be declared again");
+            }
+            // An alarm holds every publish until it clears; the shutdown
+            // grace bounds the wait (the forwarder is closed after it).
+            let pause = if matches!(err, PublishError::Blocked) {
+                Some(BLOCKED_PAUSE)
+            } else {
+                pauses.next()
+            };
+            let Some(pause) = pause else {
+                return Err(err);
+            };
+            failures += 1;
+            if failures == 1 {
+                tracing::warn!(error = %err, retry_in = ?pause, "republish failed: trying again");
+            } else {
+                tracing::debug!(error = %err, retry_in = ?pause, "republish failed again");
+            }
+            tokio::time::sleep(pause).await;
         }
-        self.broker.publish(outgoing).await
     }
 
     /// Sends `incoming` back to its work queue after at least `delay`, as attempt

@@ -1,5 +1,5 @@
 //! The worker's small HTTP listener: `/healthz` (the process answers),
-//! `/readyz` (broker and Redis reachable) and `/metrics` (Prometheus text).
+//! `/readyz` (broker taking publishes, Redis taking writes) and `/metrics` (Prometheus text).
 //! It is often bound to every interface (for the kubelet and Prometheus),
 //! so it runs on core's hardened listener: a client that never finishes a
 //! request, or opens hundreds of connections, cannot take the descriptors
@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use mailroom_core::amqp::Broker;
+use mailroom_core::amqp::{Broker, Readiness};
 use mailroom_core::listener::{self, Limits, Plain};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,8 @@ const LIMITS: Limits = Limits {
 
 #[derive(Clone)]
 struct Probe {
-    broker: Broker,
+    consumer: Broker,
+    publisher: Broker,
     store: RedisStore,
     metrics: Option<PrometheusHandle>,
 }
@@ -36,7 +37,8 @@ struct Probe {
 /// address bound (port 0 picks a free one).
 pub async fn serve(
     bind: SocketAddr,
-    broker: Broker,
+    consumer: Broker,
+    publisher: Broker,
     store: RedisStore,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
@@ -48,7 +50,8 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .route("/metrics", get(render))
         .with_state(Probe {
-            broker,
+            consumer,
+            publisher,
             store,
             metrics,
         });
@@ -61,18 +64,14 @@ pub async fn serve(
 }
 
 async fn ready(State(probe): State<Probe>) -> (StatusCode, String) {
-    let broker = probe.broker.is_connected();
-    let redis = probe.store.takes_writes().await.is_ok();
-    let status = if broker && redis {
-        StatusCode::OK
+    // The pool reconnects its consumers itself; republishing needs the
+    // other connection.
+    let broker = if probe.consumer.is_connected() {
+        probe.publisher.readiness()
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        Readiness::Down
     };
-    let word = |up| if up { "up" } else { "down" };
-    (
-        status,
-        format!("broker {}\nredis {}\n", word(broker), word(redis)),
-    )
+    listener::readyz(broker, probe.store.takes_writes().await.is_ok())
 }
 
 async fn render(State(probe): State<Probe>) -> (StatusCode, String) {

@@ -42,7 +42,7 @@ use lapin::{Channel, options::BasicCancelOptions};
 use mailroom_core::amqp::Broker;
 use mailroom_core::budget::{ByteBudget, Share};
 use mailroom_core::job::Lane;
-use mailroom_core::wire::WorkQueue;
+use mailroom_core::wire::{Topology, WorkQueue};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -168,7 +168,21 @@ impl Pool {
             match self.consume_once(queue, &shutdown).await {
                 Ok(Ended::Shutdown(channel)) => return channel,
                 Ok(Ended::Consumed) => delays = reconnect(),
-                Err(err) => tracing::warn!(queue = %queue.name(), error = %err, "consumer lost"),
+                Err(err) => {
+                    tracing::warn!(queue = %queue.name(), error = %err, "consumer lost");
+                    if is_not_found(err.as_ref()) {
+                        // Deleted under the worker: declared again, it is
+                        // consumed again.
+                        let topology = Topology::standard();
+                        let declare = self.broker.declare(&topology);
+                        tokio::select! {
+                            () = shutdown.cancelled() => return None,
+                            declared = declare => if let Err(err) = declared {
+                                tracing::warn!(error = %err, "the topology could not be declared again");
+                            },
+                        }
+                    }
+                }
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(10));
             tokio::select! {
@@ -364,6 +378,15 @@ async fn handle(
             Disposition::Requeue
         });
     acks.settle(delivery_tag, acker, disposition).await;
+}
+
+/// Whether `err` is the broker's `NOT_FOUND` (a queue that does not exist).
+fn is_not_found(err: &(dyn std::error::Error + 'static)) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    err.downcast_ref::<lapin::Error>().is_some_and(|err| {
+        matches!(err.kind(), lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    })
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ const LATE_MARKS_AT_STOP: Duration = Duration::from_secs(3);
 /// A connected worker.
 pub struct Worker {
     broker: Broker,
+    publisher: Broker,
     store: RedisStore,
     pipeline: Arc<Pipeline>,
     size: PoolSize,
@@ -66,6 +67,10 @@ impl Worker {
         let hash_key = settings.hash_key()?.to_vec();
         let broker = Broker::connect_as(&settings.amqp, "mailroom-worker").await?;
         broker.declare(&Topology::standard()).await?;
+        // Retries and dead letters go out on a connection of their own: a
+        // broker's memory or disk alarm blocks a connection that publishes,
+        // reads included, and the consumers' acks must still get through.
+        let publisher = Broker::connect_as(&settings.amqp, "mailroom-worker-republish").await?;
         let store = RedisStore::connect(&settings.redis).await?;
         store.check_setup().await?;
         let transport = Transport::from_settings(settings)?;
@@ -83,10 +88,11 @@ impl Worker {
             transport,
             RetryPolicy::new(worker.retry.clone()),
             worker.on_uncertain,
-            Forwarder::new(broker.clone()),
+            Forwarder::new(publisher.clone()),
         );
         Ok(Self {
             broker,
+            publisher,
             store,
             pipeline,
             size: PoolSize {
@@ -116,6 +122,7 @@ impl Worker {
         health::serve(
             self.health_bind,
             self.broker.clone(),
+            self.publisher.clone(),
             self.store.clone(),
             recorder,
             shutdown,
@@ -134,7 +141,7 @@ impl Worker {
             .await;
         self.pipeline.transport().shutdown().await;
         self.pipeline.late_marks.close(LATE_MARKS_AT_STOP).await;
-        self.broker.close().await;
+        tokio::join!(self.broker.close(), self.publisher.close());
         drained
     }
 }

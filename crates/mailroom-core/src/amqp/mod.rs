@@ -46,6 +46,28 @@ pub struct Outgoing {
     pub mandatory: bool,
 }
 
+/// What [`Broker::readiness`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Connected and taking publishes.
+    Up,
+    /// Connected, but a memory or disk alarm holds every publish.
+    Blocked,
+    /// Not connected (a reconnect is under way).
+    Down,
+}
+
+impl Readiness {
+    /// How `/readyz` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Blocked => "blocked",
+            Self::Down => "down",
+        }
+    }
+}
+
 /// A connection to the broker with a pool of confirm-mode channels.
 #[derive(Clone)]
 pub struct Broker {
@@ -113,6 +135,26 @@ impl Broker {
             .session
             .try_read()
             .map_or(true, |session| session.alive())
+    }
+
+    /// Whether the broker takes publishes now. A connection found dead is
+    /// reconnected in the background (one reconnect for every caller), so a
+    /// probe sees it come back without waiting for a publish to find out,
+    /// and without waiting for it either.
+    pub fn readiness(&self) -> Readiness {
+        let Ok(session) = self.inner.session.try_read() else {
+            // Being replaced right now.
+            return Readiness::Down;
+        };
+        if !session.alive() {
+            let broker = self.clone();
+            tokio::spawn(async move { broker.session().await.map(drop) });
+            return Readiness::Down;
+        }
+        if session.connection.status().blocked() {
+            return Readiness::Blocked;
+        }
+        Readiness::Up
     }
 
     /// A fresh channel on the current connection, for consumers and other

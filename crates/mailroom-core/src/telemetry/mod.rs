@@ -226,14 +226,21 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
 /// without end. Targets match by plain prefix, hence `tower::`:
 /// `tower_http`'s request spans must still be exported.
 fn traced() -> Targets {
-    ["opentelemetry", "tonic", "h2", "hyper", "tower::"]
-        .into_iter()
-        .fold(
-            Targets::new()
-                .with_default(LevelFilter::INFO)
-                .with_target("mailroom", LevelFilter::DEBUG),
-            |targets, target| targets.with_target(target, LevelFilter::OFF),
-        )
+    [
+        "opentelemetry",
+        "tonic",
+        "h2",
+        "hyper",
+        "tower::",
+        "lapin::returned_messages",
+    ]
+    .into_iter()
+    .fold(
+        Targets::new()
+            .with_default(LevelFilter::INFO)
+            .with_target("mailroom", LevelFilter::DEBUG),
+        |targets, target| targets.with_target(target, LevelFilter::OFF),
+    )
 }
 
 /// The log filter from `RUST_LOG`, else the settings, else the default.
@@ -251,12 +258,25 @@ fn log_filter(role: &str, settings: &TelemetrySettings) -> Result<EnvFilter, Tel
             }),
         ),
     };
-    EnvFilter::try_new(&filter).map_err(|error| TelemetryError::Filter {
+    let parsed = EnvFilter::try_new(&filter).map_err(|error| TelemetryError::Filter {
         origin,
         filter,
         error,
-    })
+    })?;
+    Ok(parsed.add_directive(never_logged()))
 }
+
+/// lapin logs a message the broker returned (unroutable) whole, body and
+/// headers, at WARN: a sealed job of up to 64 MiB, with its tenant, in the
+/// log. Off whatever the filter says (a more specific directive wins);
+/// mailroom reports the return itself.
+fn never_logged() -> tracing_subscriber::filter::Directive {
+    RETURNED_MESSAGES_OFF
+        .parse()
+        .expect("a constant directive that parses")
+}
+
+const RETURNED_MESSAGES_OFF: &str = "lapin::returned_messages=off";
 
 fn env_is_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|value| !value.is_empty())
@@ -539,5 +559,19 @@ mod tests {
                 "{error:?}"
             );
         }
+    }
+
+    #[test]
+    fn returned_messages_are_never_logged_whatever_the_filter() {
+        let settings = TelemetrySettings {
+            log_filter: Some("trace".to_owned()),
+            ..TelemetrySettings::default()
+        };
+        let filter = log_filter("worker", &settings).expect("a filter");
+        assert!(
+            filter.to_string().contains(RETURNED_MESSAGES_OFF),
+            "{filter}"
+        );
+        assert!(!traced().would_enable("lapin::returned_messages", &tracing::Level::ERROR));
     }
 }

@@ -248,22 +248,12 @@ async fn healthz() -> &'static str {
 
 /// `/readyz`: broker and Redis reachable.
 #[utoipa::path(get, path = "/readyz", tag = "service", responses(
-    (status = 200, description = "Broker reachable, Redis taking writes"),
-    (status = 503, description = "Broker unreachable, or Redis unreachable or refusing writes"),
+    (status = 200, description = "Broker taking publishes, Redis taking writes"),
+    (status = 503, description = "Broker down or blocked by an alarm, or Redis down or refusing writes"),
 ))]
 async fn ready(State(state): State<Arc<ApiState>>) -> (StatusCode, String) {
-    let broker = state.producer.broker().is_connected();
-    let redis = state.store.takes_writes().await.is_ok();
-    let word = |up| if up { "up" } else { "down" };
-    let status = if broker && redis {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        format!("broker {}\nredis {}\n", word(broker), word(redis)),
-    )
+    let broker = state.producer.broker().readiness();
+    mailroom_core::listener::readyz(broker, state.store.takes_writes().await.is_ok())
 }
 
 /// `/metrics`: Prometheus text.
