@@ -22,6 +22,10 @@ pub struct SmtpOptions {
     pub tls_optional: bool,
     /// Wait this long before answering each end of DATA (a slow relay).
     pub delay: Duration,
+    /// Take each message (it counts as seen), then wait this long before
+    /// answering its end of DATA: a client cut off meanwhile has handed it
+    /// over.
+    pub hold: Duration,
     /// Do not advertise PIPELINING (commands then go one by one).
     pub no_pipelining: bool,
     /// Answer 550 to `RCPT TO` this address.
@@ -84,6 +88,11 @@ impl SmtpServer {
             command
                 .arg("--delay-ms")
                 .arg(options.delay.as_millis().to_string());
+        }
+        if !options.hold.is_zero() {
+            command
+                .arg("--hold-ms")
+                .arg(options.hold.as_millis().to_string());
         }
         if options.no_pipelining {
             command.arg("--no-pipelining");

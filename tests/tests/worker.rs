@@ -911,6 +911,74 @@ async fn a_work_queue_deleted_under_the_worker_is_declared_again_and_consumed() 
 }
 
 #[tokio::test]
+async fn a_stopping_worker_hands_no_more_messages_over_so_none_is_cut_off_and_sent_twice() {
+    let slow = SmtpOptions {
+        hold: Duration::from_secs(2),
+        ..SmtpOptions::default()
+    };
+    let mut stack = Stack::new("worker-stop-handing", &slow);
+    // One connection: the jobs queue for it, each handed over in turn.
+    stack.settings.smtp.pool_size = 1;
+    stack.settings.worker.shutdown_grace = Duration::from_secs(3);
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let shutdown = CancellationToken::new();
+    // A runtime of its own, dropped once the worker's run returns: what is
+    // still in work then stops mid-step, as at a process's exit.
+    let running = {
+        let (settings, shutdown) = (stack.settings.clone(), shutdown.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+            runtime.block_on(async {
+                let worker = Worker::connect(&settings).await.expect("worker");
+                // Not asked to drain cleanly: a job still waiting for the
+                // connection may take longer than this short grace.
+                worker.run(shutdown).await
+            });
+        })
+    };
+    let ids = enqueue_all(
+        &producer,
+        (0..4).map(|i| job(&format!("queued {i}"))).collect(),
+    )
+    .await;
+    let store = statuses(&stack.settings).await;
+    let start = Instant::now();
+    'sending: loop {
+        for id in &ids {
+            if store.get(id).await.expect("status").map(|s| s.state) == Some(JobState::Sending) {
+                break 'sending;
+            }
+        }
+        assert!(start.elapsed() < PATIENCE, "nothing was sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first is with the relay (its reply 2 s away, within the grace);
+    // before the stop, the next would have been handed over after it and
+    // cut off by the grace's end, to be sent again by the next worker.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shutdown.cancel();
+    tokio::task::spawn_blocking(move || running.join())
+        .await
+        .expect("joined")
+        .expect("the worker stops");
+    let worker = start_worker(&stack.settings).await;
+    for id in &ids {
+        assert_eq!(settled(&store, id).await.state, JobState::Sent);
+    }
+    let mut message_ids: Vec<_> = stack
+        .smtp
+        .accepted()
+        .into_iter()
+        .filter_map(|seen| seen.message_id)
+        .collect();
+    message_ids.sort();
+    message_ids.dedup();
+    assert_eq!(stack.smtp.accepted().len(), 4, "each sent once");
+    assert_eq!(message_ids.len(), 4);
+    stop(worker, producer).await;
+}
+
+#[tokio::test]
 async fn a_flood_of_duplicates_sends_each_key_once() {
     let stack = Stack::new("worker-flood", &SmtpOptions::default());
     let (producer, worker) = start(&stack.settings).await;

@@ -7,13 +7,13 @@
 
 use std::time::SystemTime;
 
-use lettre::Message;
-use lettre::address::Envelope;
-use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
-use mailroom_core::job::SendJob;
+use lettre::address::{Address, Envelope};
+use lettre::message::header::{self, ContentTransferEncoding, ContentType, HeaderName, Headers};
+use lettre::message::{Attachment, Body as PartBody, Mailbox, MaybeString, MultiPart, SinglePart};
+use mailroom_core::job::{Attachment as JobAttachment, SendJob};
 use mailroom_core::validate::parse_mailbox;
 
+mod headers;
 mod text;
 
 /// A job that cannot become a message. Validation refuses these before
@@ -49,84 +49,106 @@ pub struct OutgoingMessage {
 }
 
 /// Builds `job`'s message.
+///
+/// The headers are put together here, not by lettre's message builder: it
+/// parses each address header back to add to it or to check it, and its
+/// parser cannot read a quoted local part (`"john doe"@example.org`), so
+/// such an address vanished from `To` and such a sender failed the build.
 pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
     let message = &job.message;
     let from = mailbox("from", &message.from)?;
     let message_id = format!("<{}@{}>", job.id, from.email.domain());
-    let sender = from.email.clone();
-    let mut recipients = Vec::new();
-    let mut builder = Message::builder()
-        .from(from)
-        .subject(message.subject.clone())
-        .message_id(Some(message_id.clone()))
-        .date(SystemTime::from(job.created_at));
-    for (field, list) in [
-        ("to", &message.to),
-        ("cc", &message.cc),
-        ("bcc", &message.bcc),
-        ("reply_to", &message.reply_to),
-    ] {
-        for (i, text) in list.iter().enumerate() {
-            let parsed = mailbox(&format!("{field}[{i}]"), text)?;
-            if field != "reply_to" {
-                recipients.push(parsed.email.clone());
-            }
-            builder = match field {
-                "to" => builder.to(parsed),
-                "cc" => builder.cc(parsed),
-                "bcc" => builder.bcc(parsed),
-                _ => builder.reply_to(parsed),
-            };
+    let to = mailboxes("to", &message.to)?;
+    let cc = mailboxes("cc", &message.cc)?;
+    let bcc = mailboxes("bcc", &message.bcc)?;
+    let reply_to = mailboxes("reply_to", &message.reply_to)?;
+    // `Sender` is reserved, so the envelope's sender is always `From`.
+    let recipients: Vec<Address> = [&to, &cc, &bcc]
+        .into_iter()
+        .flatten()
+        .map(|mailbox| mailbox.email.clone())
+        .collect();
+    let envelope = Envelope::new(Some(from.email.clone()), recipients)
+        .map_err(|err| MessageError::Build(err.to_string()))?;
+
+    let mut head = Headers::new();
+    head.insert_raw(headers::address_list("From", std::slice::from_ref(&from)));
+    head.insert_raw(headers::unstructured(
+        HeaderName::new_from_ascii_str("Subject"),
+        &message.subject,
+    ));
+    head.set(header::MessageId::from(message_id.clone()));
+    head.set(header::Date::new(SystemTime::from(job.created_at)));
+    for (name, list) in [("To", &to), ("Cc", &cc), ("Reply-To", &reply_to)] {
+        if !list.is_empty() {
+            head.insert_raw(headers::address_list(name, list));
         }
     }
     for (name, value) in &message.headers {
         let header = HeaderName::new_from_ascii(name.clone())
             .map_err(|_| MessageError::Header(name.clone()))?;
-        builder = builder.raw_header(HeaderValue::new(header, value.clone()));
+        head.insert_raw(headers::unstructured(header, value));
     }
-    // Given rather than left to lettre, which would parse the headers it
-    // was just given back into addresses (`Sender` is reserved, so the
-    // envelope's sender is always `From`).
-    let envelope = Envelope::new(Some(sender), recipients)
-        .map_err(|err| MessageError::Build(err.to_string()))?;
-    builder = builder.envelope(envelope);
+    head.set(header::MIME_VERSION_1_0);
+
+    let mut raw = head.to_string().into_bytes();
+    raw.extend(body(
+        message.text.as_deref(),
+        message.html.as_deref(),
+        &message.attachments,
+    )?);
+    Ok(OutgoingMessage {
+        envelope,
+        message_id,
+        raw,
+    })
+}
+
+/// The MIME body, its own headers first: the readable part or parts, then
+/// the attachments.
+fn body(
+    text: Option<&str>,
+    html: Option<&str>,
+    attachments: &[JobAttachment],
+) -> Result<Vec<u8>, MessageError> {
     let plain = |text: &str| text::part(text, ContentType::TEXT_PLAIN);
-    let html = |html: &str| text::part(html, ContentType::TEXT_HTML);
-    let body = match (&message.text, &message.html) {
+    let html_part = |html: &str| text::part(html, ContentType::TEXT_HTML);
+    let readable = match (text, html) {
         (Some(text), Some(markup)) => Body::Alternative(
             MultiPart::alternative()
                 .singlepart(plain(text))
-                .singlepart(html(markup)),
+                .singlepart(html_part(markup)),
         ),
-        (None, Some(markup)) => Body::Single(html(markup)),
-        (text, None) => Body::Single(plain(text.as_deref().unwrap_or_default())),
+        (None, Some(markup)) => Body::Single(html_part(markup)),
+        (text, None) => Body::Single(plain(text.unwrap_or_default())),
     };
-    let built = if message.attachments.is_empty() {
-        match body {
-            Body::Single(part) => builder.singlepart(part),
-            Body::Alternative(parts) => builder.multipart(parts),
-        }
-    } else {
-        let mut mixed = match body {
-            Body::Single(part) => MultiPart::mixed().singlepart(part),
-            Body::Alternative(parts) => MultiPart::mixed().multipart(parts),
-        };
-        for (i, attachment) in message.attachments.iter().enumerate() {
-            let content_type = ContentType::parse(&attachment.content_type)
-                .map_err(|_| MessageError::ContentType(i))?;
-            mixed = mixed.singlepart(
-                Attachment::new(attachment.filename.clone())
-                    .body(attachment.content.clone(), content_type),
-            );
-        }
-        builder.multipart(mixed)
+    if attachments.is_empty() {
+        return Ok(match readable {
+            Body::Single(part) => part.formatted(),
+            Body::Alternative(parts) => parts.formatted(),
+        });
     }
-    .map_err(|err| MessageError::Build(err.to_string()))?;
-    Ok(OutgoingMessage {
-        envelope: built.envelope().clone(),
-        message_id,
-        raw: built.formatted(),
-    })
+    let mut mixed = match readable {
+        Body::Single(part) => MultiPart::mixed().singlepart(part),
+        Body::Alternative(parts) => MultiPart::mixed().multipart(parts),
+    };
+    for (i, attachment) in attachments.iter().enumerate() {
+        mixed = mixed.singlepart(attachment_part(i, attachment)?);
+    }
+    Ok(mixed.formatted())
+}
+
+/// An attachment, always base64: its bytes arrive as they were. lettre
+/// sends bytes that happen to be ASCII as 7bit, whose line ends relays
+/// and the transport make CRLF, changing the file.
+fn attachment_part(i: usize, attachment: &JobAttachment) -> Result<SinglePart, MessageError> {
+    let content_type =
+        ContentType::parse(&attachment.content_type).map_err(|_| MessageError::ContentType(i))?;
+    // `Binary`: a string would have its line ends made CRLF first.
+    let bytes = MaybeString::Binary(attachment.content.clone());
+    let body = PartBody::new_with_encoding(bytes, ContentTransferEncoding::Base64)
+        .map_err(|_| MessageError::Build(format!("attachments[{i}]: not encodable")))?;
+    Ok(Attachment::new(attachment.filename.clone()).body(body, content_type))
 }
 
 /// The readable part of a message: one body, or text and HTML alternatives.
@@ -141,10 +163,16 @@ fn mailbox(field: &str, text: &str) -> Result<Mailbox, MessageError> {
     })
 }
 
+/// Every mailbox of the list `field`.
+fn mailboxes(field: &str, list: &[String]) -> Result<Vec<Mailbox>, MessageError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, text)| mailbox(&format!("{field}[{i}]"), text))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use mailroom_core::job::Attachment as JobAttachment;
-
     use super::*;
     use crate::steps::tests::sample_job;
 
@@ -216,5 +244,188 @@ mod tests {
         assert!(raw.contains("filename=\"receipt.pdf\""), "{raw}");
         assert!(raw.contains("X-Campaign: spring"), "{raw}");
         assert!(raw.contains("Thanks"), "{raw}");
+    }
+
+    /// The header section, as lines without their CRLF.
+    fn header_lines(message: &OutgoingMessage) -> Vec<String> {
+        let raw = text(message);
+        let (head, _) = raw.split_once("\r\n\r\n").expect("headers, then body");
+        head.split("\r\n").map(str::to_owned).collect()
+    }
+
+    /// Header `name`'s value, unfolded (RFC 5322 §2.2.3: CRLF removed).
+    fn header(message: &OutgoingMessage, name: &str) -> Option<String> {
+        let raw = text(message);
+        let (head, _) = raw.split_once("\r\n\r\n").expect("headers, then body");
+        let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", "\t");
+        let prefix = format!("{name}: ");
+        unfolded
+            .split("\r\n")
+            .find_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+    }
+
+    /// A job with every header as long as validation lets it be.
+    fn longest_headers_job() -> SendJob {
+        let mut job = sample_job();
+        let address = |i: usize| format!("user{i}.with.a.longish.name@subdomain{i}.example.org");
+        job.message.to = (0..30).map(address).collect();
+        job.message.cc = (30..50)
+            .map(|i| format!("\"Lovelace, Ada {i}\" <{}>", address(i)))
+            .collect();
+        job.message.reply_to = vec![
+            format!("{} <answers@example.com>", "Name".repeat(240)),
+            format!("\"{}\" <answers@example.com>", "a".repeat(980)),
+            format!("\"{}\" <answers@example.com>", "a b,".repeat(245)),
+            format!("{} <answers@example.com>", "é".repeat(970)),
+        ];
+        let headers = [
+            ("X-Long", "a".repeat(998)),
+            ("X-Words", "word ".repeat(200).trim_end().to_owned()),
+            ("X-Utf", "é".repeat(998)),
+            (
+                "X-Mixed",
+                format!("{} {}", "b".repeat(500), "ü".repeat(497)),
+            ),
+            ("X-Spaces", format!("a{}b", " ".repeat(996))),
+            ("X-Tabs", "c\t".repeat(499)),
+        ];
+        for (name, value) in headers {
+            job.message.headers.insert(name.to_owned(), value);
+        }
+        job
+    }
+
+    #[test]
+    fn no_header_line_is_over_998_octets() {
+        let message = build_message(&longest_headers_job()).expect("build");
+        for line in header_lines(&message) {
+            assert!(line.len() <= 998, "{} octets: {line}", line.len());
+            assert!(!line.trim().is_empty(), "a line of only whitespace");
+        }
+    }
+
+    #[test]
+    fn address_lists_fold_after_commas() {
+        let job = longest_headers_job();
+        let message = build_message(&job).expect("build");
+        let lines = header_lines(&message);
+        let to_lines = lines
+            .iter()
+            .skip_while(|line| !line.starts_with("To: "))
+            .take_while(|line| line.starts_with("To: ") || line.starts_with(' '));
+        for line in to_lines {
+            assert!(line.len() <= 78, "{line}");
+        }
+        assert_eq!(
+            header(&message, "To").as_deref(),
+            Some(job.message.to.join(", ").as_str())
+        );
+        assert_eq!(
+            header(&message, "Cc").as_deref(),
+            Some(job.message.cc.join(", ").as_str())
+        );
+    }
+
+    #[test]
+    fn a_long_custom_value_folds_at_its_whitespace() {
+        let job = longest_headers_job();
+        let message = build_message(&job).expect("build");
+        for name in ["X-Words", "X-Tabs"] {
+            assert_eq!(
+                header(&message, name).as_ref(),
+                job.message.headers.get(name),
+                "{name}: unfolding gives the value back"
+            );
+        }
+        let words = header_lines(&message)
+            .into_iter()
+            .skip_while(|line| !line.starts_with("X-Words: "))
+            .take_while(|line| line.starts_with("X-Words: ") || line.starts_with(' '))
+            .collect::<Vec<_>>();
+        assert!(words.len() > 1, "folded");
+        assert!(words.iter().all(|line| line.len() <= 78), "{words:?}");
+    }
+
+    #[test]
+    fn a_bare_quoted_local_part_is_kept_in_its_header() {
+        let mut job = sample_job();
+        job.message.to = vec![
+            "\"john doe\"@example.org".to_owned(),
+            "bob@example.org".to_owned(),
+        ];
+        job.message.cc = vec![
+            "\"jane doe\"@example.org".to_owned(),
+            "\"Lovelace, Ada\" <ada@example.org>".to_owned(),
+        ];
+        let message = build_message(&job).expect("build");
+        assert_eq!(
+            header(&message, "To").as_deref(),
+            Some("\"john doe\"@example.org, bob@example.org")
+        );
+        assert_eq!(
+            header(&message, "Cc").as_deref(),
+            Some("\"jane doe\"@example.org, \"Lovelace, Ada\" <ada@example.org>")
+        );
+    }
+
+    #[test]
+    fn a_sender_with_a_quoted_local_part_is_sent() {
+        let mut job = sample_job();
+        job.message.from = "\"no reply\"@shop.example".to_owned();
+        let message = build_message(&job).expect("build");
+        assert_eq!(
+            message.envelope.from().map(ToString::to_string).as_deref(),
+            Some("\"no reply\"@shop.example")
+        );
+        assert_eq!(
+            header(&message, "From").as_deref(),
+            Some("\"no reply\"@shop.example")
+        );
+        assert_eq!(message.message_id, format!("<{}@shop.example>", job.id));
+    }
+
+    #[test]
+    fn attachments_keep_their_exact_bytes() {
+        let mut job = sample_job();
+        // Name, type, bytes, and the bytes in base64.
+        let files: [(&str, &str, &[u8], &str); 3] = [
+            (
+                "a.bin",
+                "application/octet-stream",
+                b"hello\nworld\n",
+                "aGVsbG8Kd29ybGQK",
+            ),
+            (
+                "b.bin",
+                "application/octet-stream",
+                b"line1\r\nline2\nline3\rend",
+                "bGluZTENCmxpbmUyCmxpbmUzDWVuZA==",
+            ),
+            ("c.csv", "text/csv", b"a,b\nc,d\n", "YSxiCmMsZAo="),
+        ];
+        job.message.attachments = files
+            .iter()
+            .map(|&(filename, content_type, content, _)| JobAttachment {
+                filename: filename.to_owned(),
+                content_type: content_type.to_owned(),
+                content: content.to_vec(),
+            })
+            .collect();
+        let raw = text(&build_message(&job).expect("build"));
+        for (filename, _, _, base64) in files {
+            let start = raw
+                .find(&format!("filename=\"{filename}\""))
+                .expect("the attachment");
+            let part = &raw[raw[..start].rfind("\r\n--").expect("its boundary")..];
+            let (head, body) = part.split_once("\r\n\r\n").expect("head, then body");
+            assert!(
+                head.contains("Content-Transfer-Encoding: base64"),
+                "{filename}: {head}"
+            );
+            assert!(
+                body.starts_with(&format!("{base64}\r\n")),
+                "{filename}: {body}"
+            );
+        }
     }
 }

@@ -15,7 +15,7 @@
 //! needs before the pool acks.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mailroom_core::job::SendJob;
@@ -73,6 +73,11 @@ pub struct Pipeline {
     /// mistaken for ours.
     pub(crate) worker_id: String,
     deliveries: AtomicU64,
+    /// Set when the worker starts stopping: from then on no message is
+    /// handed to the relay, so the shutdown grace is spent on the replies
+    /// to those already handed over, and none is cut off between its end
+    /// of DATA and its reply (which would send it again).
+    stopping: AtomicBool,
 }
 
 /// A trip through the steps: the job if it opened, the claim if one was
@@ -113,7 +118,17 @@ impl Pipeline {
             forward,
             worker_id: format!("worker-{}", uuid::Uuid::now_v7()),
             deliveries: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         })
+    }
+
+    /// Hands no more messages to the relay (see `stopping`).
+    pub(crate) fn stop_sending(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// The transport deliveries go through.
@@ -167,6 +182,9 @@ impl Pipeline {
         });
         if let Err(verdict) = checked {
             return end(Some(job), None, verdict);
+        }
+        if self.is_stopping() {
+            return end(Some(job), None, Verdict::Return);
         }
         // Step 4, the suppression list, comes with the next issue.
         let token = self.dedup.token(&self.delivery_owner(), &job);
@@ -260,11 +278,14 @@ impl Pipeline {
     }
 
     /// Just before the end of DATA is the last point where a send can stop
-    /// with nothing handed over. A claim that may have passed to another
+    /// with nothing handed over. A worker stopping stops it there. A claim that may have passed to another
     /// delivery stops it there (known here, no round trip); in park mode
     /// the handed marker is written there, by a script that checks the
     /// claim again.
     async fn before_end_of_data(&self, token: &ClaimToken, lease: &Lease) -> Result<(), Withheld> {
+        if self.is_stopping() {
+            return Err(Withheld::Stopping);
+        }
         if !lease.holds_at(Instant::now()) {
             tracing::warn!("claim lease lost before the end of DATA: not handed over");
             return Err(Withheld::LeaseLost);

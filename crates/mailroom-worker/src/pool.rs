@@ -108,6 +108,7 @@ impl Pool {
             .map(|queue| tokio::spawn(Arc::clone(&this).consume(queue, shutdown.clone())))
             .collect();
         shutdown.cancelled().await;
+        this.pipeline.stop_sending();
         let deadline = tokio::time::Instant::now() + this.size.grace;
         let mut channels = Vec::new();
         for consumer in consumers {

@@ -32,6 +32,10 @@ pub enum Verdict {
         /// Why, for logs and metrics.
         why: &'static str,
     },
+    /// The worker is stopping and had not handed the message to the relay:
+    /// the claim is released and the delivery goes back to its queue as it
+    /// came, for the next worker.
+    Return,
     /// Give up: the job goes to the dead-letter queue.
     DeadLetter {
         /// Why, as recorded in the `mailroom-reason` header.

@@ -9,7 +9,9 @@
 //!   taken before is left to its lease (a send withheld because the lease
 //!   may be gone must not free a claim that may be another's now);
 //! - dead letter: release the claim, publish to `mailroom.dead` with the
-//!   reason (confirmed), ack.
+//!   reason (confirmed), ack;
+//! - return (the worker is stopping, nothing handed to the relay): release
+//!   the claim, requeue.
 //!
 //! A republish the broker does not confirm means no ack: the delivery is
 //! requeued and tried again, so nothing is lost.
@@ -98,6 +100,12 @@ pub async fn settle(pipeline: &Pipeline, incoming: &Incoming, trip: Trip) -> Dis
                     Disposition::Requeue
                 }
             }
+        }
+        Verdict::Return => {
+            span.record("mailroom.outcome", "returned");
+            release(pipeline, claim.as_ref()).await;
+            tracing::info!("worker stopping: returned to the queue unsent");
+            Disposition::Requeue
         }
         Verdict::DeadLetter { reason, detail } => {
             if reason == DeadReason::Uncertain {

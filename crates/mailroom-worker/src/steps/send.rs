@@ -88,6 +88,7 @@ pub fn verdict_of(result: Result<u16, SendError>, on_uncertain: OnUncertain) -> 
             delay: REDIS_DOWN_DELAY,
             why: "redis unavailable",
         },
+        Err(SendError::Withheld(Withheld::Stopping)) => Verdict::Return,
     }
 }
 

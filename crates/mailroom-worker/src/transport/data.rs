@@ -3,18 +3,17 @@
 
 /// `raw` as DATA carries it, end included, so the body and its end go out
 /// in one write: on its own, the five-byte end costs a segment and a
-/// system call on each side for every message. `None` when `raw` is not
-/// UTF-8, which lettre's encoded messages always are (the caller then
-/// hands [`crlf_breaks`] of it to lettre, which doubles the dots itself).
+/// system call on each side for every message. Bytes that are not UTF-8
+/// go as they are.
 ///
 /// Every bare CR and bare LF becomes CRLF as the dots are doubled: lettre
 /// ends its own lines with CRLF but passes a lone CR in a 7bit body
 /// through, and a relay that reads `<CR>.<CR><LF>` or `<LF>.<CR><LF>` as
 /// the end of DATA would take what follows as commands (SMTP smuggling).
-pub fn data_section(raw: &[u8]) -> Option<String> {
+pub fn data_section(raw: &[u8]) -> Vec<u8> {
     let mut out = rebroken(raw, true);
     out.extend_from_slice(b"\r\n.\r\n");
-    String::from_utf8(out).ok()
+    out
 }
 
 /// `raw` with every line break a CRLF and its dots as they are.
@@ -85,7 +84,7 @@ mod tests {
         /// undoes the dots reads the body back with CRLF line breaks.
         #[test]
         fn only_the_end_ends_the_data(text in "[a.\r\n]{0,40}") {
-            let data = data_section(text.as_bytes()).expect("utf-8");
+            let data = String::from_utf8(data_section(text.as_bytes())).expect("utf-8");
             let body = data.strip_suffix("\r\n.\r\n").expect("the end");
             let framed = format!("\r\n{body}\r\n");
             prop_assert!(!framed.contains("\r\n.\r\n"));
@@ -108,22 +107,22 @@ mod tests {
 
     #[test]
     fn leading_dots_are_doubled_and_the_end_added() {
-        let data = data_section(b".first\r\nmiddle.\r\n.\r\n..two\r\nlast").expect("utf-8");
-        assert_eq!(data, "..first\r\nmiddle.\r\n..\r\n...two\r\nlast\r\n.\r\n");
+        let data = data_section(b".first\r\nmiddle.\r\n.\r\n..two\r\nlast");
+        assert_eq!(data, b"..first\r\nmiddle.\r\n..\r\n...two\r\nlast\r\n.\r\n");
     }
 
     #[test]
     fn bare_line_ends_become_crlf_so_nothing_can_end_the_data_early() {
-        let data = data_section(b"a\n.\r\nb").expect("utf-8");
-        assert_eq!(data, "a\r\n..\r\nb\r\n.\r\n");
-        let data = data_section(b"a\r.\r\nMAIL FROM:<x@y>\r\n").expect("utf-8");
-        assert_eq!(data, "a\r\n..\r\nMAIL FROM:<x@y>\r\n\r\n.\r\n");
-        let data = data_section(b"\n.\r\r\n").expect("utf-8");
-        assert_eq!(data, "\r\n..\r\n\r\n\r\n.\r\n");
+        let data = data_section(b"a\n.\r\nb");
+        assert_eq!(data, b"a\r\n..\r\nb\r\n.\r\n");
+        let data = data_section(b"a\r.\r\nMAIL FROM:<x@y>\r\n");
+        assert_eq!(data, b"a\r\n..\r\nMAIL FROM:<x@y>\r\n\r\n.\r\n");
+        let data = data_section(b"\n.\r\r\n");
+        assert_eq!(data, b"\r\n..\r\n\r\n\r\n.\r\n");
     }
 
     #[test]
-    fn non_utf8_is_left_to_lettre() {
-        assert_eq!(data_section(b"\xff\r\n"), None);
+    fn bytes_that_are_not_utf8_go_as_they_are() {
+        assert_eq!(data_section(b"\xff\n.\xfe"), b"\xff\r\n..\xfe\r\n.\r\n");
     }
 }

@@ -8,7 +8,9 @@
 
 mod data;
 mod file;
+mod reply;
 mod smtp;
+mod wire;
 
 use std::pin::Pin;
 
@@ -73,6 +75,9 @@ pub enum Withheld {
     /// Redis could not take the handed marker.
     #[error("handed marker not written: {0}")]
     Unavailable(String),
+    /// The worker is stopping: it hands no more messages over.
+    #[error("the worker is stopping")]
+    Stopping,
 }
 
 impl SendError {

@@ -1,12 +1,14 @@
-//! The `smtp` transport: a pool of lettre `AsyncSmtpConnection`s to one
-//! relay.
+//! The `smtp` transport: a pool of connections to one relay.
 //!
 //! lettre's pooled `AsyncSmtpTransport` reports a failure without saying
 //! at which step it happened; mailroom needs to know, because a connection
 //! lost after the end of DATA is *uncertain* (the relay may have taken the
-//! message) while one lost before it is plainly transient. So the MAIL,
-//! RCPT, DATA steps are driven here, over lettre's connection type, with a
-//! timeout on each command.
+//! message) while one lost before it is plainly transient. So the session
+//! is driven here, over lettre's stream and TLS ([`Wire`]), with a timeout
+//! on each command, and every reply is checked against the command it
+//! answers: a reply no command asked for, or a code the command cannot
+//! have (a 2xx to DATA), means the relay and mailroom no longer agree on
+//! which reply is whose, and the connection is dropped.
 //!
 //! **Handing over a busy connection.** With all of the pool's connections
 //! in use, a delivery waits in a queue with its envelope. The holder of a
@@ -33,14 +35,20 @@ use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
-use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
-use lettre::transport::smtp::response::Response;
+#[allow(deprecated)] // Public and kept in 0.11; see `wire`.
+use lettre::transport::smtp::client::AsyncNetworkStream;
+use lettre::transport::smtp::client::{Certificate, TlsParameters};
+use lettre::transport::smtp::commands::{Auth, Data, Ehlo, Mail, Rcpt, Starttls};
+use lettre::transport::smtp::extension::{
+    ClientId, Extension, MailBodyParameter, MailParameter, ServerInfo,
+};
+use lettre::transport::smtp::response::{Category, Code, Detail, Response, Severity};
 use mailroom_core::settings::{SmtpSettings, TlsMode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use super::data::{crlf_breaks, data_section};
+use super::data::data_section;
+use super::reply::Reply;
+use super::wire::{Wire, WireError};
 use super::{Delivered, HandOver, SendError, TransportError, Withheld};
 use crate::message::OutgoingMessage;
 
@@ -72,7 +80,9 @@ struct Relay {
 
 /// A connection and what its relay offers.
 struct Session {
-    smtp: AsyncSmtpConnection,
+    smtp: Wire,
+    /// The relay's EHLO extensions.
+    info: ServerInfo,
     /// RFC 2920: MAIL, RCPT and DATA go out in one write.
     pipelining: bool,
 }
@@ -153,7 +163,7 @@ enum Opening {
 /// How a transaction ended, and the waiter whose commands followed its end
 /// of DATA, to be handed the connection (only when it is still in step).
 struct Ended {
-    result: Result<Response, (Step, Failure)>,
+    result: Result<Reply, (Step, Failure)>,
     next: Option<Waiter>,
 }
 
@@ -173,24 +183,15 @@ pub struct SmtpMessage {
     envelope: Envelope,
     /// Not 7-bit: needs 8BITMIME.
     eight_bit: bool,
-    body: DataBody,
-}
-
-enum DataBody {
     /// The DATA section, dots doubled and end included: one write.
-    Section(String),
-    /// Not UTF-8: CRLF breaks only, for lettre, which doubles the dots.
-    Lettre(Vec<u8>),
+    body: Vec<u8>,
 }
 
 impl SmtpMessage {
     /// `message` as DATA carries it.
     pub fn new(message: OutgoingMessage) -> Self {
         let eight_bit = !message.raw.is_ascii();
-        let body = match data_section(&message.raw) {
-            Some(section) => DataBody::Section(section),
-            None => DataBody::Lettre(crlf_breaks(&message.raw)),
-        };
+        let body = data_section(&message.raw);
         Self {
             envelope: message.envelope,
             eight_bit,
@@ -319,11 +320,21 @@ impl SmtpTransport {
         if let Some(next) = next {
             next.hand(session, permit);
             return result
-                .map(|response| delivered(&response))
+                .map(|reply| delivered(&reply))
                 .map_err(|(step, err)| err.into_send_error(step));
         }
         match result {
-            Ok(response) => Ok(self.keep(session, &response)),
+            Ok(reply) => {
+                // Bytes after our reply were asked for by no command: the
+                // reply was ours (the connection was in step when the body
+                // went), but the connection is no longer fit for another.
+                if session.smtp.check_in_step().is_ok() {
+                    self.keep(session);
+                } else {
+                    abort(&mut session.smtp).await;
+                }
+                Ok(delivered(&reply))
+            }
             Err((step, err)) => {
                 abort(&mut session.smtp).await;
                 Err(err.into_send_error(step))
@@ -388,13 +399,13 @@ impl SmtpTransport {
 
     /// The first waiter whose commands this connection can carry, with
     /// those commands; waiters that gave up are dropped on the way.
-    fn next_waiter(&self, connection: &AsyncSmtpConnection) -> Option<(Waiter, String)> {
+    fn next_waiter(&self, info: &ServerInfo) -> Option<(Waiter, String)> {
         let mut waiters = self.lock_waiters();
         while let Some(waiter) = waiters.pop_front() {
             if waiter.handed.is_closed() {
                 continue;
             }
-            let Ok(group) = opening_group(connection, &waiter.envelope, waiter.eight_bit) else {
+            let Ok(group) = opening_group(info, &waiter.envelope, waiter.eight_bit) else {
                 // It needs an extension this relay lacks: it fails on a
                 // connection of its own, with its own error.
                 waiters.push_front(waiter);
@@ -424,7 +435,7 @@ impl SmtpTransport {
         self.permits.close();
         let idle: Vec<Idle> = self.lock_idle().drain(..).collect();
         futures_util::future::join_all(idle.into_iter().map(|mut idle| async move {
-            let _ = tokio::time::timeout(QUIT_WAIT, idle.session.smtp.quit()).await;
+            abort(&mut idle.session.smtp).await;
         }))
         .await;
     }
@@ -437,15 +448,20 @@ impl SmtpTransport {
 
     fn take_idle(&self) -> Option<Session> {
         let mut idle = self.lock_idle();
-        while let Some(candidate) = idle.pop() {
-            if candidate.since.elapsed() < MAX_IDLE && !candidate.session.smtp.has_broken() {
+        while let Some(mut candidate) = idle.pop() {
+            // What a relay sent an idle connection (a 421 as it closes, a
+            // stray line) is no reply of ours: such a connection is dropped.
+            if candidate.since.elapsed() < MAX_IDLE
+                && !candidate.session.smtp.is_broken()
+                && candidate.session.smtp.check_in_step().is_ok()
+            {
                 return Some(candidate.session);
             }
         }
         None
     }
 
-    fn keep(&self, session: Session, response: &Response) -> Delivered {
+    fn keep(&self, session: Session) {
         let mut idle = self.lock_idle();
         if idle.len() < self.pool_size {
             idle.push(Idle {
@@ -453,97 +469,13 @@ impl SmtpTransport {
                 since: Instant::now(),
             });
         }
-        delivered(response)
     }
 
     /// Connects, greets, upgrades to TLS and authenticates, within
     /// `smtp.connect_timeout`.
     async fn connect(&self) -> Result<Session, SendError> {
         let relay = &self.relay;
-        let connecting = async {
-            let mut connection = if let (TlsMode::Implicit, Some(parameters)) =
-                (relay.tls, relay.tls_parameters.clone())
-            {
-                AsyncSmtpConnection::connect_tokio1(
-                    (relay.host.as_str(), relay.port),
-                    Some(relay.connect_timeout),
-                    &relay.hello,
-                    Some(parameters),
-                    None,
-                )
-                .await
-                .map_err(|err| connect_error("connecting", &err))?
-            } else {
-                let tcp = tokio::net::TcpStream::connect((relay.host.as_str(), relay.port))
-                    .await
-                    .map_err(|err| SendError::transient(None, &format!("connecting: {err}")))?;
-                // The end of DATA is a small write right after the body:
-                // with Nagle on, it waits for the relay's delayed ACK
-                // (~40 ms a message).
-                tcp.set_nodelay(true)
-                    .map_err(|err| SendError::transient(None, &format!("connecting: {err}")))?;
-                AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &relay.hello)
-                    .await
-                    .map_err(|err| connect_error("greeting", &err))?
-            };
-            let upgrade = match relay.tls {
-                TlsMode::StarttlsRequired => {
-                    if !connection.can_starttls() {
-                        abort(&mut connection).await;
-                        return Err(SendError::transient(
-                            None,
-                            "the relay does not offer STARTTLS and smtp.tls is starttls-required",
-                        ));
-                    }
-                    true
-                }
-                TlsMode::Opportunistic => connection.can_starttls(),
-                TlsMode::Implicit | TlsMode::None => false,
-            };
-            if upgrade && let Some(parameters) = relay.tls_parameters.clone() {
-                connection
-                    .starttls(parameters, &relay.hello)
-                    .await
-                    .map_err(|err| connect_error("STARTTLS", &err))?;
-            }
-            if let Some(credentials) = &relay.credentials {
-                // With `opportunistic`, a relay that does not offer STARTTLS
-                // may be an attacker who struck it from the EHLO reply:
-                // the password goes in clear only where plaintext is
-                // allowed.
-                if !connection.is_encrypted() && !relay.plaintext_allowed {
-                    abort(&mut connection).await;
-                    return Err(SendError::transient(
-                        None,
-                        "the relay did not offer STARTTLS: AUTH is not sent in clear to a host \
-                         that is not loopback unless smtp.allow_plaintext = true",
-                    ));
-                }
-                // A refused login is the operator's to fix, not the
-                // message's fault: transient, so nothing is dead-lettered
-                // for a wrong password.
-                connection
-                    .auth(&[Mechanism::Plain, Mechanism::Login], credentials)
-                    .await
-                    .map_err(|err| {
-                        SendError::transient(err.status().map(u16::from), &format!("AUTH: {err}"))
-                    })?;
-            }
-            // lettre keeps only the EHLO keywords it knows; ask again to
-            // learn whether the relay takes pipelined commands.
-            let ehlo = connection
-                .command(Ehlo::new(relay.hello.clone()))
-                .await
-                .map_err(|err| connect_error("EHLO", &err))?;
-            let pipelining = ehlo
-                .message()
-                .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
-            Ok(Session {
-                smtp: connection,
-                pipelining,
-            })
-        };
-        tokio::time::timeout(relay.connect_timeout, connecting)
+        tokio::time::timeout(relay.connect_timeout, self.open_session())
             .await
             .unwrap_or_else(|_| {
                 Err(SendError::transient(
@@ -554,6 +486,76 @@ impl SmtpTransport {
                     ),
                 ))
             })
+    }
+
+    /// [`Self::connect`] without its time limit.
+    async fn open_session(&self) -> Result<Session, SendError> {
+        let relay = &self.relay;
+        let mut wire = self.open_stream().await?;
+        let greeting = wire.read_reply().await.map_err(Failure::Wire);
+        expect(greeting, |code| code == 220, "the greeting")
+            .map_err(|failure| setup_error("greeting", failure))?;
+        let mut session = ehlo(wire, &relay.hello).await?;
+        let upgrade = match relay.tls {
+            TlsMode::StarttlsRequired => {
+                if !session.info.supports_feature(Extension::StartTls) {
+                    abort(&mut session.smtp).await;
+                    return Err(SendError::transient(
+                        None,
+                        "the relay does not offer STARTTLS and smtp.tls is starttls-required",
+                    ));
+                }
+                true
+            }
+            TlsMode::Opportunistic => session.info.supports_feature(Extension::StartTls),
+            TlsMode::Implicit | TlsMode::None => false,
+        };
+        if upgrade && let Some(parameters) = relay.tls_parameters.clone() {
+            session = starttls(session, parameters, &relay.hello).await?;
+        }
+        if let Some(credentials) = &relay.credentials {
+            // With `opportunistic`, a relay that does not offer STARTTLS
+            // may be an attacker who struck it from the EHLO reply: the
+            // password goes in clear only where plaintext is allowed.
+            if !session.smtp.is_encrypted() && !relay.plaintext_allowed {
+                abort(&mut session.smtp).await;
+                return Err(SendError::transient(
+                    None,
+                    "the relay did not offer STARTTLS: AUTH is not sent in clear to a host \
+                     that is not loopback unless smtp.allow_plaintext = true",
+                ));
+            }
+            // A refused login is the operator's to fix, not the message's
+            // fault: transient, so nothing is dead-lettered for a wrong
+            // password.
+            if let Err(failure) = authenticate(&mut session, credentials).await {
+                abort(&mut session.smtp).await;
+                return Err(setup_error("AUTH", failure));
+            }
+        }
+        Ok(session)
+    }
+
+    /// A TCP connection to the relay, TLS from the first byte for
+    /// `implicit`.
+    async fn open_stream(&self) -> Result<Wire, SendError> {
+        let relay = &self.relay;
+        let failed =
+            |err: std::io::Error| SendError::transient(None, &format!("connecting: {err}"));
+        let tcp = tokio::net::TcpStream::connect((relay.host.as_str(), relay.port))
+            .await
+            .map_err(failed)?;
+        // The end of DATA is a small write right after the body: with Nagle
+        // on, it waits for the relay's delayed ACK (~40 ms a message).
+        tcp.set_nodelay(true).map_err(failed)?;
+        #[allow(deprecated)]
+        let mut wire = Wire::new(AsyncNetworkStream::use_existing_tokio1(Box::new(tcp)));
+        if let (TlsMode::Implicit, Some(parameters)) = (relay.tls, relay.tls_parameters.clone()) {
+            wire.upgrade(parameters)
+                .await
+                .map_err(|err| setup_error("connecting", Failure::Wire(err)))?;
+        }
+        Ok(wire)
     }
 
     /// MAIL, RCPT for each recipient, DATA (in one write when the relay
@@ -577,41 +579,51 @@ impl SmtpTransport {
                 return Ended::failed(Step::Before, Failure::Withheld(why));
             }
         }
-        let connection = &mut session.smtp;
-        let after = |failure| (Step::AfterData, failure);
-        match &message.body {
-            DataBody::Section(data) => {
-                let next = (session.pipelining && data.len() <= HAND_OVER_MAX)
-                    .then(|| self.next_waiter(connection))
-                    .flatten();
-                let Some((waiter, group)) = next else {
-                    return Ended {
-                        result: self.command(connection, data).await.map_err(after),
-                        next: None,
-                    };
-                };
-                let result = self.command(connection, format!("{data}{group}")).await;
-                // A reply, good or bad, leaves the connection in step for
-                // the waiter; no reply (a network error or timeout) leaves
-                // the waiter to wait for another connection.
-                let in_step = match &result {
-                    Ok(_) => true,
-                    Err(Failure::Smtp(err)) => err.status().is_some(),
-                    Err(_) => false,
-                };
-                Ended {
-                    result: result.map_err(after),
-                    next: in_step.then_some(waiter),
-                }
-            }
-            DataBody::Lettre(raw) => Ended {
-                result: tokio::time::timeout(self.relay.command_timeout, connection.message(raw))
-                    .await
-                    .map_err(|_| after(Failure::Timeout(self.relay.command_timeout)))
-                    .and_then(|sent| sent.map_err(|err| after(Failure::Smtp(err)))),
-                next: None,
-            },
+        // Checked before a waiter is taken too (`end_data` checks again),
+        // so a connection out of step does not take a waiter down with it.
+        if let Err(err) = session.smtp.check_in_step() {
+            return Ended::failed(Step::Before, Failure::Wire(err));
         }
+        let data = &message.body;
+        let next = (session.pipelining && data.len() <= HAND_OVER_MAX)
+            .then(|| self.next_waiter(&session.info))
+            .flatten();
+        let Some((waiter, group)) = next else {
+            return Ended {
+                result: self.end_data(&mut session.smtp, data).await,
+                next: None,
+            };
+        };
+        let mut both = Vec::with_capacity(data.len() + group.len());
+        both.extend_from_slice(data);
+        both.extend_from_slice(group.as_bytes());
+        let result = self.end_data(&mut session.smtp, &both).await;
+        // A reply with a 4xx or 5xx code leaves the connection in step
+        // for the waiter, and so does a 2xx (were it a stray line, the
+        // waiter's replies come one too many and its DATA's reply is not
+        // 354: it fails before its body). No usable reply leaves the
+        // waiter to wait for another connection.
+        let in_step = matches!(&result, Ok(_) | Err((_, Failure::Refused(_))));
+        Ended {
+            result,
+            next: in_step.then_some(waiter),
+        }
+    }
+
+    /// Writes the DATA section `data` (and what follows it) and reads the
+    /// reply to its end: a 2xx, or the relay's refusal.
+    async fn end_data(&self, connection: &mut Wire, data: &[u8]) -> Result<Reply, (Step, Failure)> {
+        let after = |failure| (Step::AfterData, failure);
+        // Bytes unread now mean the 354 may not have been ours; the body
+        // has not gone, so that failure is plainly transient.
+        connection
+            .check_in_step()
+            .map_err(|err| (Step::Before, Failure::Wire(err)))?;
+        // "After" starts as the write begins: a connection lost during it
+        // may have carried the end.
+        self.timed(connection.send(data)).await.map_err(after)?;
+        let reply = self.timed(connection.read_reply()).await;
+        expect(reply, is_done, "the end of DATA").map_err(after)
     }
 
     /// Writes (unless `opening` says they were written) and reads MAIL,
@@ -628,97 +640,302 @@ impl SmtpTransport {
         // refused RCPT made fail.
         let replies = message.envelope.to().len() + 2;
         if opening == Opening::Written {
-            for _ in 0..replies {
-                self.reply(connection).await?;
-            }
-            return Ok(());
+            return self.read_opening(connection, replies).await;
         }
         if session.pipelining {
-            let group = opening_group(connection, &message.envelope, message.eight_bit)?;
-            self.command(connection, group).await?;
-            for _ in 1..replies {
-                self.reply(connection).await?;
-            }
-            return Ok(());
+            let group = opening_group(&session.info, &message.envelope, message.eight_bit)?;
+            self.timed(connection.write(group.as_bytes())).await?;
+            return self.read_opening(connection, replies).await;
         }
-        let (mail, rcpts) = envelope_commands(connection, &message.envelope, message.eight_bit)?;
-        self.command(connection, mail).await?;
+        let (mail, rcpts) = envelope_commands(&session.info, &message.envelope, message.eight_bit)?;
+        expect(self.timed(connection.command(mail)).await, is_done, "MAIL")?;
         for rcpt in rcpts {
-            self.command(connection, rcpt).await?;
+            expect(self.timed(connection.command(rcpt)).await, is_done, "RCPT")?;
         }
-        self.command(connection, Data).await?;
+        expect(self.timed(connection.command(Data)).await, is_go_on, "DATA")?;
         Ok(())
     }
 
-    async fn reply(&self, connection: &mut AsyncSmtpConnection) -> Result<Response, Failure> {
-        tokio::time::timeout(self.relay.command_timeout, connection.read_response())
-            .await
-            .map_err(|_| Failure::Timeout(self.relay.command_timeout))?
-            .map_err(Failure::Smtp)
+    /// Reads the `count` replies to a pipelined MAIL, RCPTs and DATA, all
+    /// of them before judging any: with a stray line among them, every
+    /// reply comes one command late, which only the last one (a 2xx where
+    /// DATA wants 354) or bytes left over can show.
+    async fn read_opening(&self, connection: &mut Wire, count: usize) -> Result<(), Failure> {
+        let mut replies = Vec::with_capacity(count);
+        for _ in 0..count {
+            replies.push(self.timed(connection.read_reply()).await?);
+        }
+        connection.check_in_step().map_err(Failure::Wire)?;
+        let Some((data, envelope)) = replies.split_last() else {
+            return Ok(());
+        };
+        if !is_go_on(data.code()) && !is_refusal(data.code()) {
+            return Err(out_of_step(data, "DATA"));
+        }
+        for reply in envelope {
+            if !is_done(reply.code()) && !is_refusal(reply.code()) {
+                return Err(out_of_step(reply, "MAIL or RCPT"));
+            }
+        }
+        let refused = envelope
+            .iter()
+            .chain([data])
+            .find(|reply| is_refusal(reply.code()));
+        match refused {
+            Some(reply) => Err(Failure::Refused(reply.clone())),
+            None => Ok(()),
+        }
     }
 
-    async fn command<C: std::fmt::Display>(
-        &self,
-        connection: &mut AsyncSmtpConnection,
-        command: C,
-    ) -> Result<Response, Failure> {
-        tokio::time::timeout(self.relay.command_timeout, connection.command(command))
+    /// `io`, given `smtp.command_timeout`.
+    async fn timed<T>(&self, io: impl Future<Output = Result<T, WireError>>) -> Result<T, Failure> {
+        tokio::time::timeout(self.relay.command_timeout, io)
             .await
             .map_err(|_| Failure::Timeout(self.relay.command_timeout))?
-            .map_err(Failure::Smtp)
+            .map_err(Failure::Wire)
     }
 }
 
+/// Says EHLO and learns what the relay offers.
+async fn ehlo(mut wire: Wire, hello: &ClientId) -> Result<Session, SendError> {
+    let reply = wire
+        .command(Ehlo::new(hello.clone()))
+        .await
+        .map_err(Failure::Wire);
+    let learned = expect(reply, is_done, "EHLO").and_then(|reply| {
+        let pipelining = reply
+            .lines()
+            .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
+        Ok((server_info(&reply)?, pipelining))
+    });
+    match learned {
+        Ok((info, pipelining)) => Ok(Session {
+            smtp: wire,
+            info,
+            pipelining,
+        }),
+        Err(failure) => {
+            abort(&mut wire).await;
+            Err(setup_error("EHLO", failure))
+        }
+    }
+}
+
+/// STARTTLS, then EHLO again: what the relay offered in clear may have
+/// been altered on the way.
+async fn starttls(
+    mut session: Session,
+    parameters: TlsParameters,
+    hello: &ClientId,
+) -> Result<Session, SendError> {
+    let wire = &mut session.smtp;
+    let reply = wire.command(Starttls).await.map_err(Failure::Wire);
+    let upgraded = match expect(reply, |code| code == 220, "STARTTLS") {
+        Ok(_) => wire.upgrade(parameters).await.map_err(Failure::Wire),
+        Err(failure) => Err(failure),
+    };
+    if let Err(failure) = upgraded {
+        abort(wire).await;
+        return Err(setup_error("STARTTLS", failure));
+    }
+    ehlo(session.smtp, hello).await
+}
+
+/// AUTH PLAIN, or LOGIN with its challenges.
+async fn authenticate(session: &mut Session, credentials: &Credentials) -> Result<(), Failure> {
+    let mechanism = session
+        .info
+        .get_auth_mechanism(&[Mechanism::Plain, Mechanism::Login])
+        .ok_or(Failure::Unsupported(
+            "the relay offers neither AUTH PLAIN nor AUTH LOGIN",
+        ))?;
+    let auth_error = |err: lettre::transport::smtp::Error| Failure::Auth(err.to_string());
+    let first = Auth::new(mechanism, credentials.clone(), None).map_err(auth_error)?;
+    let mut reply = session.smtp.command(first).await.map_err(Failure::Wire)?;
+    // A bound on the challenges, as lettre's: a relay that keeps asking
+    // does not hold the connection for ever.
+    for _ in 0..10 {
+        if reply.code() != 334 {
+            break;
+        }
+        let challenge = lettre_response(&reply)?;
+        let answer = Auth::new_from_response(mechanism, credentials.clone(), &challenge)
+            .map_err(auth_error)?;
+        reply = session.smtp.command(answer).await.map_err(Failure::Wire)?;
+    }
+    expect(Ok(reply), |code| code == 235, "AUTH").map(drop)
+}
+
 /// What went wrong in a transaction.
+#[derive(Debug, thiserror::Error)]
 enum Failure {
-    /// lettre's error: a reply code, or a connection problem.
-    Smtp(lettre::transport::smtp::Error),
+    /// The relay refused: a 4xx or 5xx reply.
+    #[error("{0}")]
+    Refused(Reply),
+    /// No usable reply: the connection failed, or the relay's bytes are
+    /// not a reply, or came unasked.
+    #[error("{0}")]
+    Wire(WireError),
+    /// A code the command cannot have (a 2xx to DATA, a 354 to MAIL): the
+    /// relay and mailroom disagree on which reply answers which command.
+    #[error("{0}")]
+    OutOfStep(String),
     /// No reply within the command timeout.
+    #[error("no reply within smtp.command_timeout ({0:?})")]
     Timeout(Duration),
     /// The message needs an extension the relay lacks.
+    #[error("{0}")]
     Unsupported(&'static str),
+    /// The login could not be put into a command.
+    #[error("{0}")]
+    Auth(String),
     /// The hand-over hook stopped the send.
+    #[error("{0}")]
     Withheld(Withheld),
 }
 
 impl Failure {
+    /// The connection is of no use, and nothing went out on it that a
+    /// fresh one would not send again.
     fn is_network(&self) -> bool {
-        match self {
-            Self::Smtp(err) => err.status().is_none() && !err.is_client(),
-            Self::Timeout(_) | Self::Unsupported(_) | Self::Withheld(_) => false,
-        }
+        matches!(self, Self::Wire(_) | Self::OutOfStep(_))
     }
 
     fn into_send_error(self, step: Step) -> SendError {
         match self {
-            Self::Smtp(err) => match err.status().map(u16::from) {
-                Some(code) if (500..600).contains(&code) => {
-                    SendError::permanent(code, &err.to_string())
-                }
-                Some(code) => SendError::transient(Some(code), &err.to_string()),
-                None if step == Step::AfterData => SendError::uncertain(&format!(
-                    "connection lost after the end of DATA, before the reply: {err}"
-                )),
-                None => SendError::transient(None, &err.to_string()),
-            },
+            Self::Refused(reply) if reply.is(5) => {
+                SendError::permanent(reply.code(), &reply.to_string())
+            }
+            Self::Refused(reply) => SendError::transient(Some(reply.code()), &reply.to_string()),
+            Self::Wire(err) if step == Step::AfterData => SendError::uncertain(&format!(
+                "connection lost after the end of DATA, before the reply: {err}"
+            )),
+            Self::OutOfStep(what) if step == Step::AfterData => {
+                SendError::uncertain(&format!("no reply to the end of DATA, out of step: {what}"))
+            }
             Self::Timeout(timeout) if step == Step::AfterData => SendError::uncertain(&format!(
                 "no reply to the end of DATA within smtp.command_timeout ({timeout:?})"
             )),
-            Self::Timeout(timeout) => SendError::transient(
-                None,
-                &format!("no reply within smtp.command_timeout ({timeout:?})"),
-            ),
             Self::Unsupported(what) => SendError::permanent(555, what),
             Self::Withheld(why) => SendError::Withheld(why),
+            other @ (Self::Wire(_) | Self::OutOfStep(_) | Self::Timeout(_) | Self::Auth(_)) => {
+                SendError::transient(None, &other.to_string())
+            }
         }
     }
 }
 
-/// Ends a session after a failure: QUIT, then close. lettre waits for the
-/// answer to QUIT without a limit, and a relay that stopped answering (the
-/// usual reason to be here) would hold the job, and its claim, forever.
-async fn abort(connection: &mut AsyncSmtpConnection) {
-    if tokio::time::timeout(QUIT_WAIT, connection.abort())
+/// The reply `read`, if its code is one `wanted` takes; a 4xx or 5xx is
+/// the relay's refusal, and any other code is a reply to some other
+/// command.
+fn expect(
+    read: Result<Reply, Failure>,
+    wanted: impl Fn(u16) -> bool,
+    command: &str,
+) -> Result<Reply, Failure> {
+    let reply = read?;
+    if wanted(reply.code()) {
+        Ok(reply)
+    } else if is_refusal(reply.code()) {
+        Err(Failure::Refused(reply))
+    } else {
+        Err(out_of_step(&reply, command))
+    }
+}
+
+fn out_of_step(reply: &Reply, command: &str) -> Failure {
+    Failure::OutOfStep(format!("{} in reply to {command}", reply.code()))
+}
+
+/// A 2xx: the command was done.
+fn is_done(code: u16) -> bool {
+    code / 100 == 2
+}
+
+/// 354, the only reply that lets DATA's body follow.
+fn is_go_on(code: u16) -> bool {
+    code == 354
+}
+
+/// A 4xx or 5xx.
+fn is_refusal(code: u16) -> bool {
+    matches!(code / 100, 4 | 5)
+}
+
+/// A failure while setting up a session: transient, whatever it is (a
+/// 5xx greeting or a refused login is no fault of the message).
+fn setup_error(step: &str, failure: Failure) -> SendError {
+    match failure {
+        Failure::Refused(reply) => {
+            SendError::transient(Some(reply.code()), &format!("{step}: {reply}"))
+        }
+        other => SendError::transient(None, &format!("{step}: {other}")),
+    }
+}
+
+/// What the EHLO `reply` offers. lettre reads the keywords; it wants a
+/// name on the first line and a keyword on every other, which a bare
+/// `250` or a blank line does not give.
+fn server_info(reply: &Reply) -> Result<ServerInfo, Failure> {
+    let mut lines: Vec<String> = reply.lines().map(|line| line.trim().to_owned()).collect();
+    if let Some(first) = lines.first_mut()
+        && first.is_empty()
+    {
+        "relay".clone_into(first);
+    }
+    let code = lettre_code(reply.code()).ok_or_else(|| out_of_step(reply, "EHLO"))?;
+    ServerInfo::from_response(&Response::new(code, lines))
+        .map_err(|err| Failure::OutOfStep(format!("EHLO: {err}")))
+}
+
+/// `reply` as lettre's type, for its AUTH challenge.
+fn lettre_response(reply: &Reply) -> Result<Response, Failure> {
+    let code = lettre_code(reply.code()).ok_or_else(|| out_of_step(reply, "AUTH"))?;
+    Ok(Response::new(
+        code,
+        reply.lines().map(str::to_owned).collect(),
+    ))
+}
+
+/// `code` as lettre's type; the parser lets no other code through.
+fn lettre_code(code: u16) -> Option<Code> {
+    let severity = match code / 100 {
+        2 => Severity::PositiveCompletion,
+        3 => Severity::PositiveIntermediate,
+        4 => Severity::TransientNegativeCompletion,
+        5 => Severity::PermanentNegativeCompletion,
+        _ => return None,
+    };
+    let category = match code / 10 % 10 {
+        0 => Category::Syntax,
+        1 => Category::Information,
+        2 => Category::Connections,
+        3 => Category::Unspecified3,
+        4 => Category::Unspecified4,
+        5 => Category::MailSystem,
+        _ => return None,
+    };
+    let detail = [
+        Detail::Zero,
+        Detail::One,
+        Detail::Two,
+        Detail::Three,
+        Detail::Four,
+        Detail::Five,
+        Detail::Six,
+        Detail::Seven,
+        Detail::Eight,
+        Detail::Nine,
+    ];
+    let detail = *detail.get(usize::from(code % 10))?;
+    Some(Code::new(severity, category, detail))
+}
+
+/// Ends a session: QUIT, its reply, then close, given [`QUIT_WAIT`]: a
+/// relay that stopped answering (the usual reason to be here) would hold
+/// the job, and its claim, for ever.
+async fn abort(connection: &mut Wire) {
+    if tokio::time::timeout(QUIT_WAIT, connection.quit())
         .await
         .is_err()
     {
@@ -727,19 +944,17 @@ async fn abort(connection: &mut AsyncSmtpConnection) {
 }
 
 /// The relay's answer as a delivery.
-fn delivered(response: &Response) -> Delivered {
-    Delivered {
-        code: u16::from(response.code()),
-    }
+fn delivered(reply: &Reply) -> Delivered {
+    Delivered { code: reply.code() }
 }
 
 /// MAIL, RCPT for each recipient and DATA, as one pipelined group.
 fn opening_group(
-    connection: &AsyncSmtpConnection,
+    info: &ServerInfo,
     envelope: &Envelope,
     eight_bit: bool,
 ) -> Result<String, Failure> {
-    let (mail, rcpts) = envelope_commands(connection, envelope, eight_bit)?;
+    let (mail, rcpts) = envelope_commands(info, envelope, eight_bit)?;
     let mut group = mail.to_string();
     for rcpt in rcpts {
         group.push_str(&rcpt.to_string());
@@ -751,11 +966,11 @@ fn opening_group(
 /// MAIL, with the parameters the message needs on this connection, and
 /// RCPT for each recipient.
 fn envelope_commands(
-    connection: &AsyncSmtpConnection,
+    info: &ServerInfo,
     envelope: &Envelope,
     eight_bit: bool,
 ) -> Result<(Mail, Vec<Rcpt>), Failure> {
-    let parameters = mail_parameters(connection, envelope, eight_bit)?;
+    let parameters = mail_parameters(info, envelope, eight_bit)?;
     let rcpts = envelope
         .to()
         .iter()
@@ -766,12 +981,11 @@ fn envelope_commands(
 
 /// MAIL parameters the message needs (as lettre's own `send` picks them).
 fn mail_parameters(
-    connection: &AsyncSmtpConnection,
+    info: &ServerInfo,
     envelope: &Envelope,
     eight_bit: bool,
 ) -> Result<Vec<MailParameter>, Failure> {
     let mut parameters = Vec::new();
-    let info = connection.server_info();
     let non_ascii = envelope
         .from()
         .into_iter()
@@ -794,10 +1008,6 @@ fn mail_parameters(
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
     Ok(parameters)
-}
-
-fn connect_error(step: &str, err: &lettre::transport::smtp::Error) -> SendError {
-    SendError::transient(err.status().map(u16::from), &format!("{step}: {err}"))
 }
 
 fn tls_parameters(host: &str, settings: &SmtpSettings) -> Result<TlsParameters, TransportError> {
@@ -1009,6 +1219,317 @@ mod tests {
                 assert!(!seen.iter().any(|line| line.starts_with("MAIL")));
             }
         }
+    }
+
+    /// What a scripted relay answers: given the command's verb (upper
+    /// case; `GREETING` for the greeting, `.` for the end of DATA) and, for
+    /// the end of DATA, the message's text.
+    type Script = Arc<dyn Fn(&str, &str) -> Vec<u8> + Send + Sync>;
+
+    /// A relay on 127.0.0.1 that answers each connection by `script`, and
+    /// lists the messages it took: those whose end of DATA it answered with
+    /// a 2xx.
+    async fn scripted_relay(script: Script) -> (u16, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&taken);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_script(stream, Arc::clone(&script), Arc::clone(&kept)));
+            }
+        });
+        (port, taken)
+    }
+
+    async fn serve_script(
+        stream: tokio::net::TcpStream,
+        script: Script,
+        taken: Arc<Mutex<Vec<String>>>,
+    ) {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        if write.write_all(&script("GREETING", "")).await.is_err() {
+            return;
+        }
+        let mut body: Option<String> = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            let reply = match body.as_mut() {
+                Some(text) if line != "." => {
+                    text.push_str(&line);
+                    text.push('\n');
+                    continue;
+                }
+                Some(text) => {
+                    let text = std::mem::take(text);
+                    body = None;
+                    let reply = script(".", &text);
+                    if reply.starts_with(b"2") {
+                        taken.lock().expect("lock").push(text);
+                    }
+                    reply
+                }
+                None => {
+                    let verb = line.split(' ').next().unwrap_or_default();
+                    let verb = verb.to_ascii_uppercase();
+                    let reply = script(&verb, "");
+                    if verb == "DATA" && reply.starts_with(b"354") {
+                        body = Some(String::new());
+                    }
+                    if verb == "QUIT" {
+                        let _ = write.write_all(&reply).await;
+                        return;
+                    }
+                    reply
+                }
+            };
+            if write.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Replies that say `250 ok` to everything but the greeting, EHLO
+    /// (`ehlo`), DATA (354) and the end of DATA (`end` of the text).
+    fn usual(ehlo: &'static str, end: fn(&str) -> String) -> Script {
+        Arc::new(move |verb: &str, text: &str| {
+            let reply = match verb {
+                "GREETING" => "220 relay ESMTP\r\n".to_owned(),
+                "EHLO" => ehlo.to_owned(),
+                "DATA" => "354 go on\r\n".to_owned(),
+                "QUIT" => "221 bye\r\n".to_owned(),
+                "." => end(text),
+                _ => "250 ok\r\n".to_owned(),
+            };
+            reply.into_bytes()
+        })
+    }
+
+    const PIPELINING: &str = "250-relay\r\n250 PIPELINING\r\n";
+    const NO_PIPELINING: &str = "250 relay\r\n";
+
+    fn plain_transport(port: u16, pool_size: u32) -> SmtpTransport {
+        SmtpTransport::new(&SmtpSettings {
+            url: Secret::new(format!("smtp://127.0.0.1:{port}")),
+            tls: TlsMode::None,
+            pool_size,
+            command_timeout: Duration::from_secs(5),
+            ..SmtpSettings::default()
+        })
+        .expect("transport")
+    }
+
+    /// A message whose body is `text`.
+    fn message_saying(text: &str) -> SmtpMessage {
+        let address: lettre::Address = "ada@example.org".parse().expect("address");
+        SmtpMessage::new(OutgoingMessage {
+            envelope: Envelope::new(Some(address.clone()), vec![address]).expect("envelope"),
+            message_id: "<1@example.org>".to_owned(),
+            raw: format!("Subject: hi\r\n\r\n{text}\r\n").into_bytes(),
+        })
+    }
+
+    /// Sends messages saying each of `texts`, all at once (one after
+    /// another with `at_once` false), and gives each one's outcome.
+    async fn send_all(
+        transport: &SmtpTransport,
+        texts: &[&str],
+        at_once: bool,
+    ) -> Vec<Result<Delivered, SendError>> {
+        let messages: Vec<SmtpMessage> = texts.iter().map(|text| message_saying(text)).collect();
+        if at_once {
+            let sends = messages.iter().map(|message| transport.send(message, None));
+            return futures_util::future::join_all(sends).await;
+        }
+        let mut outcomes = Vec::new();
+        for message in &messages {
+            outcomes.push(transport.send(message, None).await);
+        }
+        outcomes
+    }
+
+    /// How many of the taken messages have `text` as a line.
+    fn taken_saying(taken: &Mutex<Vec<String>>, text: &str) -> usize {
+        let taken = taken.lock().expect("lock");
+        taken
+            .iter()
+            .filter(|body| body.lines().any(|line| line == text))
+            .count()
+    }
+
+    /// RFC 5321 §4.2: `Reply-code [ SP textstring ] CRLF`. A relay that
+    /// answers every command with a bare code, a multi-line EHLO with
+    /// empty lines included, delivers each message once.
+    #[tokio::test]
+    async fn bare_codes_are_replies() {
+        for (ehlo, at_once) in [
+            ("250\r\n", false),
+            ("250-\r\n250-\r\n250 PIPELINING\r\n", false),
+            ("250-\r\n250-\r\n250 PIPELINING\r\n", true),
+        ] {
+            let script: Script = Arc::new(move |verb: &str, _: &str| {
+                let reply = match verb {
+                    "GREETING" => "220\r\n",
+                    "EHLO" => ehlo,
+                    "DATA" => "354\r\n",
+                    "QUIT" => "221\r\n",
+                    _ => "250\r\n",
+                };
+                reply.as_bytes().to_vec()
+            });
+            each_taken_once(script, &["one", "two", "three"], at_once, ehlo).await;
+        }
+    }
+
+    /// Sends `texts` over one connection to a relay following `script`
+    /// (its EHLO reply `ehlo`); each must be delivered, and taken once.
+    async fn each_taken_once(script: Script, texts: &[&str], at_once: bool, ehlo: &str) {
+        let (port, taken) = scripted_relay(script).await;
+        let transport = plain_transport(port, 1);
+        for outcome in send_all(&transport, texts, at_once).await {
+            assert_eq!(outcome, Ok(Delivered { code: 250 }), "{ehlo:?}");
+        }
+        assert_eq!(taken.lock().expect("lock").len(), texts.len(), "{ehlo:?}");
+        transport.shutdown().await;
+    }
+
+    /// A reply line far over RFC 5321's 512 octets still carries its code:
+    /// the message was taken, once.
+    #[tokio::test]
+    async fn long_replies_keep_their_code() {
+        for ehlo in [NO_PIPELINING, PIPELINING] {
+            let script = usual(ehlo, |text| {
+                let long = "A".repeat(5000);
+                if text.contains("multi") {
+                    format!("250-2.0.0 {long}\r\n250 2.0.0 {long}\r\n")
+                } else {
+                    format!("250 2.0.0 Ok: queued as {long}\r\n")
+                }
+            });
+            each_taken_once(script, &["one", "multi", "three"], true, ehlo).await;
+        }
+    }
+
+    /// A reply beyond any bound is no reply: after the end of DATA, the
+    /// outcome is uncertain.
+    #[tokio::test]
+    async fn a_boundless_reply_is_uncertain() {
+        let script = usual(NO_PIPELINING, |_| {
+            format!("250-{}\r\n", "A".repeat(1000)).repeat(100)
+        });
+        let (port, _taken) = scripted_relay(script).await;
+        let transport = plain_transport(port, 1);
+        let outcome = transport.send(&message_saying("one"), None).await;
+        assert!(
+            matches!(outcome, Err(SendError::Uncertain { .. })),
+            "{outcome:?}"
+        );
+    }
+
+    /// A relay that sends a stray reply line after a message's own, then
+    /// rejects the next message: each outcome goes to its own message, in
+    /// turn or handed over.
+    #[tokio::test]
+    async fn a_stray_reply_is_no_ones() {
+        for (ehlo, at_once) in [
+            (NO_PIPELINING, false),
+            (PIPELINING, false),
+            (PIPELINING, true),
+        ] {
+            let script = usual(ehlo, |text| {
+                if text.contains("stray") {
+                    "250 2.0.0 Ok queued\r\n250 2.0.0 stray extra reply\r\n".to_owned()
+                } else if text.contains("spam") {
+                    "554 5.7.1 rejected: spam\r\n".to_owned()
+                } else {
+                    "250 2.0.0 Ok queued\r\n".to_owned()
+                }
+            });
+            let (port, taken) = scripted_relay(script).await;
+            let transport = plain_transport(port, 1);
+            let texts = ["m1 stray", "m2 spam", "m3", "m4 stray", "m5"];
+            let outcomes = send_all(&transport, &texts, at_once).await;
+            for (text, outcome) in texts.iter().zip(&outcomes) {
+                if text.contains("spam") {
+                    assert!(
+                        matches!(outcome, Err(SendError::Permanent { code: 554, .. })),
+                        "{text} {ehlo:?} {at_once}: {outcome:?}"
+                    );
+                } else {
+                    assert_eq!(outcome, &Ok(Delivered { code: 250 }), "{text} {ehlo:?}");
+                    assert_eq!(taken_saying(&taken, text), 1, "{text} {ehlo:?}");
+                }
+            }
+            transport.shutdown().await;
+        }
+    }
+
+    /// DATA wants 354: a refusal fails the transaction with the relay's
+    /// code, and a 2xx means the replies are out of step; either way no
+    /// body was sent, so the failure is plainly transient or permanent.
+    #[tokio::test]
+    async fn data_must_be_answered_with_354() {
+        for (ehlo, data, permanent) in [
+            (NO_PIPELINING, "250 2.0.0 ok\r\n", false),
+            (PIPELINING, "250 2.0.0 ok\r\n", false),
+            (NO_PIPELINING, "554 5.5.1 no valid recipients\r\n", true),
+            (PIPELINING, "451 4.3.0 try later\r\n", false),
+        ] {
+            let script: Script = Arc::new(move |verb: &str, _: &str| {
+                let reply = match verb {
+                    "GREETING" => "220 relay\r\n",
+                    "EHLO" => ehlo,
+                    "DATA" => data,
+                    "QUIT" => "221 bye\r\n",
+                    _ => "250 ok\r\n",
+                };
+                reply.as_bytes().to_vec()
+            });
+            let (port, taken) = scripted_relay(script).await;
+            let transport = plain_transport(port, 1);
+            let outcome = transport.send(&message_saying("one"), None).await;
+            match outcome {
+                Err(SendError::Permanent { .. }) if permanent => {}
+                Err(SendError::Transient { .. }) if !permanent => {}
+                other => panic!("{data:?} {ehlo:?}: {other:?}"),
+            }
+            assert!(taken.lock().expect("lock").is_empty());
+        }
+    }
+
+    /// AUTH LOGIN answers the relay's challenges; a bare 235 is a login.
+    #[tokio::test]
+    async fn auth_login_answers_its_challenges() {
+        let script: Script = Arc::new(|verb: &str, _: &str| {
+            let reply = match verb {
+                "GREETING" => "220 relay\r\n",
+                "EHLO" => "250-relay\r\n250 AUTH LOGIN\r\n",
+                "AUTH" => "334 VXNlcm5hbWU6\r\n",
+                // base64 of "mailer", then of "s3cret", upper-cased.
+                "BWFPBGVY" => "334 UGFzc3dvcmQ6\r\n",
+                "CZNJCMV0" => "235\r\n",
+                "DATA" => "354\r\n",
+                "QUIT" => "221\r\n",
+                _ => "250\r\n",
+            };
+            reply.as_bytes().to_vec()
+        });
+        let (port, taken) = scripted_relay(script).await;
+        let transport = SmtpTransport::new(&SmtpSettings {
+            url: Secret::new(format!("smtp://127.0.0.1:{port}")),
+            tls: TlsMode::None,
+            username: Some("mailer".to_owned()),
+            password: Secret::new("s3cret"),
+            command_timeout: Duration::from_secs(5),
+            ..SmtpSettings::default()
+        })
+        .expect("transport");
+        let outcome = transport.send(&message_saying("one"), None).await;
+        assert_eq!(outcome, Ok(Delivered { code: 250 }));
+        assert_eq!(taken_saying(&taken, "one"), 1);
     }
 
     #[test]

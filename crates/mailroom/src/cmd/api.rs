@@ -5,7 +5,7 @@ use mailroom_core::settings::Settings;
 use mailroom_producer::api::Api;
 use tokio_util::sync::CancellationToken;
 
-use super::worker::cancel_on_signal;
+use super::signal::cancel_on_signal;
 
 /// Runs the API.
 pub async fn run(settings: &Settings) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod dlq;
 pub mod keys;
 pub mod send;
+pub mod signal;
 pub mod status;
 pub mod topology;
 pub mod worker;

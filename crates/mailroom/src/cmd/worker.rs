@@ -3,7 +3,8 @@
 use anyhow::Context as _;
 use mailroom_core::settings::Settings;
 use mailroom_worker::Worker;
-use tokio::signal::unix::{SignalKind, signal};
+
+use super::signal::cancel_on_signal;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the worker pool.
@@ -28,17 +29,5 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     shutdown.cancel();
     signals.abort();
     tracing::info!(clean = drained.clean, "worker stopped");
-    Ok(())
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-pub async fn cancel_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
-    shutdown.cancel();
     Ok(())
 }
