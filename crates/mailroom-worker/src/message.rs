@@ -385,6 +385,28 @@ mod tests {
     }
 
     #[test]
+    fn no_attachment_header_line_is_over_998_octets() {
+        let mut job = sample_job();
+        // The longest name and type validation lets through.
+        job.message.attachments = vec![
+            JobAttachment {
+                filename: format!("{}.pdf", "é".repeat(251)),
+                content_type: "application/pdf".to_owned(),
+                content: b"%PDF".to_vec(),
+            },
+            JobAttachment {
+                filename: format!("{}.pdf", "n".repeat(251)),
+                content_type: format!("application/{}", "x".repeat(243)),
+                content: b"%PDF".to_vec(),
+            },
+        ];
+        let raw = text(&build_message(&job).expect("build"));
+        for line in raw.split("\r\n") {
+            assert!(line.len() <= 998, "{} octets: {line}", line.len());
+        }
+    }
+
+    #[test]
     fn attachments_keep_their_exact_bytes() {
         let mut job = sample_job();
         // Name, type, bytes, and the bytes in base64.

@@ -12,6 +12,9 @@ use crate::job::Attachment;
 
 /// Longest file name most file systems keep.
 const MAX_FILENAME_CHARS: usize = 255;
+/// Longest content type: RFC 6838 names run to 127 characters a side, and
+/// parameters are short; longer would only make a header line no relay takes.
+const MAX_CONTENT_TYPE_CHARS: usize = 255;
 
 pub(super) fn check_attachments(attachments: &[Attachment], limits: &Limits, report: &mut Report) {
     if attachments.len() > limits.max_attachments {
@@ -85,7 +88,7 @@ fn is_bidi_control(c: char) -> bool {
 }
 
 fn check_content_type(content_type: &str, path: &str, report: &mut Report) {
-    if !check_header_text(report, path, content_type, usize::MAX) {
+    if !check_header_text(report, path, content_type, MAX_CONTENT_TYPE_CHARS) {
         return;
     }
     let essence = content_type.split(';').next().unwrap_or_default().trim();
@@ -177,6 +180,12 @@ mod tests {
         };
         assert!(rules("application/pdf").is_empty());
         assert!(rules("text/plain; charset=utf-8").is_empty());
+        let longest = format!("application/{}", "x".repeat(MAX_CONTENT_TYPE_CHARS - 12));
+        assert!(rules(&longest).is_empty());
+        assert_eq!(
+            rules(&format!("{longest}x")),
+            ["longer than 255 characters"]
+        );
         for bad in [
             "pdf",
             "application/",
