@@ -9,6 +9,7 @@
 mod data;
 mod file;
 mod reply;
+mod session;
 mod smtp;
 mod wire;
 
