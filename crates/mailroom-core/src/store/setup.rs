@@ -11,6 +11,9 @@ use super::{RedisStore, StoreError};
 /// and a duplicate could go out.
 pub const MINIMUM_VERSION: (u32, u32) = (6, 2);
 
+/// How often a running worker or API reads the Redis set-up again.
+pub const SETUP_RECHECK: std::time::Duration = std::time::Duration::from_mins(1);
+
 /// A set-up that weakens mailroom's guarantees without breaking it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Risk {
@@ -62,11 +65,31 @@ impl RedisStore {
         Ok(fields.risks())
     }
 
-    /// [`setup_risks`](Self::setup_risks), each risk logged as a warning.
+    /// [`setup_risks`](Self::setup_risks), each risk logged as a warning;
+    /// then the same again every [`SETUP_RECHECK`] in the background, each
+    /// risk that was not there before logged in turn: an eviction policy
+    /// set with `CONFIG SET` at run time weakens dedup as much as one set
+    /// at start.
     pub async fn check_setup(&self) -> Result<(), StoreError> {
-        for risk in self.setup_risks().await? {
+        let mut known = self.setup_risks().await?;
+        for risk in &known {
             tracing::warn!("{risk}");
         }
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SETUP_RECHECK).await;
+                match store.setup_risks().await {
+                    Ok(risks) => {
+                        for risk in risks.iter().filter(|risk| !known.contains(risk)) {
+                            tracing::warn!("{risk}");
+                        }
+                        known = risks;
+                    }
+                    Err(err) => tracing::debug!(error = %err, "Redis set-up not checked"),
+                }
+            }
+        });
         Ok(())
     }
 }
