@@ -102,6 +102,14 @@ async fn one_round(
     hint: &'static str,
 ) -> Result<Connection, AmqpError> {
     let mut last = String::new();
+    // With one URL, the error names it already.
+    let which = |shown: &str| {
+        if targets.len() > 1 {
+            format!("{shown}: ")
+        } else {
+            String::new()
+        }
+    };
     for Target { uri, shown } in targets {
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(name.as_bytes()));
@@ -121,9 +129,9 @@ async fn one_round(
                 }
                 // Connecting from the parsed URI, lapin's errors are the
                 // socket's, TLS's or the broker's: none quotes the URL.
-                _ => last = format!("{shown}: {err}"),
+                _ => last = format!("{}{err}", which(shown)),
             },
-            Err(_) => last = format!("{shown}: no answer within {timeout:?}"),
+            Err(_) => last = format!("{}no answer within {timeout:?}", which(shown)),
         }
     }
     Err(AmqpError::Unreachable {
