@@ -930,10 +930,8 @@ async fn a_stopping_worker_hands_no_more_messages_over_so_none_is_cut_off_and_se
             let runtime = tokio::runtime::Runtime::new().expect("a runtime");
             runtime.block_on(async {
                 let worker = Worker::connect(&settings).await.expect("worker");
-                // Not asked to drain cleanly: a job still waiting for the
-                // connection may take longer than this short grace.
                 worker.run(shutdown).await
-            });
+            })
         })
     };
     let ids = enqueue_all(
@@ -957,10 +955,13 @@ async fn a_stopping_worker_hands_no_more_messages_over_so_none_is_cut_off_and_se
     // cut off by the grace's end, to be sent again by the next worker.
     tokio::time::sleep(Duration::from_millis(500)).await;
     shutdown.cancel();
-    tokio::task::spawn_blocking(move || running.join())
+    let drained = tokio::task::spawn_blocking(move || running.join())
         .await
         .expect("joined")
         .expect("the worker stops");
+    // The jobs waiting for the connection went back at once, and the one
+    // with the relay had its reply within the grace.
+    assert!(drained.clean, "drained within the grace");
     let worker = start_worker(&stack.settings).await;
     for id in &ids {
         assert_eq!(settled(&store, id).await.state, JobState::Sent);

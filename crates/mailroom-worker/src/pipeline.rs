@@ -125,6 +125,7 @@ impl Pipeline {
     /// Hands no more messages to the relay (see `stopping`).
     pub(crate) fn stop_sending(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.transport.stop_starting();
     }
 
     fn is_stopping(&self) -> bool {

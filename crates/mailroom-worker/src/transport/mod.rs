@@ -190,6 +190,15 @@ impl Transport {
         }
     }
 
+    /// Starts no more transactions: a send not yet at the relay (waiting
+    /// for a connection, or about to write its MAIL) is withheld as
+    /// [`Withheld::Stopping`]. Those under way go on.
+    pub fn stop_starting(&self) {
+        if let Self::Smtp(smtp) = self {
+            smtp.stop_starting();
+        }
+    }
+
     /// Closes idle connections politely.
     pub async fn shutdown(&self) {
         if let Self::Smtp(smtp) = self {

@@ -37,6 +37,7 @@ use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter, ServerInfo};
 use mailroom_core::settings::SmtpSettings;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::data::data_section;
 use super::reply::Reply;
@@ -70,6 +71,9 @@ pub struct SmtpTransport {
     pool_size: usize,
     waiters: Mutex<VecDeque<Waiter>>,
     waiter_ids: AtomicU64,
+    /// Set (and its waiters woken) when the worker stops: see
+    /// [`SmtpTransport::stop_starting`].
+    stopping: CancellationToken,
 }
 
 /// A delivery waiting for a connection, whose MAIL, RCPT and DATA the
@@ -191,6 +195,7 @@ impl SmtpTransport {
             pool_size,
             waiters: Mutex::new(VecDeque::new()),
             waiter_ids: AtomicU64::new(0),
+            stopping: CancellationToken::new(),
         })
     }
 
@@ -210,6 +215,11 @@ impl SmtpTransport {
         )
     }
 
+    /// Starts no more transactions (see [`super::Transport::stop_starting`]).
+    pub fn stop_starting(&self) {
+        self.stopping.cancel();
+    }
+
     /// Sends `message` over a pooled connection, awaiting `hand_over`
     /// before the end of DATA.
     pub async fn send(
@@ -222,6 +232,10 @@ impl SmtpTransport {
                 let Handed { session, permit } = *handed;
                 (Some(session), permit, Opening::Written)
             }
+            // Stopping: no transaction starts (the permit goes back).
+            Obtained::Permit(_) if self.stopping.is_cancelled() => {
+                return Err(SendError::Withheld(Withheld::Stopping));
+            }
             Obtained::Permit(permit) => (self.take_idle(), permit, Opening::ToWrite),
         };
         if let Some(mut session) = reused {
@@ -233,12 +247,22 @@ impl SmtpTransport {
                 // it was handed over) fails before the message with a
                 // network error: nothing was sent, so try once more on a
                 // fresh connection instead of spending an attempt.
+                //
+                // So does a refusal before the body: on a reused
+                // connection it may be a reply the relay sent late for an
+                // earlier message, read as ours (SMTP cannot tell); a
+                // fresh connection gets the relay's own answer.
                 Ended {
                     result: Err((Step::Before, err)),
                     next: None,
-                } if err.is_network() => abort(&mut session.smtp).await,
+                } if err.is_network() || matches!(err, Failure::Refused(_)) => {
+                    abort(&mut session.smtp).await;
+                }
                 ended => return self.settle(session, permit, ended).await,
             }
+        }
+        if self.stopping.is_cancelled() {
+            return Err(SendError::Withheld(Withheld::Stopping));
         }
         let mut session = self.relay.connect().await?;
         let ended = self
@@ -287,6 +311,9 @@ impl SmtpTransport {
     /// permit is taken.
     async fn obtain(&self, message: &SmtpMessage) -> Result<Obtained, SendError> {
         let closed = |_| SendError::transient(None, "transport shut down");
+        if self.stopping.is_cancelled() {
+            return Err(SendError::Withheld(Withheld::Stopping));
+        }
         if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
             return Ok(Obtained::Permit(permit));
         }
@@ -307,6 +334,11 @@ impl SmtpTransport {
         };
         tokio::select! {
             biased;
+            // Dropping the receiver refuses a connection a holder may hand
+            // us meanwhile: it closes it, our commands without a body.
+            () = self.stopping.cancelled() => {
+                return Err(SendError::Withheld(Withheld::Stopping));
+            }
             handed = &mut receiver => {
                 // Handed over or dropped, our waiter left the queue with
                 // the holder that took it.
@@ -330,11 +362,12 @@ impl SmtpTransport {
             }
         }
         // The holder's connection failed after it took us: wait like anyone.
-        Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map(Obtained::Permit)
-            .map_err(closed)
+        tokio::select! {
+            () = self.stopping.cancelled() => Err(SendError::Withheld(Withheld::Stopping)),
+            permit = Arc::clone(&self.permits).acquire_owned() => {
+                permit.map(Obtained::Permit).map_err(closed)
+            }
+        }
     }
 
     /// The first waiter whose commands this connection can carry, with
@@ -586,10 +619,16 @@ impl Failure {
 
     fn into_send_error(self, step: Step) -> SendError {
         match self {
+            // The code is the error's own; the text follows it once.
             Self::Refused(reply) if reply.is(5) => {
-                SendError::permanent(reply.code(), &reply.to_string())
+                SendError::permanent(reply.code(), &reply.text())
             }
-            Self::Refused(reply) => SendError::transient(Some(reply.code()), &reply.to_string()),
+            Self::Refused(reply) => SendError::transient(Some(reply.code()), &reply.text()),
+            Self::Wire(err @ (WireError::Reply(_) | WireError::Unasked))
+                if step == Step::AfterData =>
+            {
+                SendError::uncertain(&format!("no usable reply to the end of DATA: {err}"))
+            }
             Self::Wire(err) if step == Step::AfterData => SendError::uncertain(&format!(
                 "connection lost after the end of DATA, before the reply: {err}"
             )),
@@ -650,7 +689,7 @@ fn is_refusal(code: u16) -> bool {
 pub(super) fn setup_error(step: &str, failure: Failure) -> SendError {
     match failure {
         Failure::Refused(reply) => {
-            SendError::transient(Some(reply.code()), &format!("{step}: {reply}"))
+            SendError::transient(Some(reply.code()), &format!("{step}: {}", reply.text()))
         }
         other => SendError::transient(None, &format!("{step}: {other}")),
     }
@@ -1106,6 +1145,41 @@ mod tests {
             }
             transport.shutdown().await;
         }
+    }
+
+    /// A refusal that comes late for one message is read as the reply to
+    /// the next one's MAIL on the same connection: that refusal is asked
+    /// again on a fresh connection, where the relay accepts the message.
+    #[tokio::test]
+    async fn a_late_stray_refusal_is_asked_again_on_a_fresh_connection() {
+        use std::sync::atomic::AtomicBool;
+        let owed = Arc::new(AtomicBool::new(false));
+        let script: Script = Arc::new(move |verb: &str, text: &str| {
+            let reply = match verb {
+                "GREETING" => "220 relay ESMTP\r\n",
+                "EHLO" => NO_PIPELINING,
+                "DATA" => "354 go on\r\n",
+                "QUIT" => "221 bye\r\n",
+                "." => {
+                    owed.store(text.contains("late"), Ordering::SeqCst);
+                    "250 2.0.0 Ok queued\r\n"
+                }
+                "MAIL" if owed.swap(false, Ordering::SeqCst) => {
+                    "554 5.7.1 late stray rejection\r\n250 ok\r\n"
+                }
+                _ => "250 ok\r\n",
+            };
+            reply.as_bytes().to_vec()
+        });
+        let (port, taken) = scripted_relay(script).await;
+        let transport = plain_transport(port, 1);
+        let texts = ["m1 late", "m2", "m3 late", "m4"];
+        let outcomes = send_all(&transport, &texts, false).await;
+        for (text, outcome) in texts.iter().zip(&outcomes) {
+            assert_eq!(outcome, &Ok(Delivered { code: 250 }), "{text}");
+            assert_eq!(taken_saying(&taken, text), 1, "{text}");
+        }
+        transport.shutdown().await;
     }
 
     /// DATA wants 354: a refusal fails the transaction with the relay's
