@@ -1,5 +1,6 @@
 //! The worker's small HTTP listener: `/healthz` (the process answers),
-//! `/readyz` (broker taking publishes, Redis taking writes) and `/metrics` (Prometheus text).
+//! `/readyz` (broker taking publishes, Redis taking writes) and
+//! `/metrics` (Prometheus text).
 //! It is often bound to every interface (for the kubelet and Prometheus),
 //! so it runs on core's hardened listener: a client that never finishes a
 //! request, or opens hundreds of connections, cannot take the descriptors

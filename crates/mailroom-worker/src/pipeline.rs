@@ -109,7 +109,7 @@ impl Pipeline {
         Arc::new(Self {
             keyring,
             limits,
-            late_marks: LateMarks::new(dedup.clone(), dedup.window()),
+            late_marks: LateMarks::new(dedup.clone()),
             dedup,
             status,
             transport,
@@ -279,8 +279,9 @@ impl Pipeline {
     }
 
     /// Just before the end of DATA is the last point where a send can stop
-    /// with nothing handed over. A worker stopping stops it there. A claim that may have passed to another
-    /// delivery stops it there (known here, no round trip); in park mode
+    /// with nothing handed over. A worker stopping stops it there, and so
+    /// does a claim that may have passed to another delivery (known here,
+    /// no round trip); in park mode
     /// the handed marker is written there, by a script that checks the
     /// claim again.
     async fn before_end_of_data(&self, token: &ClaimToken, lease: &Lease) -> Result<(), Withheld> {

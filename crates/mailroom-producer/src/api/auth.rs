@@ -2,7 +2,6 @@
 //! networks it may come from, and the fleet-wide rate limits of the key and
 //! the tenant.
 
-use mailroom_core::store::StoreError;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -10,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue, header};
 use mailroom_core::ratelimit::Rate;
+use mailroom_core::store::StoreError;
 use time::OffsetDateTime;
 
 use super::ApiState;

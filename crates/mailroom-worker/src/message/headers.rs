@@ -39,8 +39,6 @@ const WORD_END: &str = "?=";
 /// Longest encoded-word (RFC 2047 §2).
 const MAX_WORD: usize = 75;
 
-const HEX: &[u8; 16] = b"0123456789ABCDEF";
-
 /// A piece of a value a line may break before: the whitespace that
 /// separates it from the previous one (empty for the first), then its text.
 #[derive(Debug)]
@@ -241,11 +239,7 @@ fn q_encode(byte: u8, out: &mut String) {
         b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'!' | b'*' | b'+' | b'-' | b'/' => {
             out.push(char::from(byte));
         }
-        _ => {
-            out.push('=');
-            out.push(char::from(HEX[usize::from(byte >> 4)]));
-            out.push(char::from(HEX[usize::from(byte & 15)]));
-        }
+        _ => out.extend(super::text::escaped(byte).map(char::from)),
     }
 }
 

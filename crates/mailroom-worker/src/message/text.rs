@@ -102,11 +102,17 @@ fn is_literal(byte: u8) -> bool {
 }
 
 fn escape(byte: u8, out: &mut Vec<u8>) {
-    out.extend_from_slice(&[
+    out.extend_from_slice(&escaped(byte));
+}
+
+/// `byte` as `=XX`: quoted-printable's escape, and Q encoding's in
+/// headers.
+pub(super) fn escaped(byte: u8) -> [u8; 3] {
+    [
         b'=',
         HEX[usize::from(byte >> 4)],
         HEX[usize::from(byte & 15)],
-    ]);
+    ]
 }
 
 /// Bytes other than tab and printable ASCII, which lettre counts to choose

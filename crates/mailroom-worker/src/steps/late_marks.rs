@@ -46,7 +46,6 @@ struct Late {
 /// The marks waiting, and the task writing them (started with the first).
 pub struct LateMarks {
     dedup: Dedup,
-    window: Duration,
     writer: Mutex<Option<Writer>>,
     waiting: Arc<AtomicUsize>,
 }
@@ -57,12 +56,11 @@ struct Writer {
 }
 
 impl LateMarks {
-    /// Marks written through `dedup`, each for as long as `window` lasts
-    /// from when it is handed over.
-    pub fn new(dedup: Dedup, window: Duration) -> Self {
+    /// Marks written through `dedup`, each for as long as its dedup
+    /// window lasts from when it is handed over.
+    pub fn new(dedup: Dedup) -> Self {
         Self {
             dedup,
-            window,
             writer: Mutex::new(None),
             waiting: Arc::new(AtomicUsize::new(0)),
         }
@@ -75,7 +73,7 @@ impl LateMarks {
             token,
             sent,
             hand_over,
-            moot_at: Instant::now() + self.window,
+            moot_at: Instant::now() + self.dedup.window(),
         };
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let writer = writer.get_or_insert_with(|| {
@@ -177,7 +175,7 @@ async fn write(dedup: Dedup, mut receiver: mpsc::UnboundedReceiver<Late>, count:
             waiting.pop_front();
             count.fetch_sub(1, Ordering::Relaxed);
         }
-        metrics::late_marks(waiting.len());
+        metrics::late_marks(count.load(Ordering::Relaxed));
         if waiting.is_empty() {
             wait = FIRST_WAIT;
         } else {

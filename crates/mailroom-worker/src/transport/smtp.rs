@@ -311,9 +311,6 @@ impl SmtpTransport {
     /// permit is taken.
     async fn obtain(&self, message: &SmtpMessage) -> Result<Obtained, SendError> {
         let closed = |_| SendError::transient(None, "transport shut down");
-        if self.stopping.is_cancelled() {
-            return Err(SendError::Withheld(Withheld::Stopping));
-        }
         if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
             return Ok(Obtained::Permit(permit));
         }

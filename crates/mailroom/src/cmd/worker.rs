@@ -3,9 +3,9 @@
 use anyhow::Context as _;
 use mailroom_core::settings::Settings;
 use mailroom_worker::Worker;
+use tokio_util::sync::CancellationToken;
 
 use super::signal::cancel_on_signal;
-use tokio_util::sync::CancellationToken;
 
 /// Runs the worker pool.
 pub async fn run(settings: &Settings) -> anyhow::Result<()> {
