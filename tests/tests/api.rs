@@ -385,13 +385,15 @@ async fn large_bodies_beyond_the_byte_budget_are_all_accepted() {
     }
 }
 
-/// A client trickling a large body holds up only other large ones: with
-/// the whole budget taken, a second large body waits and a small one
-/// (chunked, so of no declared length) goes by.
-#[tokio::test]
-async fn a_trickled_large_body_holds_up_only_large_ones() {
-    let stack = Stack::new("api-trickle");
-    let (router, key) = api_with_tiny_budget(&stack).await;
+/// Starts a `POST` as `key` declaring a 1 MiB body, of which only `{`
+/// comes until the sender is dropped or sent to.
+fn trickle(
+    router: &Router,
+    key: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Answer>,
+) {
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let first = futures_util::stream::once(async { Ok::<_, std::io::Error>(Bytes::from("{")) });
     let rest = futures_util::stream::once(async move {
@@ -399,14 +401,23 @@ async fn a_trickled_large_body_holds_up_only_large_ones() {
         Ok::<_, std::io::Error>(Bytes::from("}"))
     });
     let trickled = post_body(
-        &key,
+        key,
         Some(1 << 20),
         Body::from_stream(futures_util::StreamExt::chain(first, rest)),
     );
-    let holder = tokio::spawn({
-        let router = router.clone();
-        async move { call(&router, LOCAL, trickled).await }
-    });
+    let router = router.clone();
+    let holder = tokio::spawn(async move { call(&router, LOCAL, trickled).await });
+    (release, holder)
+}
+
+/// A client trickling a large body holds up only other large ones: with
+/// the whole budget taken, a second large body waits and a small one
+/// (chunked, so of no declared length) goes by.
+#[tokio::test]
+async fn a_trickled_large_body_holds_up_only_large_ones() {
+    let stack = Stack::new("api-trickle");
+    let (router, key) = api_with_tiny_budget(&stack).await;
+    let (release, holder) = trickle(&router, &key);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let large = post_body(
@@ -442,6 +453,39 @@ async fn a_trickled_large_body_holds_up_only_large_ones() {
         "`{{}}` is no job: {}",
         held.status
     );
+}
+
+/// A tenant trickling large bodies holds at most half of
+/// `api.max_inflight_bytes`: another tenant's large body still goes
+/// through, while the first tenant's next one waits.
+#[tokio::test]
+async fn a_tenant_holds_at_most_half_the_byte_budget() {
+    let stack = Stack::new("api-fair");
+    let mut settings = stack.settings.clone();
+    settings.api.max_inflight_bytes = 4 << 20;
+    settings.api.body_limit_bytes = 1 << 20;
+    let api = stack.api_with(&settings).await;
+    let (hog, other) = (key(&api, "hog").await, key(&api, "other").await);
+    let router = api.router();
+    let trickles: Vec<_> = (0..4).map(|_| trickle(&router, &hog)).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let large = |key: &str| post_body(key, Some(1 << 20), Body::from(message("large").to_string()));
+    let answer = tokio::time::timeout(Duration::from_secs(10), call(&router, LOCAL, large(&other)))
+        .await
+        .expect("another tenant's large body is not held up by the hog");
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(300),
+        call(&router, LOCAL, large(&hog)),
+    );
+    assert!(waiting.await.is_err(), "the hog's next large body waits");
+
+    for (release, holder) in trickles {
+        let _ = release.send(());
+        let held = holder.await.expect("the trickled request ends");
+        assert!(held.status.is_client_error(), "{}", held.status);
+    }
 }
 
 /// RFC 8259 lets a parser ignore a byte-order mark; Windows tools send one.

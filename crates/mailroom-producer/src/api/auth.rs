@@ -113,6 +113,16 @@ pub enum Caller {
     Token(Principal),
 }
 
+impl Caller {
+    /// The tenant it acts for.
+    pub fn tenant(&self) -> &str {
+        match self {
+            Self::Key { found, .. } => &found.record.tenant,
+            Self::Token(principal) => &principal.tenant,
+        }
+    }
+}
+
 /// [`authenticate`], then [`charge`] `cost`.
 pub async fn authorize(
     state: &ApiState,

@@ -8,7 +8,7 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
-use mailroom_core::budget::{ByteBudget, Share};
+use mailroom_core::budget::{FairBudget, FairShare};
 use mailroom_core::job::{JobId, JobRequest};
 use mailroom_core::offload;
 use mailroom_core::settings::ApiSettings;
@@ -241,7 +241,8 @@ async fn handle(
     };
     // Held until the answer, as the body and what is made of it are.
     let mut share = None;
-    let body = read_json_body(headers, body, &state.settings, &state.bodies, &mut share).await;
+    let bodies = (&state.bodies, caller.tenant());
+    let body = read_json_body(headers, body, &state.settings, bodies, &mut share).await;
     // A refused body still costs one request.
     let spent = body.as_ref().map_or(1, |body| cost(&state.settings, body));
     let principal = match charge(state, caller, Scope::Send, ip, spent).await {
@@ -421,16 +422,17 @@ fn is_utf8(content_type: &str) -> bool {
 /// read when its declared length is over).
 ///
 /// A body over 64 KiB, by its declared length or once that much of it has
-/// come, first takes its share of `bodies` (its declared length, or the
-/// limit when it has none) into `share`. Small bodies go by, so a client
-/// trickling a large one holds up only other large ones, for at most
-/// `api.request_timeout`.
+/// come, first takes its tenant's share of `bodies` (its declared length,
+/// or the limit when it has none) into `share`. Small bodies go by, so a
+/// client trickling a large one holds up only other large ones, for at
+/// most `api.request_timeout`, and one tenant's only up to half the
+/// budget.
 async fn read_json_body(
     headers: &HeaderMap,
     body: Body,
     settings: &ApiSettings,
-    bodies: &ByteBudget,
-    share: &mut Option<Share>,
+    (bodies, tenant): (&FairBudget, &str),
+    share: &mut Option<FairShare>,
 ) -> Result<Bytes, Problem> {
     // Two types would leave which one a proxy checked to a guess.
     let content_type = one_header(headers, header::CONTENT_TYPE.as_str())
@@ -462,7 +464,7 @@ async fn read_json_body(
     loop {
         if share.is_none() && (read.len() > SMALL_BODY || declared.is_some_and(|n| n > SMALL_BODY))
         {
-            *share = Some(bodies.reserve(expected).await);
+            *share = Some(bodies.reserve(tenant, expected).await);
         }
         let Some(chunk) = chunks.next().await else {
             break;

@@ -36,7 +36,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use mailroom_core::budget::ByteBudget;
+use mailroom_core::budget::FairBudget;
 use mailroom_core::job::JobId;
 use mailroom_core::ratelimit::RateLimiter;
 use mailroom_core::settings::{ApiSettings, Settings, SettingsError};
@@ -109,8 +109,9 @@ pub struct ApiState {
     tls: Option<tls::TlsFiles>,
     /// `GET /openapi.json`'s answer, made once for this server's limits.
     openapi: Bytes,
-    /// Request bodies in work (`api.max_inflight_bytes`).
-    bodies: ByteBudget,
+    /// Request bodies in work (`api.max_inflight_bytes`), at most half of
+    /// it for one tenant.
+    bodies: FairBudget,
 }
 
 /// A connected API, ready to serve.
@@ -177,7 +178,7 @@ impl Api {
                 touches: Touches::default(),
                 tls,
                 openapi: openapi::document(&settings.limits, api.max_batch),
-                bodies: ByteBudget::new(api.max_inflight_bytes),
+                bodies: FairBudget::new(api.max_inflight_bytes, api.body_limit_bytes),
             }),
         })
     }
