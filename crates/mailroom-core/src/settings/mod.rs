@@ -391,7 +391,7 @@ impl Settings {
             (
                 "limits.max_idempotency_key_chars",
                 limits.max_idempotency_key_chars,
-                1,
+                crate::validate::MIN_IDEMPOTENCY_KEY_CHARS,
             ),
             ("limits.max_tenant_chars", limits.max_tenant_chars, 1),
         ] {

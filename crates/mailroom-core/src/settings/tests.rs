@@ -239,6 +239,12 @@ fn values_below_their_minimum_name_the_minimum() {
             "api.max_batch",
             "at least 1",
         ),
+        (
+            "MAILROOM__LIMITS__MAX_IDEMPOTENCY_KEY_CHARS",
+            "63",
+            "limits.max_idempotency_key_chars",
+            "at least 64",
+        ),
     ] {
         assert_refused(key, value, named, allowed);
     }

@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The least `max_idempotency_key_chars` taken: room for the key the API
+/// derives for a batch item (`batch:`, 32 hex digits, `#` and the index).
+pub const MIN_IDEMPOTENCY_KEY_CHARS: usize = 64;
+
 /// Attachment extensions refused by default (lowercase, no dot): Gmail's
 /// blocked list plus macro-enabled Office formats and disk images.
 pub const DEFAULT_BLOCKED_EXTENSIONS: &[&str] = &[
@@ -99,7 +103,8 @@ pub struct Limits {
     pub max_header_value_chars: usize,
     /// Most custom headers. Default 20.
     pub max_custom_headers: usize,
-    /// Longest idempotency key, in characters. Default 255.
+    /// Longest idempotency key, in characters. Default 255, at least
+    /// [`MIN_IDEMPOTENCY_KEY_CHARS`].
     pub max_idempotency_key_chars: usize,
     /// Longest tenant name, in characters. Default 64.
     pub max_tenant_chars: usize,

@@ -28,7 +28,7 @@ pub use headers::{
     ALLOWED_HEADER_PREFIXES, ALLOWED_HEADERS, DENIED_HEADER_PREFIXES, RESERVED_HEADER_PREFIXES,
     RESERVED_HEADERS, is_allowed_header,
 };
-pub use limits::{DEFAULT_BLOCKED_EXTENSIONS, Limits};
+pub use limits::{DEFAULT_BLOCKED_EXTENSIONS, Limits, MIN_IDEMPOTENCY_KEY_CHARS};
 
 use crate::job::{EmailMessage, JobRequest, SCHEMA_VERSION, SendJob};
 

@@ -292,8 +292,8 @@ async fn handle(
     };
     let outcome = work(state, &principal, &body, Some(&key)).await;
     // Items of a batch that did get through are sent once even if the
-    // retry enqueues them again: each carries `KEY#INDEX` for the worker's
-    // dedup.
+    // retry enqueues them again: each carries a key derived from the
+    // header (`item_key`) for the worker's dedup.
     let kept = if outcome.transient {
         state.idempotency.abandon(slot).await
     } else {
@@ -603,7 +603,7 @@ fn enqueue_batch<'a>(
             |(index, value)| async move {
                 let result = match serde_json::from_value::<JobRequest>(value) {
                     Ok(request) => {
-                        let key = key.map(|key| item_key(key, index, &state.limits));
+                        let key = key.map(|key| item_key(key, index));
                         accept(state, principal, request, key).await
                     }
                     Err(err) => Err(Problem::bad_json(redacted_error(&err))),
@@ -658,14 +658,13 @@ fn enqueue_batch<'a>(
 }
 
 /// The idempotency key of item `index` of a batch sent with `key`:
-/// `KEY#INDEX`, or a digest of the key in its place if that would be too
-/// long for a job's key.
-fn item_key(key: &str, index: usize, limits: &mailroom_core::validate::Limits) -> String {
-    let suffix = format!("#{index}");
-    if key.len() + suffix.len() <= limits.max_idempotency_key_chars {
-        return format!("{key}{suffix}");
-    }
-    format!("{}{suffix}", hex::encode(Sha256::digest(key.as_bytes())))
+/// `batch:` and a digest of `key`, then `#INDEX`. The digest keeps it
+/// apart from any key a caller would choose by hand (a single request's
+/// `KEY#0` must not dedup away item 0 of a batch sent as `KEY`), and within
+/// the least `limits.max_idempotency_key_chars`.
+fn item_key(key: &str, index: usize) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    format!("batch:{}#{index}", hex::encode(&digest[..16]))
 }
 
 /// `GET /v1/messages/{id}`: the status, to the owning tenant only; another
@@ -741,14 +740,18 @@ mod tests {
     }
 
     #[test]
-    fn batch_items_get_keys_of_their_own_within_the_limit() {
-        let limits = mailroom_core::validate::Limits::default();
-        assert_eq!(item_key("order-1", 3, &limits), "order-1#3");
-        let long = "k".repeat(255);
-        let derived = item_key(&long, 12, &limits);
-        assert_eq!(derived.len(), 64 + 3);
-        assert!(derived.ends_with("#12"));
-        assert_ne!(derived, item_key(&"j".repeat(255), 12, &limits));
+    fn batch_items_get_keys_of_their_own_apart_from_chosen_ones() {
+        let derived = item_key("order-1", 3);
+        assert!(derived.starts_with("batch:") && derived.ends_with("#3"));
+        assert_ne!(derived, "order-1#3");
+        assert_ne!(item_key("order-2", 3), derived);
+        assert_ne!(item_key("order-1", 4), derived);
+        let longest = item_key(&"k".repeat(255), usize::MAX);
+        assert!(
+            longest.len() <= mailroom_core::validate::MIN_IDEMPOTENCY_KEY_CHARS,
+            "{}",
+            longest.len()
+        );
     }
 
     #[test]
