@@ -40,6 +40,8 @@ pub(super) struct Session {
     pub(super) info: ServerInfo,
     /// RFC 2920: MAIL, RCPT and DATA go out in one write.
     pub(super) pipelining: bool,
+    /// RFC 1870: the relay takes `SIZE=`, and its limit (0: none stated).
+    pub(super) size_limit: Option<usize>,
 }
 
 impl Relay {
@@ -177,13 +179,14 @@ async fn ehlo(mut wire: Wire, hello: &ClientId) -> Result<Session, SendError> {
         let pipelining = reply
             .lines()
             .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
-        Ok((server_info(&reply)?, pipelining))
+        Ok((server_info(&reply)?, pipelining, size_limit(&reply)))
     });
     match learned {
-        Ok((info, pipelining)) => Ok(Session {
+        Ok((info, pipelining, size_limit)) => Ok(Session {
             smtp: wire,
             info,
             pipelining,
+            size_limit,
         }),
         Err(failure) => {
             abort(&mut wire).await;
@@ -250,6 +253,19 @@ fn server_info(reply: &Reply) -> Result<ServerInfo, Failure> {
     let code = lettre_code(reply.code()).ok_or_else(|| out_of_step(reply, "EHLO"))?;
     ServerInfo::from_response(&Response::new(code, lines))
         .map_err(|err| Failure::OutOfStep(format!("EHLO: {err}")))
+}
+
+/// The `SIZE` an EHLO `reply` offers (RFC 1870): `Some(0)` when no limit
+/// is stated; a number that is not one reads as none stated, so the
+/// message goes and the relay judges it.
+fn size_limit(reply: &Reply) -> Option<usize> {
+    reply.lines().skip(1).find_map(|line| {
+        let mut words = line.split_ascii_whitespace();
+        let keyword = words.next()?;
+        keyword
+            .eq_ignore_ascii_case("SIZE")
+            .then(|| words.next().and_then(|n| n.parse().ok()).unwrap_or(0))
+    })
 }
 
 /// `reply` as lettre's type, for its AUTH challenge.
@@ -390,5 +406,23 @@ mod tests {
         assert!(
             super::super::smtp::SmtpTransport::new(&settings("smtp://localhost:25", false)).is_ok()
         );
+    }
+
+    #[test]
+    fn the_size_a_relay_states_is_read() {
+        let reply = |text: &str| {
+            let (reply, _) = super::super::reply::parse(text.as_bytes())
+                .expect("a reply")
+                .expect("whole");
+            size_limit(&reply)
+        };
+        assert_eq!(
+            reply("250-relay\r\n250-SIZE 10240000\r\n250 8BITMIME\r\n"),
+            Some(10_240_000)
+        );
+        assert_eq!(reply("250-relay\r\n250 size\r\n"), Some(0));
+        assert_eq!(reply("250-relay\r\n250 SIZE lots\r\n"), Some(0));
+        assert_eq!(reply("250-relay\r\n250 SIZEABLE\r\n"), None);
+        assert_eq!(reply("250 SIZE 5\r\n"), None, "the first line is the name");
     }
 }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
-use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter, ServerInfo};
+use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
 use mailroom_core::settings::SmtpSettings;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -80,8 +80,7 @@ pub struct SmtpTransport {
 /// holder of a busy one may write after its own end of DATA.
 struct Waiter {
     id: u64,
-    envelope: Envelope,
-    eight_bit: bool,
+    outline: Outline,
     handed: oneshot::Sender<Handed>,
 }
 
@@ -154,23 +153,31 @@ impl Ended {
 /// connection is taken, so a retry over a fresh connection does not make
 /// it again (for a 10 MiB message that is a pass over every byte).
 pub struct SmtpMessage {
+    outline: Outline,
+    /// The DATA section, dots doubled and end included: one write.
+    body: Vec<u8>,
+}
+
+/// What MAIL and RCPT say of a message.
+#[derive(Clone)]
+struct Outline {
     envelope: Envelope,
     /// Not 7-bit: needs 8BITMIME.
     eight_bit: bool,
-    /// The DATA section, dots doubled and end included: one write.
-    body: Vec<u8>,
+    /// Its size as RFC 1870's `SIZE=` counts it (before dots are doubled).
+    size: usize,
 }
 
 impl SmtpMessage {
     /// `message` as DATA carries it.
     pub fn new(message: OutgoingMessage) -> Self {
-        let eight_bit = !message.raw.is_ascii();
-        let body = data_section(&message.raw);
-        Self {
+        let outline = Outline {
             envelope: message.envelope,
-            eight_bit,
-            body,
-        }
+            eight_bit: !message.raw.is_ascii(),
+            size: message.raw.len(),
+        };
+        let body = data_section(&message.raw);
+        Self { outline, body }
     }
 }
 
@@ -318,8 +325,7 @@ impl SmtpTransport {
         let id = self.waiter_ids.fetch_add(1, Ordering::Relaxed);
         self.lock_waiters().push_back(Waiter {
             id,
-            envelope: message.envelope.clone(),
-            eight_bit: message.eight_bit,
+            outline: message.outline.clone(),
             handed,
         });
         // A send dropped while it waits leaves the queue with it (a relay
@@ -369,15 +375,16 @@ impl SmtpTransport {
 
     /// The first waiter whose commands this connection can carry, with
     /// those commands; waiters that gave up are dropped on the way.
-    fn next_waiter(&self, info: &ServerInfo) -> Option<(Waiter, String)> {
+    fn next_waiter(&self, session: &Session) -> Option<(Waiter, String)> {
         let mut waiters = self.lock_waiters();
         while let Some(waiter) = waiters.pop_front() {
             if waiter.handed.is_closed() {
                 continue;
             }
-            let Ok(group) = opening_group(info, &waiter.envelope, waiter.eight_bit) else {
-                // It needs an extension this relay lacks: it fails on a
-                // connection of its own, with its own error.
+            let Ok(group) = opening_group(session, &waiter.outline) else {
+                // It needs an extension this relay lacks, or is over its
+                // SIZE: it fails on a connection of its own, with its own
+                // error.
                 waiters.push_front(waiter);
                 return None;
             };
@@ -469,7 +476,7 @@ impl SmtpTransport {
         }
         let data = &message.body;
         let next = (session.pipelining && data.len() <= HAND_OVER_MAX)
-            .then(|| self.next_waiter(&session.info))
+            .then(|| self.next_waiter(session))
             .flatten();
         let Some((waiter, group)) = next else {
             return Ended {
@@ -517,20 +524,21 @@ impl SmtpTransport {
         message: &SmtpMessage,
         opening: Opening,
     ) -> Result<(), Failure> {
-        let connection = &mut session.smtp;
         // One reply for MAIL, one a recipient, one for DATA. A refusal ends
         // the session (it is aborted), so no body follows a DATA that a
         // refused RCPT made fail.
-        let replies = message.envelope.to().len() + 2;
+        let replies = message.outline.envelope.to().len() + 2;
         if opening == Opening::Written {
-            return self.read_opening(connection, replies).await;
+            return self.read_opening(&mut session.smtp, replies).await;
         }
         if session.pipelining {
-            let group = opening_group(&session.info, &message.envelope, message.eight_bit)?;
+            let group = opening_group(session, &message.outline)?;
+            let connection = &mut session.smtp;
             self.timed(connection.write(group.as_bytes())).await?;
             return self.read_opening(connection, replies).await;
         }
-        let (mail, rcpts) = envelope_commands(&session.info, &message.envelope, message.eight_bit)?;
+        let (mail, rcpts) = envelope_commands(session, &message.outline)?;
+        let connection = &mut session.smtp;
         expect(self.timed(connection.command(mail)).await, is_done, "MAIL")?;
         for rcpt in rcpts {
             expect(self.timed(connection.command(rcpt)).await, is_done, "RCPT")?;
@@ -599,6 +607,9 @@ pub(super) enum Failure {
     /// The message needs an extension the relay lacks.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The message is larger than the relay's `SIZE`.
+    #[error("the message ({size} bytes) is over the relay's SIZE limit ({limit} bytes)")]
+    TooLarge { size: usize, limit: usize },
     /// The login could not be put into a command.
     #[error("{0}")]
     Auth(String),
@@ -636,6 +647,7 @@ impl Failure {
                 "no reply to the end of DATA within smtp.command_timeout ({timeout:?})"
             )),
             Self::Unsupported(what) => SendError::permanent(555, what),
+            too_large @ Self::TooLarge { .. } => SendError::permanent(552, &too_large.to_string()),
             Self::Withheld(why) => SendError::Withheld(why),
             other @ (Self::Wire(_) | Self::OutOfStep(_) | Self::Timeout(_) | Self::Auth(_)) => {
                 SendError::transient(None, &other.to_string())
@@ -710,12 +722,8 @@ fn delivered(reply: &Reply) -> Delivered {
 }
 
 /// MAIL, RCPT for each recipient and DATA, as one pipelined group.
-fn opening_group(
-    info: &ServerInfo,
-    envelope: &Envelope,
-    eight_bit: bool,
-) -> Result<String, Failure> {
-    let (mail, rcpts) = envelope_commands(info, envelope, eight_bit)?;
+fn opening_group(session: &Session, outline: &Outline) -> Result<String, Failure> {
+    let (mail, rcpts) = envelope_commands(session, outline)?;
     let mut group = mail.to_string();
     for rcpt in rcpts {
         group.push_str(&rcpt.to_string());
@@ -726,12 +734,9 @@ fn opening_group(
 
 /// MAIL, with the parameters the message needs on this connection, and
 /// RCPT for each recipient.
-fn envelope_commands(
-    info: &ServerInfo,
-    envelope: &Envelope,
-    eight_bit: bool,
-) -> Result<(Mail, Vec<Rcpt>), Failure> {
-    let parameters = mail_parameters(info, envelope, eight_bit)?;
+fn envelope_commands(session: &Session, outline: &Outline) -> Result<(Mail, Vec<Rcpt>), Failure> {
+    let parameters = mail_parameters(session, outline)?;
+    let envelope = &outline.envelope;
     let rcpts = envelope
         .to()
         .iter()
@@ -740,13 +745,21 @@ fn envelope_commands(
     Ok((Mail::new(envelope.from().cloned(), parameters), rcpts))
 }
 
-/// MAIL parameters the message needs (as lettre's own `send` picks them).
-fn mail_parameters(
-    info: &ServerInfo,
-    envelope: &Envelope,
-    eight_bit: bool,
-) -> Result<Vec<MailParameter>, Failure> {
+/// MAIL parameters the message needs (as lettre's own `send` picks them),
+/// and its size where the relay takes `SIZE` (RFC 1870): a message over
+/// the relay's limit is refused here, before its body goes.
+fn mail_parameters(session: &Session, outline: &Outline) -> Result<Vec<MailParameter>, Failure> {
+    let (info, envelope) = (&session.info, &outline.envelope);
     let mut parameters = Vec::new();
+    if let Some(limit) = session.size_limit {
+        if limit > 0 && outline.size > limit {
+            return Err(Failure::TooLarge {
+                size: outline.size,
+                limit,
+            });
+        }
+        parameters.push(MailParameter::Size(outline.size));
+    }
     let non_ascii = envelope
         .from()
         .into_iter()
@@ -760,7 +773,7 @@ fn mail_parameters(
         }
         parameters.push(MailParameter::SmtpUtfEight);
     }
-    if eight_bit {
+    if outline.eight_bit {
         if !info.supports_feature(Extension::EightBitMime) {
             return Err(Failure::Unsupported(
                 "the message is not 7-bit and the relay lacks 8BITMIME",
@@ -899,8 +912,8 @@ mod tests {
     }
 
     /// What a scripted relay answers: given the command's verb (upper
-    /// case; `GREETING` for the greeting, `.` for the end of DATA) and, for
-    /// the end of DATA, the message's text.
+    /// case; `GREETING` for the greeting, `.` for the end of DATA) and the
+    /// command's line, or for the end of DATA the message's text.
     type Script = Arc<dyn Fn(&str, &str) -> Vec<u8> + Send + Sync>;
 
     /// A relay on 127.0.0.1 that answers each connection by `script`, and
@@ -952,7 +965,7 @@ mod tests {
                 None => {
                     let verb = line.split(' ').next().unwrap_or_default();
                     let verb = verb.to_ascii_uppercase();
-                    let reply = script(&verb, "");
+                    let reply = script(&verb, &line);
                     if verb == "DATA" && reply.starts_with(b"354") {
                         body = Some(String::new());
                     }
@@ -1262,5 +1275,51 @@ mod tests {
             withheld.into_send_error(Step::Before),
             SendError::Withheld(Withheld::LeaseLost)
         );
+    }
+
+    /// A relay that states a `SIZE` limit gets `SIZE=` with MAIL, and a
+    /// message over the limit is refused for good before any of it goes;
+    /// a relay whose `SIZE` states no limit takes any.
+    #[tokio::test]
+    async fn a_message_over_the_relays_size_is_refused_before_it_goes() {
+        const LIMITED: &str = "250-relay\r\n250-PIPELINING\r\n250 SIZE 100\r\n";
+        const UNLIMITED: &str = "250-relay\r\n250 SIZE\r\n";
+        for (ehlo, big_goes) in [(LIMITED, false), (UNLIMITED, true)] {
+            let script: Script = Arc::new(move |verb: &str, line: &str| {
+                let reply = match verb {
+                    "GREETING" => "220 relay ESMTP\r\n",
+                    "EHLO" => ehlo,
+                    "DATA" => "354 go on\r\n",
+                    "QUIT" => "221 bye\r\n",
+                    "MAIL" if !line.contains(" SIZE=") => "555 5.5.4 SIZE= expected\r\n",
+                    _ => "250 ok\r\n",
+                };
+                reply.as_bytes().to_vec()
+            });
+            let (port, taken) = scripted_relay(script).await;
+            let transport = plain_transport(port, 1);
+            let small = transport.send(&one_message(), None).await;
+            assert_eq!(small, Ok(Delivered { code: 250 }), "{ehlo:?}");
+            let address: lettre::Address = "ada@example.org".parse().expect("address");
+            let big = SmtpMessage::new(OutgoingMessage {
+                envelope: Envelope::new(Some(address.clone()), vec![address]).expect("envelope"),
+                message_id: "<2@example.org>".to_owned(),
+                raw: format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(200)).into_bytes(),
+            });
+            let sent = transport.send(&big, None).await;
+            transport.shutdown().await;
+            if big_goes {
+                assert_eq!(sent, Ok(Delivered { code: 250 }));
+                assert_eq!(taken.lock().expect("lock").len(), 2);
+            } else {
+                match sent {
+                    Err(SendError::Permanent { code: 552, detail }) => {
+                        assert!(detail.contains("SIZE limit (100 bytes)"), "{detail}");
+                    }
+                    other => panic!("expected a 552, got {other:?}"),
+                }
+                assert_eq!(taken.lock().expect("lock").len(), 1, "only the small one");
+            }
+        }
     }
 }
