@@ -80,11 +80,6 @@ pub enum PublishError {
     /// sent, or it may not be queued yet.
     #[error("the broker is blocking publishers (a memory or disk alarm on RabbitMQ)")]
     Blocked,
-    /// The broker returned a message as unroutable, but not this one: lapin
-    /// could not say which publish of a batch it belonged to, so whether
-    /// this one was queued is unknown.
-    #[error("the broker returned another message than this one; its outcome is unknown")]
-    ReturnMismatch,
     /// The broker refused to take the message (nack), e.g. a full queue.
     #[error("the broker refused the message (nack)")]
     Nacked,
@@ -103,11 +98,7 @@ impl PublishError {
     /// Whether publishing again may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Blocked
-            | Self::ReturnMismatch
-            | Self::Nacked
-            | Self::ConfirmTimeout(_)
-            | Self::Connection(_) => true,
+            Self::Blocked | Self::Nacked | Self::ConfirmTimeout(_) | Self::Connection(_) => true,
             Self::Amqp(err) => err.is_transient(),
             Self::Unroutable { .. } => false,
         }

@@ -15,12 +15,14 @@ mod error;
 mod reconnect;
 
 use std::borrow::Cow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lapin::Confirmation;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{Mutex, RwLock};
 
@@ -28,7 +30,7 @@ pub use error::{AmqpError, PublishError};
 use reconnect::Reconnects;
 
 use crate::settings::AmqpSettings;
-use crate::wire::WorkQueue;
+use crate::wire::{Topology, WorkQueue};
 
 /// One message to publish.
 #[derive(Clone, Debug)]
@@ -246,10 +248,13 @@ impl Broker {
             Confirmation::Ack(None) => Ok(()),
             // lapin hands a return to whichever publish an ack resolves
             // first; when one ack covers several, that may not be its own.
+            // Its own was then told "acked" and reported queued: the whole
+            // message is here, so it is published again to make that true.
             Confirmation::Ack(Some(returned))
                 if returned.delivery.properties.message_id() != &message_id =>
             {
-                Err(PublishError::ReturnMismatch)
+                self.publish_returned(returned).await;
+                Ok(())
             }
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
                 exchange,
@@ -262,6 +267,46 @@ impl Broker {
                 "channel has no publisher confirms".to_owned(),
             )),
         }
+    }
+
+    /// Publishes again a message the broker returned as unroutable whose
+    /// own publish lapin reported acked (it gave the return to another),
+    /// declaring the topology first if it is returned again. Boxed: it
+    /// publishes through [`Broker::publish`], which calls it.
+    fn publish_returned(
+        &self,
+        returned: BasicReturnMessage,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let delivery = returned.delivery;
+            let job_id = delivery.properties.message_id().clone();
+            let again = Outgoing {
+                exchange: delivery.exchange.to_string(),
+                routing_key: delivery.routing_key.to_string(),
+                body: delivery.data,
+                properties: delivery.properties,
+                mandatory: true,
+            };
+            let mut result = self.publish(again.clone()).await;
+            if matches!(result, Err(PublishError::Unroutable { .. })) {
+                if let Err(err) = self.declare(&Topology::standard()).await {
+                    tracing::warn!(error = %err, "the topology could not be declared again");
+                }
+                result = self.publish(again).await;
+            }
+            match result {
+                Ok(()) => tracing::info!(
+                    job_id = job_id.as_ref().map(ShortString::as_str),
+                    "a returned message reported queued was published again"
+                ),
+                Err(err) => tracing::error!(
+                    job_id = job_id.as_ref().map(ShortString::as_str),
+                    error = %err,
+                    "a message the broker returned was reported queued and could not be \
+                     published again: it is not queued"
+                ),
+            }
+        })
     }
 
     /// Closes the connection; unacked deliveries return to their queues.
