@@ -24,7 +24,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::{FilterExt as _, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -192,7 +192,7 @@ pub fn init(role: &str, settings: &TelemetrySettings) -> Result<TelemetryGuard, 
     // Logs and traces are filtered apart: the per-message spans of the
     // hot path are DEBUG, so they reach an exporter but cost nothing in
     // the log unless `RUST_LOG` asks for them.
-    .with_filter(filter);
+    .with_filter(filter.and(log_caps()));
 
     let provider = if otlp_configured(settings) {
         Some(tracer_provider(role, settings)?)
@@ -263,20 +263,24 @@ fn log_filter(role: &str, settings: &TelemetrySettings) -> Result<EnvFilter, Tel
         filter,
         error,
     })?;
-    Ok(parsed.add_directive(never_logged()))
+    Ok(parsed)
 }
 
-/// lapin logs a message the broker returned (unroutable) whole, body and
-/// headers, at WARN: a sealed job of up to 64 MiB, with its tenant, in the
-/// log. Off whatever the filter says (a more specific directive wins);
-/// mailroom reports the return itself.
-fn never_logged() -> tracing_subscriber::filter::Directive {
-    RETURNED_MESSAGES_OFF
-        .parse()
-        .expect("a constant directive that parses")
+/// Caps no filter can lift (a filter's more specific directive would win
+/// over one added to it, so these stand apart and both must pass):
+/// - lapin logs a message the broker returned (unroutable) whole, body and
+///   headers, at WARN: a sealed job of up to 64 MiB, with its tenant;
+///   mailroom reports the return itself;
+/// - lapin's TRACE logs every frame it writes and reads: the login's
+///   `Connection.StartOk` (user and password), and every message's
+///   headers and body.
+fn log_caps() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("lapin", LevelFilter::DEBUG)
+        .with_target("amq_protocol", LevelFilter::DEBUG)
+        .with_target("lapin::returned_messages", LevelFilter::OFF)
 }
-
-const RETURNED_MESSAGES_OFF: &str = "lapin::returned_messages=off";
 
 fn env_is_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|value| !value.is_empty())
@@ -562,16 +566,22 @@ mod tests {
     }
 
     #[test]
-    fn returned_messages_are_never_logged_whatever_the_filter() {
-        let settings = TelemetrySettings {
-            log_filter: Some("trace".to_owned()),
-            ..TelemetrySettings::default()
-        };
-        let filter = log_filter("worker", &settings).expect("a filter");
-        assert!(
-            filter.to_string().contains(RETURNED_MESSAGES_OFF),
-            "{filter}"
-        );
+    fn lapin_frames_and_returns_are_never_logged_whatever_the_filter() {
+        let caps = log_caps();
+        for (target, level, logged) in [
+            ("lapin::returned_messages", tracing::Level::ERROR, false),
+            ("lapin::io_loop", tracing::Level::TRACE, false),
+            ("lapin::channels", tracing::Level::TRACE, false),
+            ("amq_protocol::frame", tracing::Level::TRACE, false),
+            ("lapin::io_loop", tracing::Level::DEBUG, true),
+            ("mailroom_worker", tracing::Level::TRACE, true),
+        ] {
+            assert_eq!(
+                caps.would_enable(target, &level),
+                logged,
+                "{target} {level}"
+            );
+        }
         assert!(!traced().would_enable("lapin::returned_messages", &tracing::Level::ERROR));
     }
 }
