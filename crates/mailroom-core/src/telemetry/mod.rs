@@ -10,6 +10,9 @@
 
 mod amqp;
 mod batched;
+mod redact;
+
+pub use redact::{ERROR_TEXT_MAX, hide_known, mask_email, redact_error};
 
 use std::io::IsTerminal as _;
 use std::time::Duration;
@@ -326,19 +329,6 @@ fn tracer_provider(
         .build())
 }
 
-/// Masks an email address for logs and spans: the first character of the
-/// local part and the domain stay, so `ada@example.org` becomes
-/// `a***@example.org`. Anything without an `@` becomes `***`.
-pub fn mask_email(addr: &str) -> String {
-    match addr.rsplit_once('@') {
-        Some((local, domain)) => {
-            let first = local.chars().next().map(String::from).unwrap_or_default();
-            format!("{first}***@{domain}")
-        }
-        None => "***".to_owned(),
-    }
-}
-
 /// The process's Prometheus recorder, installed on first call (later calls
 /// return the same handle); `None` if another recorder came first.
 /// Histograms named `*_seconds` get buckets from 5 ms to an hour.
@@ -360,108 +350,11 @@ pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
         .clone()
 }
 
-/// Longest error text kept in a status, a header or a log field.
-pub const ERROR_TEXT_MAX: usize = 300;
-
-/// An error text fit to keep: every address-like word masked (an SMTP reply
-/// such as `550 <ada@example.org>: no such user` names the recipient), what
-/// is in double quotes hidden (a quoted local part, `"ada lovelace"@…`, has
-/// spaces in it), and cut to [`ERROR_TEXT_MAX`] bytes at a character
-/// boundary.
-pub fn redact_error(text: &str) -> String {
-    let text = hide_quoted(text);
-    let mut out = String::with_capacity(text.len().min(ERROR_TEXT_MAX + 4));
-    for (i, word) in text.split(' ').enumerate() {
-        if i > 0 {
-            out.push(' ');
-        }
-        if word.contains('@') {
-            // Keep the brackets and punctuation around the address.
-            let start = word
-                .find(|c: char| c.is_alphanumeric() || c == '"')
-                .unwrap_or(0);
-            let end = word
-                .rfind(|c: char| c.is_alphanumeric())
-                .map_or(word.len(), |at| at + 1);
-            if start < end {
-                out.push_str(&word[..start]);
-                out.push_str(&mask_email(&word[start..end]));
-                out.push_str(&word[end..]);
-            } else {
-                out.push_str("***");
-            }
-        } else {
-            out.push_str(word);
-        }
-    }
-    if out.len() > ERROR_TEXT_MAX {
-        let mut end = ERROR_TEXT_MAX;
-        while !out.is_char_boundary(end) {
-            end -= 1;
-        }
-        out.truncate(end);
-        out.push('…');
-    }
-    out
-}
-
-/// `text` with what stands between double quotes replaced by `***` (an
-/// unclosed quote hides the rest).
-fn hide_quoted(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.contains('"') {
-        return text.into();
-    }
-    let mut out = String::with_capacity(text.len());
-    for (i, part) in text.split('"').enumerate() {
-        if i % 2 == 0 {
-            out.push_str(part);
-        } else {
-            out.push_str("\"***\"");
-        }
-    }
-    out.into()
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
 
     use super::*;
-
-    #[test]
-    fn mask_email_keeps_first_character_and_domain() {
-        assert_eq!(mask_email("ada@example.org"), "a***@example.org");
-        assert_eq!(mask_email("a@example.org"), "a***@example.org");
-        assert_eq!(mask_email("@example.org"), "***@example.org");
-        assert_eq!(mask_email("élodie@exemple.fr"), "é***@exemple.fr");
-        assert_eq!(mask_email("\"a@b\"@example.org"), "\"***@example.org");
-    }
-
-    #[test]
-    fn redact_error_masks_addresses_and_cuts_long_text() {
-        assert_eq!(
-            redact_error("550 5.1.1 <ada@example.org>: no such user"),
-            "550 5.1.1 <a***@example.org>: no such user"
-        );
-        assert_eq!(redact_error("451 busy"), "451 busy");
-        let quoted = redact_error("550 <\"ada lovelace\"@example.org>: no such user");
-        assert!(
-            !quoted.contains("ada") && !quoted.contains("lovelace"),
-            "{quoted}"
-        );
-        assert!(quoted.contains("@example.org"), "{quoted}");
-        assert!(!redact_error("550 \"ada lovelace").contains("ada"));
-        let long = "é".repeat(400);
-        let cut = redact_error(&long);
-        assert!(cut.len() <= ERROR_TEXT_MAX + '…'.len_utf8());
-        assert!(cut.ends_with('…'));
-    }
-
-    #[test]
-    fn mask_email_hides_what_is_not_an_address() {
-        assert_eq!(mask_email("not an address"), "***");
-        assert_eq!(mask_email(""), "***");
-    }
 
     #[test]
     fn settings_default_and_parse() {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use mailroom_core::job::SendJob;
 use mailroom_core::offload;
 use mailroom_core::settings::OnUncertain;
+use mailroom_core::telemetry::hide_known;
 
 use crate::message::build_message;
 use crate::pipeline::{HELD_RECHECK, REDIS_DOWN_DELAY};
@@ -53,9 +54,61 @@ pub async fn send(
     let result = transport.send(&job.id, message, hand_over).await;
     let elapsed = start.elapsed();
     Sent {
-        verdict: verdict_of(result.map(|delivered| delivered.code), on_uncertain),
+        verdict: hide_personal(
+            verdict_of(result.map(|delivered| delivered.code), on_uncertain),
+            job,
+        ),
         elapsed,
     }
+}
+
+/// `verdict` with what the relay's words may quote of `job` hidden (its
+/// text is kept in statuses, dead letters and logs).
+fn hide_personal(verdict: Verdict, job: &SendJob) -> Verdict {
+    match verdict {
+        Verdict::Retry { error } => Verdict::Retry {
+            error: hide_known(&error, personal_words(job)),
+        },
+        Verdict::DeadLetter { reason, detail } => Verdict::DeadLetter {
+            reason,
+            detail: hide_known(&detail, personal_words(job)),
+        },
+        other => other,
+    }
+}
+
+/// What of `job` a relay may quote back in words no pattern catches: each
+/// address's local part and display name, whole and word by word, and the
+/// subject, whole and word by word. Words under 4 characters of a local
+/// part or the subject are left out: they would hide the relay's own
+/// words (`ada`, `the`); a display name's are kept from 3.
+fn personal_words(job: &SendJob) -> Vec<&str> {
+    let message = &job.message;
+    let mut words = Vec::new();
+    let addresses = std::iter::once(&message.from)
+        .chain(&message.reply_to)
+        .chain(&message.to)
+        .chain(&message.cc)
+        .chain(&message.bcc);
+    for address in addresses {
+        let Some((before, _domain)) = address.rsplit_once('@') else {
+            continue;
+        };
+        let (display, local) = before.rsplit_once('<').unwrap_or(("", before));
+        let local = local.trim_matches('"');
+        words.push(local);
+        words.extend(words_of(local).filter(|word| word.len() >= 4));
+        words.extend(words_of(display).filter(|word| word.chars().count() >= 3));
+    }
+    words.push(message.subject.trim());
+    words.extend(words_of(&message.subject).filter(|word| word.chars().count() >= 4));
+    words
+}
+
+/// The runs of letters and digits in `text`.
+fn words_of(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
 }
 
 /// The verdict for a transport result.
@@ -116,5 +169,29 @@ mod tests {
                 Verdict::Defer { .. }
             ));
         }
+    }
+
+    /// The sendmail-style refusals a black-box run saw stored verbatim:
+    /// a local part without its domain, a display name and the subject.
+    #[test]
+    fn relay_words_quoting_the_message_are_hidden() {
+        let mut job = crate::steps::tests::sample_job();
+        job.message.to = vec!["\"Ada Lovelace\" <canary.rcpt.7q3@victim.org>".to_owned()];
+        job.message.subject = "CANARYSUBJ9x for you".to_owned();
+        let reply = "550 5.1.1 user canary.rcpt.7q3 at victim.org (Lovelace) subject CANARYSUBJ9x";
+        let verdict = hide_personal(
+            verdict_of(Err(SendError::permanent(550, reply)), OnUncertain::Retry),
+            &job,
+        );
+        let Verdict::DeadLetter { detail, .. } = verdict else {
+            panic!("{verdict:?}");
+        };
+        for canary in ["canary", "7q3", "Lovelace", "CANARYSUBJ9x"] {
+            assert!(!detail.contains(canary), "{canary}: {detail}");
+        }
+        assert!(
+            detail.contains("550 5.1.1 user *** at victim.org"),
+            "{detail}"
+        );
     }
 }
