@@ -385,11 +385,12 @@ async fn large_bodies_beyond_the_byte_budget_are_all_accepted() {
     }
 }
 
-/// Starts a `POST` as `key` declaring a 1 MiB body, of which only `{`
-/// comes until the sender is dropped or sent to.
+/// Starts a `POST` as `key` declaring a body of `length` bytes, of which
+/// only `{` comes until the sender is dropped or sent to.
 fn trickle(
     router: &Router,
     key: &str,
+    length: usize,
 ) -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Answer>,
@@ -402,7 +403,7 @@ fn trickle(
     });
     let trickled = post_body(
         key,
-        Some(1 << 20),
+        Some(length),
         Body::from_stream(futures_util::StreamExt::chain(first, rest)),
     );
     let router = router.clone();
@@ -410,49 +411,58 @@ fn trickle(
     (release, holder)
 }
 
-/// A client trickling a large body holds up only other large ones: with
-/// the whole budget taken, a second large body waits and a small one
-/// (chunked, so of no declared length) goes by.
-#[tokio::test]
-async fn a_trickled_large_body_holds_up_only_large_ones() {
-    let stack = Stack::new("api-trickle");
-    let (router, key) = api_with_tiny_budget(&stack).await;
-    let (release, holder) = trickle(&router, &key);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+/// Lets the trickled requests end; each is refused (`{}` is no job).
+async fn release_all(
+    trickles: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Answer>,
+    )>,
+) {
+    for (release, holder) in trickles {
+        let _ = release.send(());
+        let held = holder.await.expect("the trickled request ends");
+        assert!(held.status.is_client_error(), "{}", held.status);
+    }
+}
 
-    let large = post_body(
-        &key,
-        Some(1 << 20),
-        Body::from(message("large").to_string()),
-    );
-    let waiting = tokio::time::timeout(Duration::from_millis(300), call(&router, LOCAL, large));
-    assert!(
-        waiting.await.is_err(),
-        "a second large body waits for the budget"
-    );
+/// Bodies of every size count against `api.max_inflight_bytes` (ten
+/// thousand connections of 64 KiB each held over a gigabyte when small
+/// ones went by): with a tenant's half held by trickled bodies, its next
+/// small body waits, declared or chunked, and another tenant's goes by.
+#[tokio::test]
+async fn every_body_counts_against_the_byte_budget() {
+    let stack = Stack::new("api-trickle");
+    let mut settings = stack.settings.clone();
+    settings.api.max_inflight_bytes = 256 * 1024;
+    settings.api.body_limit_bytes = 64 * 1024;
+    let api = stack.api_with(&settings).await;
+    let (hog, other) = (key(&api, "hog").await, key(&api, "other").await);
+    let router = api.router();
+    let trickles: Vec<_> = (0..2).map(|_| trickle(&router, &hog, 64 * 1024)).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let small = message("small").to_string();
-    let chunked =
-        futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(small)) });
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        call(
-            &router,
-            LOCAL,
-            post_body(&key, None, Body::from_stream(chunked)),
-        ),
-    )
-    .await
-    .expect("a small body goes by");
+    let declared = |key: &str| post_body(key, Some(small.len()), Body::from(small.clone()));
+    let chunked = |key: &str| {
+        let small = small.clone();
+        let once =
+            futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(small)) });
+        post_body(key, None, Body::from_stream(once))
+    };
+    for request in [declared(&hog), chunked(&hog)] {
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(300), call(&router, LOCAL, request));
+        assert!(waiting.await.is_err(), "the hog's small body waits");
+    }
+    for request in [declared(&other), chunked(&other)] {
+        let answer = tokio::time::timeout(Duration::from_secs(10), call(&router, LOCAL, request))
+            .await
+            .expect("another tenant's small body goes by");
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    }
+    release_all(trickles).await;
+    let answer = call(&router, LOCAL, declared(&hog)).await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
-
-    let _ = release.send(());
-    let held = holder.await.expect("the trickled request ends");
-    assert!(
-        held.status.is_client_error(),
-        "`{{}}` is no job: {}",
-        held.status
-    );
 }
 
 /// A tenant trickling large bodies holds at most half of
@@ -467,7 +477,7 @@ async fn a_tenant_holds_at_most_half_the_byte_budget() {
     let api = stack.api_with(&settings).await;
     let (hog, other) = (key(&api, "hog").await, key(&api, "other").await);
     let router = api.router();
-    let trickles: Vec<_> = (0..4).map(|_| trickle(&router, &hog)).collect();
+    let trickles: Vec<_> = (0..4).map(|_| trickle(&router, &hog, 1 << 20)).collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let large = |key: &str| post_body(key, Some(1 << 20), Body::from(message("large").to_string()));
@@ -481,11 +491,7 @@ async fn a_tenant_holds_at_most_half_the_byte_budget() {
     );
     assert!(waiting.await.is_err(), "the hog's next large body waits");
 
-    for (release, holder) in trickles {
-        let _ = release.send(());
-        let held = holder.await.expect("the trickled request ends");
-        assert!(held.status.is_client_error(), "{}", held.status);
-    }
+    release_all(trickles).await;
 }
 
 /// RFC 8259 lets a parser ignore a byte-order mark; Windows tools send one.
@@ -1030,6 +1036,103 @@ impl std::io::Write for Captured {
     }
 }
 
+impl Captured {
+    /// Captures this thread's logs (the in-process API's tasks run on it)
+    /// until the guard is dropped.
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The access-log lines so far, parsed.
+    fn access_lines(&self) -> Vec<Value> {
+        let log = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        String::from_utf8_lossy(&log)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["target"] == "mailroom::access")
+            .map(|line| line["fields"].clone())
+            .collect()
+    }
+}
+
+/// A client that goes away mid-request takes only its wait away: the
+/// work runs to its end, the `Idempotency-Key`'s answer is kept (a retry
+/// is answered it, not 409 for a minute, nor a second enqueue), and the
+/// request has its log line.
+#[tokio::test]
+async fn a_request_whose_client_went_away_still_finishes_and_is_logged() {
+    let stack = Stack::new("api-gone");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let captured = Captured::default();
+    let _guard = captured.install();
+    let messages: Vec<Value> = (0..50).map(|i| message(&format!("m{i}"))).collect();
+    let batch = || {
+        let mut request = post(
+            "/v1/messages/batch",
+            Some(&key),
+            &json!({ "messages": messages }),
+        );
+        request
+            .headers_mut()
+            .insert("idempotency-key", "gone-1".parse().expect("value"));
+        request
+    };
+    let gone = tokio::time::timeout(Duration::from_millis(2), call(&router, LOCAL, batch())).await;
+    assert!(gone.is_err(), "the client left before its answer");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let retry = loop {
+        let answer = call(&router, LOCAL, batch()).await;
+        if answer.status != StatusCode::CONFLICT || tokio::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(retry.status, StatusCode::ACCEPTED, "{}", retry.body);
+    assert!(retry.headers.contains_key("idempotent-replayed"));
+    assert_eq!(stack.vhost.work_depth().await, 50, "enqueued once");
+    let lines = captured.access_lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|line| line["status"] == 202), "{lines:?}");
+}
+
+/// A request cut short by `api.request_timeout` (a body that never
+/// ends) is logged with the caller it was authenticated as.
+#[tokio::test]
+async fn a_timed_out_request_is_logged_with_its_caller() {
+    let stack = Stack::new("api-timeout-log");
+    let mut settings = stack.settings.clone();
+    settings.api.request_timeout = Duration::from_millis(300);
+    let api = stack.api_with(&settings).await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let captured = Captured::default();
+    let _guard = captured.install();
+    let (release, holder) = trickle(&router, &key, 1024);
+    let answer = holder.await.expect("the request ends");
+    drop(release);
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    let lines = captured.access_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["tenant"], "acme", "{lines:?}");
+    assert!(
+        lines[0]["key_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("key_")),
+        "{lines:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_access_log_names_no_recipient_subject_body_or_key() {
     let stack = Stack::new("api-log");
@@ -1037,13 +1140,7 @@ async fn the_access_log_names_no_recipient_subject_body_or_key() {
     let router = api.router();
     let key = key(&api, "acme").await;
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = captured.install();
     let answer = call(
         &router,
         LOCAL,

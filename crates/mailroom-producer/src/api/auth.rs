@@ -114,6 +114,14 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// The credential's public id.
+    pub fn key_id(&self) -> &str {
+        match self {
+            Self::Key { found, .. } => &found.record.id,
+            Self::Token(principal) => &principal.key_id,
+        }
+    }
+
     /// The tenant it acts for.
     pub fn tenant(&self) -> &str {
         match self {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
@@ -21,7 +21,7 @@ use super::auth::{Principal, Refusal, authenticate, authorize, charge, one_heade
 use super::idempotency::{Stored, Taken};
 use super::keys::Scope;
 use super::problem::Problem;
-use super::{ApiState, LogFields};
+use super::{ApiState, LogFields, LogSlot};
 use crate::{EnqueueError, prepare};
 
 /// The longest `Idempotency-Key` taken.
@@ -158,10 +158,16 @@ enum PostRefusals {
 pub async fn send_one(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(log): Extension<LogSlot>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(&state, peer, &headers, body, "send", |_, _| 1, enqueue_one).await
+    let route = Route {
+        name: "send",
+        cost: |_, _| 1,
+        work: enqueue_one,
+    };
+    handle(&state, peer, &log, &headers, body, route).await
 }
 
 /// `POST /v1/messages/batch`
@@ -180,19 +186,16 @@ pub async fn send_one(
 pub async fn send_batch(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(log): Extension<LogSlot>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(
-        &state,
-        peer,
-        &headers,
-        body,
-        "batch",
-        batch_cost,
-        enqueue_batch,
-    )
-    .await
+    let route = Route {
+        name: "batch",
+        cost: batch_cost,
+        work: enqueue_batch,
+    };
+    handle(&state, peer, &log, &headers, body, route).await
 }
 
 /// Rate limits count messages: a batch's cost is its length, counted
@@ -219,18 +222,28 @@ type Work = for<'a> fn(&'a ApiState, &'a Principal, &'a [u8], Option<&'a str>) -
 /// A route's work in progress.
 type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
+/// What a POST route does once the request is its own.
+#[derive(Clone, Copy)]
+struct Route {
+    /// Its name among `Idempotency-Key` answers.
+    name: &'static str,
+    /// What its body costs of the rate limits.
+    cost: fn(&ApiSettings, &[u8]) -> u32,
+    /// Its work.
+    work: Work,
+}
+
 /// What both POST routes share: authorization, the body's type and size
 /// (read only once the caller is known, so an anonymous one cannot make the
 /// API buffer large bodies), the rate limits (`cost` of the body) and
 /// `Idempotency-Key`.
 async fn handle(
-    state: &ApiState,
+    state: &Arc<ApiState>,
     peer: SocketAddr,
+    log: &LogSlot,
     headers: &HeaderMap,
     body: Body,
-    route: &str,
-    cost: fn(&ApiSettings, &[u8]) -> u32,
-    work: Work,
+    route: Route,
 ) -> Response {
     let Some(ip) = state.network.client_ip(peer, headers) else {
         return refused(unknown_client());
@@ -239,10 +252,16 @@ async fn handle(
         Ok(caller) => caller,
         Err(refusal) => return refused(refusal),
     };
+    log.set(LogFields {
+        key_id: Some(caller.key_id().to_owned()),
+        tenant: Some(caller.tenant().to_owned()),
+        job_ids: Vec::new(),
+    });
+    let Route { name, cost, work } = route;
     // Held until the answer, as the body and what is made of it are.
-    let mut share = None;
+    let mut shares = Vec::new();
     let bodies = (&state.bodies, caller.tenant());
-    let body = read_json_body(headers, body, &state.settings, bodies, &mut share).await;
+    let body = read_json_body(headers, body, &state.settings, bodies, &mut shares).await;
     // A refused body still costs one request.
     let spent = body.as_ref().map_or(1, |body| cost(&state.settings, body));
     let principal = match charge(state, caller, Scope::Send, ip, spent).await {
@@ -264,7 +283,7 @@ async fn handle(
     };
     let slot = match state
         .idempotency
-        .take(&principal.tenant, &key, route, &body)
+        .take(&principal.tenant, &key, name, &body)
         .await
     {
         Ok(Taken::First(slot)) => slot,
@@ -290,25 +309,36 @@ async fn handle(
             );
         }
     };
-    let outcome = work(state, &principal, &body, Some(&key)).await;
-    // Items of a batch that did get through are sent once even if the
-    // retry enqueues them again: each carries a key derived from the
-    // header (`item_key`) for the worker's dedup.
-    let kept = if outcome.transient {
-        state.idempotency.abandon(slot).await
-    } else {
-        let stored = Stored {
-            status: outcome.status.as_u16(),
-            body: outcome.body.clone(),
+    // Past this point the key's slot must be finished or abandoned: the
+    // work runs in a task of its own, which a timeout does not cut short
+    // (a slot left pending would hold the client's retries off with 409s
+    // while a job it published waits unanswered).
+    let state = Arc::clone(state);
+    let working = tokio::spawn(async move {
+        let outcome = work(&state, &principal, &body, Some(&key)).await;
+        // Items of a batch that did get through are sent once even if the
+        // retry enqueues them again: each carries a key derived from the
+        // header (`item_key`) for the worker's dedup.
+        let kept = if outcome.transient {
+            state.idempotency.abandon(slot).await
+        } else {
+            let stored = Stored {
+                status: outcome.status.as_u16(),
+                body: outcome.body.clone(),
+            };
+            state.idempotency.finish(slot, stored).await
         };
-        state.idempotency.finish(slot, stored).await
-    };
-    if let Err(err) = kept {
-        // The work is done and answered; a replay may redo it, which the
-        // worker's dedup absorbs if the job itself has an idempotency key.
-        tracing::warn!(error = %err, "idempotent response not stored");
+        if let Err(err) = kept {
+            // The work is done and answered; a replay may redo it, which the
+            // worker's dedup absorbs if the job itself has an idempotency key.
+            tracing::warn!(error = %err, "idempotent response not stored");
+        }
+        outcome
+    });
+    match working.await {
+        Ok(outcome) => respond(outcome, fields, false),
+        Err(_) => with_fields(StatusCode::INTERNAL_SERVER_ERROR.into_response(), fields),
     }
-    respond(outcome, fields, false)
 }
 
 fn respond(outcome: Outcome, mut fields: LogFields, replayed: bool) -> Response {
@@ -382,9 +412,10 @@ fn replayed_ids(body: &str) -> Vec<JobId> {
     )
 }
 
-/// Bodies up to this size are not counted against
-/// `api.max_inflight_bytes`.
-const SMALL_BODY: usize = 64 * 1024;
+/// What a body of no declared length first takes of
+/// `api.max_inflight_bytes`; one that grows past it takes the rest of
+/// `api.body_limit_bytes` then.
+const FIRST_SHARE: usize = 64 * 1024;
 
 /// The body's length as its `Content-Length` declares it (none when
 /// chunked).
@@ -421,18 +452,18 @@ fn is_utf8(content_type: &str) -> bool {
 /// The body, if it is JSON and within the limit (refused before a byte is
 /// read when its declared length is over).
 ///
-/// A body over 64 KiB, by its declared length or once that much of it has
-/// come, first takes its tenant's share of `bodies` (its declared length,
-/// or the limit when it has none) into `share`. Small bodies go by, so a
-/// client trickling a large one holds up only other large ones, for at
-/// most `api.request_timeout`, and one tenant's only up to half the
-/// budget.
+/// Every body first takes its tenant's share of `bodies` into `shares`
+/// (its declared length, or [`FIRST_SHARE`] when chunked; the rest of the
+/// limit if a chunked one grows past that), so what all connections hold
+/// at once is bounded, whatever their sizes, and one tenant holds at most
+/// half of it. A client trickling bodies holds up others only while it
+/// holds its share, for at most `api.request_timeout`.
 async fn read_json_body(
     headers: &HeaderMap,
     body: Body,
     settings: &ApiSettings,
     (bodies, tenant): (&FairBudget, &str),
-    share: &mut Option<FairShare>,
+    shares: &mut Vec<FairShare>,
 ) -> Result<Bytes, Problem> {
     // Two types would leave which one a proxy checked to a guess.
     let content_type = one_header(headers, header::CONTENT_TYPE.as_str())
@@ -458,21 +489,20 @@ async fn read_json_body(
     if declared.is_some_and(|length| length > limit) {
         return Err(Problem::too_large(limit));
     }
-    let expected = declared.unwrap_or(limit);
-    let mut read = Vec::with_capacity(expected.min(SMALL_BODY));
+    let mut reserved = declared.unwrap_or(FIRST_SHARE.min(limit));
+    shares.push(bodies.reserve(tenant, reserved).await);
+    let mut read = Vec::with_capacity(reserved.min(FIRST_SHARE));
     let mut chunks = body.into_data_stream();
-    loop {
-        if share.is_none() && (read.len() > SMALL_BODY || declared.is_some_and(|n| n > SMALL_BODY))
-        {
-            *share = Some(bodies.reserve(tenant, expected).await);
-        }
-        let Some(chunk) = chunks.next().await else {
-            break;
-        };
+    while let Some(chunk) = chunks.next().await {
         let chunk =
             chunk.map_err(|_| Problem::bad_json("the body could not be read".to_owned()))?;
         if read.len() + chunk.len() > limit {
             return Err(Problem::too_large(limit));
+        }
+        if read.len() + chunk.len() > reserved {
+            // Held with the first share: the bytes read are still held.
+            shares.push(bodies.reserve(tenant, limit - reserved).await);
+            reserved = limit;
         }
         read.extend_from_slice(&chunk);
     }
@@ -687,6 +717,7 @@ fn item_key(key: &str, index: usize) -> String {
 pub async fn status(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(log): Extension<LogSlot>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
@@ -698,6 +729,7 @@ pub async fn status(
         Err(refusal) => return refused(refusal),
     };
     let fields = fields_of(&principal);
+    log.set(fields.clone());
     let Ok(id) = id.parse::<JobId>() else {
         return with_fields(Problem::not_found().into_response(), fields);
     };

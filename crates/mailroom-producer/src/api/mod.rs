@@ -92,6 +92,31 @@ pub struct LogFields {
     pub job_ids: Vec<JobId>,
 }
 
+/// Who the access log names, set by a handler once it knows the caller,
+/// so a request cut short by `api.request_timeout` is still logged with
+/// its key and tenant.
+#[derive(Clone, Debug, Default)]
+pub struct LogSlot(Arc<std::sync::Mutex<LogFields>>);
+
+impl LogSlot {
+    /// Records `fields` (the caller; job ids come with the answer).
+    pub fn set(&self, fields: LogFields) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fields;
+    }
+
+    fn take(&self) -> LogFields {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
 /// Everything a request needs, shared by all of them.
 pub struct ApiState {
     producer: Producer,
@@ -270,7 +295,23 @@ async fn render_metrics() -> (StatusCode, String) {
 }
 
 /// The request timeout, the request id and one access-log line a request.
+///
+/// A request runs to its end in a task of its own: a client that goes
+/// away mid-request takes away only the wait for the answer, not the work
+/// (a job it published still gets its `Idempotency-Key` answer stored,
+/// and its log line).
 async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = answer.send(run_and_log(state, request, next).await);
+    });
+    answered
+        .await
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// [`access_log`]'s work: the request within its timeout, then its line.
+async fn run_and_log(state: Arc<ApiState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = uuid::Uuid::now_v7().to_string();
     let method = request.method().clone();
@@ -304,6 +345,8 @@ async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: 
     };
     // Fails only when no OpenTelemetry layer is installed: nothing to link.
     let _ = span.set_parent(parent);
+    let slot = LogSlot::default();
+    request.extensions_mut().insert(slot.clone());
     let timeout: Duration = state.settings.request_timeout;
     let mut response = tokio::time::timeout(timeout, next.run(request).instrument(span.clone()))
         .await
@@ -316,7 +359,7 @@ async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: 
         .extensions()
         .get::<LogFields>()
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_else(|| slot.take());
     let status = response.status().as_u16();
     let labels = [("route", route.clone()), ("status", status.to_string())];
     metrics::counter!("mailroom_api_requests_total", &labels).increment(1);
