@@ -337,6 +337,12 @@ async fn scope_and_network_rules_give_403() {
     )
     .await;
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    // The deny list covers every route, the service ones too.
+    for path in ["/healthz", "/metrics", "/openapi.json", "/v1/nothing"] {
+        let request = Request::get(path).body(Body::empty()).expect("request");
+        let answer = call(&router, "192.0.2.10", request).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{path}");
+    }
 }
 
 /// An API whose `api.max_inflight_bytes` is 1 KiB, and a key for it.

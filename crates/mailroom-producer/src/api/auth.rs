@@ -155,9 +155,6 @@ pub async fn authenticate(
     ip: IpAddr,
     scope: Scope,
 ) -> Result<Caller, Refusal> {
-    if state.network.denies(ip) {
-        return Err(Problem::forbidden("requests from this network are refused").into());
-    }
     let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
     if !token.starts_with(KEY_PREFIX) {
         return Ok(Caller::Token(authenticate_token(state, token, scope)?));

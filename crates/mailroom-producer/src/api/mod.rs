@@ -300,10 +300,15 @@ async fn render_metrics() -> (StatusCode, String) {
 /// away mid-request takes away only the wait for the answer, not the work
 /// (a job it published still gets its `Idempotency-Key` answer stored,
 /// and its log line).
-async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+async fn access_log(
+    State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
     let (answer, answered) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let _ = answer.send(run_and_log(state, request, next).await);
+        let _ = answer.send(run_and_log(state, peer, request, next).await);
     });
     answered
         .await
@@ -311,7 +316,12 @@ async fn access_log(State(state): State<Arc<ApiState>>, request: Request, next: 
 }
 
 /// [`access_log`]'s work: the request within its timeout, then its line.
-async fn run_and_log(state: Arc<ApiState>, mut request: Request, next: Next) -> Response {
+async fn run_and_log(
+    state: Arc<ApiState>,
+    peer: SocketAddr,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let request_id = uuid::Uuid::now_v7().to_string();
     let method = request.method().clone();
@@ -319,10 +329,7 @@ async fn run_and_log(state: Arc<ApiState>, mut request: Request, next: Next) -> 
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "(unmatched)".to_owned(), |path| path.as_str().to_owned());
-    let client_ip = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .and_then(|ConnectInfo(peer)| state.network.client_ip(*peer, request.headers()));
+    let client_ip = state.network.client_ip(peer, request.headers());
     // The request's span continues the caller's trace (`traceparent`), so
     // one trace runs from the caller through enqueue, worker and SMTP. It
     // is DEBUG, as the other hot-path spans: the exporter takes it, the log
@@ -348,9 +355,15 @@ async fn run_and_log(state: Arc<ApiState>, mut request: Request, next: Next) -> 
     let slot = LogSlot::default();
     request.extensions_mut().insert(slot.clone());
     let timeout: Duration = state.settings.request_timeout;
-    let mut response = tokio::time::timeout(timeout, next.run(request).instrument(span.clone()))
-        .await
-        .unwrap_or_else(|_| Problem::timeout().into_response());
+    let mut response = if client_ip.is_some_and(|ip| state.network.denies(ip)) {
+        // Every route: `/metrics` and `/openapi.json` are nobody's business
+        // on a network the operator shut out.
+        Problem::forbidden("requests from this network are refused").into_response()
+    } else {
+        tokio::time::timeout(timeout, next.run(request).instrument(span.clone()))
+            .await
+            .unwrap_or_else(|_| Problem::timeout().into_response())
+    };
     span.record("http.response.status_code", response.status().as_u16());
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
