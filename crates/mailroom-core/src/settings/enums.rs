@@ -2,8 +2,8 @@
 //! enum variant without the choices, so these parse from text and say what
 //! is allowed.
 
-/// Declares a settings enum that reads from and writes to its kebab-case
-/// name, with an error listing every allowed name.
+/// Declares a settings enum that reads from and writes to its name (matched
+/// without regard to ASCII case), with an error listing every allowed name.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! setting_enum {
@@ -28,6 +28,9 @@ macro_rules! setting_enum {
             /// Every allowed name, the default first.
             pub const NAMES: &'static [&'static str] = &[$dname, $($vname),*];
 
+            /// Every value, in the order of [`Self::NAMES`].
+            pub const ALL: &'static [Self] = &[Self::$default, $(Self::$variant),*];
+
             /// The name in settings.
             pub fn as_str(self) -> &'static str {
                 match self {
@@ -47,14 +50,19 @@ macro_rules! setting_enum {
             type Error = String;
 
             fn try_from(text: String) -> Result<Self, String> {
-                match text.trim().to_ascii_lowercase().as_str() {
-                    $dname => Ok(Self::$default),
-                    $( $vname => Ok(Self::$variant), )*
-                    _ => Err(format!(
-                        "{text:?} is not allowed; use one of: {}",
-                        Self::NAMES.join(", ")
-                    )),
-                }
+                let wanted = text.trim();
+                // Without case, comparing both sides: names are not all
+                // lower case (`EdDSA`), and `eddsa` or `ES256` mean the same.
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|value| value.as_str().eq_ignore_ascii_case(wanted))
+                    .ok_or_else(|| {
+                        format!(
+                            "{text:?} is not allowed; use one of: {}",
+                            Self::NAMES.join(", ")
+                        )
+                    })
             }
         }
 

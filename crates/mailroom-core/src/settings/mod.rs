@@ -15,8 +15,8 @@ use std::time::Duration;
 use config::{Config, Environment, File, FileFormat, ValueKind};
 use serde::{Deserialize, Serialize};
 
-use secret::scrub_urls;
 pub use secret::{Secret, redact_url};
+use secret::{is_one_word, scrub_urls};
 pub use sections::{
     AmqpSettings, ApiSettings, JwtAlgorithm, JwtSettings, OnUncertain, RedisSettings,
     RetrySettings, SealSettings, SmtpSettings, TlsMode, TransportKind, WorkerSettings,
@@ -113,6 +113,19 @@ pub enum SettingsError {
         /// What is allowed.
         allowed: String,
     },
+    /// A settings file is not TOML. Only where and why: the parser's own
+    /// message quotes the line, which may hold a password.
+    #[error("bad setting: {} line {line}, column {column}: {reason}", .path.display())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// Line, from 1.
+        line: usize,
+        /// Column (in characters), from 1.
+        column: usize,
+        /// The parser's reason, without the text it found.
+        reason: String,
+    },
     /// A `--config` file or a secret file could not be read.
     #[error("bad setting {key}: cannot read {path}: {reason}")]
     File {
@@ -179,6 +192,10 @@ impl Settings {
             }
             None => File::new(DEFAULT_FILE, FileFormat::Toml).required(false),
         };
+        let default = Some(Path::new(DEFAULT_FILE)).filter(|default| default.is_file());
+        if let Some(read) = path.or(default) {
+            check_toml(read)?;
+        }
         let mut environment = Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
@@ -188,8 +205,15 @@ impl Settings {
         for key in LIST_KEYS {
             environment = environment.with_list_parse_key(key);
         }
-        let parse_error =
-            |e: config::ConfigError| SettingsError::Parse(scrub_urls(&one_line(&e.to_string())));
+        let parse_error = |e: config::ConfigError| match e {
+            // Its cause quotes the line (`check_toml` reports such a file
+            // first; this is in case the two parsers ever disagree).
+            config::ConfigError::FileParse { uri, .. } => SettingsError::Parse(format!(
+                "{}: not valid TOML",
+                uri.as_deref().unwrap_or(DEFAULT_FILE)
+            )),
+            e => SettingsError::Parse(scrub_urls(&one_line(&e.to_string()))),
+        };
         let config = Config::builder()
             .add_source(file)
             .add_source(environment)
@@ -238,6 +262,7 @@ impl Settings {
                 allowed: allowed.to_owned(),
             })
         };
+        self.check_urls_are_one_word()?;
         if self.amqp.urls.is_empty() {
             return invalid("amqp.urls", "at least one amqp:// or amqps:// URL");
         }
@@ -319,6 +344,36 @@ impl Settings {
                 "redis.key_prefix",
                 "text without spaces, e.g. \"mailroom:\"",
             );
+        }
+        Ok(())
+    }
+
+    /// Refuses a URL setting with a space, a line break or a control
+    /// character inside, before any URL parser sees it: their messages
+    /// quote the value, and what follows the break (a second line of a
+    /// mounted file, say) may be a password of its own.
+    fn check_urls_are_one_word(&self) -> Result<(), SettingsError> {
+        let amqp = self.amqp.urls.iter().enumerate();
+        let urls = amqp
+            .map(|(index, url)| ("amqp.urls", Some(index + 1), url))
+            .chain([
+                ("redis.url", None, &self.redis.url),
+                ("smtp.url", None, &self.smtp.url),
+            ]);
+        for (key, position, url) in urls {
+            // Spaces around the URL are harmless: URL parsers drop them.
+            let text = url.expose().trim();
+            if is_one_word(text) {
+                continue;
+            }
+            let shown = redact_url(text).unwrap_or_else(|| "[redacted]".to_owned());
+            let entry = position.map_or(String::new(), |position| format!("entry {position} "));
+            return Err(SettingsError::Invalid {
+                key,
+                allowed: format!(
+                    "{entry}({shown}) holds more than one line or word (not shown); give one URL"
+                ),
+            });
         }
         Ok(())
     }
@@ -563,6 +618,38 @@ fn read_secret(path: &Path, key: &'static str) -> Result<Secret, SettingsError> 
             path: path.to_owned(),
             reason: e.kind().to_string(),
         })
+}
+
+/// Refuses a settings file that is not TOML, saying only where and why: the
+/// config crate's message would quote the line, a password and all.
+fn check_toml(path: &Path) -> Result<(), SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SettingsError::File {
+        key: "--config",
+        path: path.to_owned(),
+        reason: e.kind().to_string(),
+    })?;
+    let Err(err) = toml::from_str::<toml::Table>(&text) else {
+        return Ok(());
+    };
+    let (line, column) = err
+        .span()
+        .map_or((1, 1), |span| line_and_column(&text, span.start));
+    Err(SettingsError::Syntax {
+        path: path.to_owned(),
+        line,
+        column,
+        reason: one_line(err.message()),
+    })
+}
+
+/// Line and column (in characters), both from 1, of byte `at` in `text`.
+fn line_and_column(text: &str, at: usize) -> (usize, usize) {
+    let before = text.get(..at).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 /// The config crate's messages may span lines; start-up errors are one line.

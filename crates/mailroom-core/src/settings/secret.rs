@@ -44,7 +44,35 @@ impl Secret {
 /// unescaped. A `@` later in the path or query only makes more be masked,
 /// never less. A userinfo without `:` may be a bare token, so it is masked
 /// whole.
+///
+/// Only the first word is ever shown, followed by `…` when more follows:
+/// what comes after a space or a line break (the second line of a mounted
+/// file, say) is no part of a URL and may be a secret of its own.
 pub fn redact_url(text: &str) -> Option<String> {
+    let (first, rest) = text.split_at(text.find(is_break).unwrap_or(text.len()));
+    if rest.is_empty() {
+        return redact_word(first);
+    }
+    // An `@` after the break may end a userinfo the break is inside of
+    // (`u:pass word@host`): the first word would then show part of it.
+    if rest.contains('@') {
+        return None;
+    }
+    redact_word(first).map(|shown| format!("{shown}…"))
+}
+
+/// Whether `text` is one word: no whitespace or control characters, which
+/// no URL holds unescaped.
+pub(crate) fn is_one_word(text: &str) -> bool {
+    !text.contains(is_break)
+}
+
+fn is_break(c: char) -> bool {
+    c.is_whitespace() || c.is_control()
+}
+
+/// [`redact_url`] of text without whitespace.
+fn redact_word(text: &str) -> Option<String> {
     let (scheme, rest) = text.split_once("://")?;
     if scheme.is_empty()
         || !scheme
@@ -170,6 +198,35 @@ mod tests {
         for url in ["redis://redis/0?note=a:b@c", "redis://redis/0#x@y"] {
             assert_eq!(Secret::new(url).redacted(), "[redacted]", "{url}");
         }
+    }
+
+    /// What follows a space, a line break or a control character is never
+    /// shown: a file may hold the password again on a second line.
+    #[test]
+    fn only_the_first_word_is_shown() {
+        for (text, shown) in [
+            (
+                "redis://:CanaryPw1@127.0.0.1:18496\nextra CanaryPw1",
+                Some("redis://:***@127.0.0.1:18496…"),
+            ),
+            (
+                "amqp://app:CanaryPw1@rabbit/%2f CanaryPw1",
+                Some("amqp://app:***@rabbit/%2f…"),
+            ),
+            ("smtp://relay:587\tCanaryPw1", Some("smtp://relay:587…")),
+            ("smtp://relay:587\u{1}CanaryPw1", Some("smtp://relay:587…")),
+            // The break may be inside the password: nothing is safe to show.
+            ("redis://:Canary Pw1@redis:6379", None),
+            ("redis://:Canary@Pw1 x@redis:6379", None),
+            ("CanaryPw1 redis://r", None),
+        ] {
+            assert_eq!(redact_url(text).as_deref(), shown, "{text:?}");
+            let redacted = Secret::new(text).redacted();
+            assert!(!redacted.contains("Canary"), "{text:?}: {redacted}");
+            assert!(!redacted.contains("Pw1"), "{text:?}: {redacted}");
+        }
+        assert!(is_one_word("redis://r:6379/0"));
+        assert!(!is_one_word("redis://r:6379/0\n"));
     }
 
     #[test]

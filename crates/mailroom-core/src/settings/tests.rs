@@ -504,3 +504,169 @@ fn a_redis_url_that_does_not_parse_is_refused() {
     );
     assert!(!shown.contains("s3cret"), "{shown}");
 }
+
+/// Every name of every settings enum parses as written, in lower case and
+/// in upper case: `EdDSA` was refused whatever its case, because the input
+/// was lowered and compared with names that are not all lower case.
+#[test]
+fn every_enum_name_parses_in_any_case() {
+    fn each<T>(names: &[&str], all: &[T])
+    where
+        T: TryFrom<String, Error = String> + PartialEq + std::fmt::Debug,
+    {
+        assert_eq!(names.len(), all.len());
+        for (name, value) in names.iter().zip(all) {
+            for text in [
+                (*name).to_owned(),
+                name.to_ascii_lowercase(),
+                name.to_ascii_uppercase(),
+            ] {
+                assert_eq!(T::try_from(text.clone()).as_ref(), Ok(value), "{text}");
+            }
+        }
+    }
+    each(JwtAlgorithm::NAMES, JwtAlgorithm::ALL);
+    each(TlsMode::NAMES, TlsMode::ALL);
+    each(TransportKind::NAMES, TransportKind::ALL);
+    each(OnUncertain::NAMES, OnUncertain::ALL);
+    each(
+        crate::telemetry::LogFormat::NAMES,
+        crate::telemetry::LogFormat::ALL,
+    );
+    let err = JwtAlgorithm::try_from("HS256".to_owned()).expect_err("not allowed");
+    assert!(err.contains("EdDSA, ES256, RS256"), "{err}");
+}
+
+#[test]
+fn the_jwt_algorithm_comes_from_the_environment() {
+    for (text, algorithm) in [
+        ("ES256", JwtAlgorithm::Es256),
+        ("EdDSA", JwtAlgorithm::EdDsa),
+        ("rs256", JwtAlgorithm::Rs256),
+    ] {
+        let settings = load(&[("MAILROOM__API__JWT__ALGORITHM", text)]).expect(text);
+        let jwt = settings.api.jwt.expect("[api.jwt] set");
+        assert_eq!(jwt.algorithm, algorithm, "{text}");
+    }
+}
+
+/// What `mailroom config` prints (TOML, enums by their names) loads back.
+#[test]
+fn printed_enums_load_back() {
+    let mut settings = Settings::default();
+    settings.api.jwt = Some(JwtSettings {
+        algorithm: JwtAlgorithm::Es256,
+        ..JwtSettings::default()
+    });
+    settings.smtp.tls = TlsMode::Opportunistic;
+    let printed = toml::to_string_pretty(&settings).expect("toml");
+    assert!(printed.contains("algorithm = \"ES256\""), "{printed}");
+    let file = toml_file(&printed);
+    let loaded = Settings::load_with_env(Some(file.path()), env(&[])).expect("loads back");
+    assert_eq!(
+        loaded.api.jwt.map(|jwt| jwt.algorithm),
+        Some(JwtAlgorithm::Es256)
+    );
+    assert_eq!(loaded.smtp.tls, TlsMode::Opportunistic);
+}
+
+/// A file that is not TOML is named with its line, column and the
+/// parser's reason; the line itself, which may hold a password, is not
+/// shown (nor anywhere in the error's source chain).
+#[test]
+fn a_file_that_is_not_toml_does_not_echo_its_text() {
+    for (text, line, column) in [
+        ("[smtp]\npassword = \"Canary\\Pass3r\"\n", 2, 20),
+        ("[smtp]\npassword = \"CanaryPass3r\n", 2, 25),
+        ("[smtp]\npassword = CanaryPass3r\n", 2, 12),
+        ("[smtp]\nCanaryPass3r\n", 2, 13),
+        ("[smtp]\npassword = \"CanaryPass3r\" x\n", 2, 27),
+    ] {
+        let file = toml_file(text);
+        let err = Settings::load_with_env(Some(file.path()), env(&[])).expect_err(text);
+        let shown = err.to_string();
+        let place = format!("{} line {line}, column {column}: ", file.path().display());
+        assert!(shown.contains(&place), "{text:?}: {shown}");
+        let mut source: Option<&dyn std::error::Error> = Some(&err);
+        while let Some(error) = source {
+            let shown = error.to_string();
+            assert!(!shown.contains("CanaryPass3r"), "{text:?}: {shown}");
+            assert!(!shown.contains("Canary\\Pass3r"), "{text:?}: {shown}");
+            assert!(
+                !format!("{error:?}").contains("Pass3r"),
+                "{text:?}: {error:?}"
+            );
+            source = error.source();
+        }
+    }
+}
+
+#[test]
+fn lines_and_columns_count_characters_from_one() {
+    assert_eq!(line_and_column("ab", 0), (1, 1));
+    assert_eq!(line_and_column("a\nbé c", 6), (2, 4));
+}
+
+/// A URL setting holding a second line or word is refused without
+/// showing anything after the first: that part may be the password again.
+#[test]
+fn a_url_of_more_than_one_word_shows_only_the_first() {
+    let redis = toml_file("redis://:CanaryRedisPw1@127.0.0.1:18496\nextra CanaryRedisPw1\n");
+    let amqp = toml_file("amqp://app:CanaryAmqpPw1@rabbit/%2f CanaryAmqpPw1\n");
+    let redis_file = redis.path().to_str().expect("UTF-8 path");
+    let amqp_file = amqp.path().to_str().expect("UTF-8 path");
+    for (key, value, named, shown) in [
+        (
+            "MAILROOM__REDIS__URL_FILE",
+            redis_file,
+            "redis.url",
+            "(redis://:***@127.0.0.1:18496…)",
+        ),
+        (
+            "MAILROOM__REDIS__URL",
+            "redis://:CanaryRedisPw1@r:6379 CanaryRedisPw1",
+            "redis.url",
+            "(redis://:***@r:6379…)",
+        ),
+        (
+            "MAILROOM__AMQP__URLS_FILE",
+            amqp_file,
+            "amqp.urls",
+            "entry 1 (amqp://app:***@rabbit/%2f…)",
+        ),
+        (
+            "MAILROOM__AMQP__URLS",
+            "amqp://a@h1,amqp://app:CanaryAmqpPw1@rabbit/%2f\tCanaryAmqpPw1",
+            "amqp.urls",
+            "entry 2 (amqp://app:***@rabbit/%2f…)",
+        ),
+        (
+            "MAILROOM__SMTP__URL",
+            "smtp://relay:587\nCanarySmtpPw1",
+            "smtp.url",
+            "(smtp://relay:587…)",
+        ),
+        (
+            "MAILROOM__SMTP__URL",
+            "smtp://u:Canary SmtpPw1@relay:587",
+            "smtp.url",
+            "([redacted])",
+        ),
+    ] {
+        let err = load(&[(key, value)]).expect_err(key);
+        let text = err.to_string();
+        assert!(
+            text.contains(named) && text.contains(shown),
+            "{key}: {text}"
+        );
+        assert!(text.contains("more than one line or word"), "{key}: {text}");
+        assert!(
+            !text.contains("Canary") && !text.contains("Pw1"),
+            "{key}: {text}"
+        );
+        assert!(!text.contains('\n'), "{key}: {text}");
+    }
+    // A space after the URL is not a second word.
+    let settings = load(&[("MAILROOM__REDIS__URL", "redis://127.0.0.1:6379/0 ")]).expect("loads");
+    assert_eq!(settings.redis.url.expose(), "redis://127.0.0.1:6379/0 ");
+}

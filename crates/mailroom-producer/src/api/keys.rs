@@ -28,6 +28,8 @@ use redis::Script;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::network::canonical_net;
+
 /// What a key opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "snake_case")]
@@ -77,9 +79,17 @@ impl KeyRecord {
         self.expires_at.is_none_or(|at| now < at)
     }
 
-    /// Whether `ip` may use the key.
+    /// Whether `ip` (IPv4 for an IPv4-mapped address, as `client_ip`
+    /// gives it) may use the key.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        self.allow_cidrs.is_empty() || self.allow_cidrs.iter().any(|net| net.contains(&ip))
+        // Canonical again here: a key stored before networks were made
+        // canonical when parsed may hold a mapped one, which no client
+        // address would ever be inside of.
+        self.allow_cidrs.is_empty()
+            || self
+                .allow_cidrs
+                .iter()
+                .any(|net| canonical_net(*net).contains(&ip))
     }
 
     /// Until when the key works once rotated with a grace ending at
@@ -410,4 +420,35 @@ fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
 
 fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, StoreError> {
     serde_json::from_str(json).map_err(|err| StoreError::Malformed(err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(allow_cidrs: &[&str]) -> KeyRecord {
+        KeyRecord {
+            id: "key_test".to_owned(),
+            tenant: "acme".to_owned(),
+            scopes: vec![Scope::Send],
+            allow_cidrs: allow_cidrs
+                .iter()
+                .map(|text| text.parse().expect("a CIDR"))
+                .collect(),
+            rate: None,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            expires_at: None,
+        }
+    }
+
+    /// A key stored with a network in IPv4-mapped form (as keys made
+    /// before parsing made it canonical were) still admits the IPv4
+    /// client inside it, and no other.
+    #[test]
+    fn a_stored_mapped_network_admits_ipv4_clients() {
+        let key = record(&["::ffff:10.0.0.0/104"]);
+        assert!(key.allows("10.1.2.3".parse().expect("ip")));
+        assert!(!key.allows("11.1.2.3".parse().expect("ip")));
+        assert!(record(&[]).allows("11.1.2.3".parse().expect("ip")));
+    }
 }

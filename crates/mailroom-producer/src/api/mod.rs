@@ -52,7 +52,7 @@ use crate::{Producer, ProducerError};
 use auth::Touches;
 use idempotency::Idempotency;
 use keys::ApiKeyStore;
-pub use network::{BadCidr, NetworkPolicy, parse_cidr};
+pub use network::{BadCidr, NetworkPolicy, canonical_net, parse_cidr};
 use problem::Problem;
 
 /// Why the API could not start.

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::http::HeaderMap;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 /// Trusted proxies and denied networks, from `[api]`.
 #[derive(Clone, Debug, Default)]
@@ -23,14 +23,33 @@ pub struct BadCidr {
     pub value: String,
 }
 
-/// Parses a CIDR, or a single address as a /32 or /128.
+/// Parses a CIDR, or a single address as a /32 or /128; an IPv4-mapped
+/// network is read as the IPv4 network it maps (see [`canonical_net`]).
 pub fn parse_cidr(text: &str) -> Option<IpNet> {
     let text = text.trim();
     text.parse::<IpNet>()
         .ok()
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
         // `10.0.0.5/8` is the network `10.0.0.0/8`: stored and shown so.
-        .map(|net| net.trunc())
+        .map(|net| canonical_net(net.trunc()))
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4
+/// network it maps (`10.0.0.0/8`): client addresses are matched as IPv4
+/// (see [`canonical`]), which a network left in mapped form never
+/// contains. A mapped network of a prefix under 96 also spans addresses
+/// that are not mapped, and is left as it is.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else {
+        return net;
+    };
+    let Some(prefix) = v6.prefix_len().checked_sub(96) else {
+        return net;
+    };
+    v6.network()
+        .to_ipv4_mapped()
+        .and_then(|v4| Ipv4Net::new(v4, prefix).ok())
+        .map_or(net, IpNet::V4)
 }
 
 fn parse_all(setting: &'static str, values: &[String]) -> Result<Vec<IpNet>, BadCidr> {
@@ -181,6 +200,40 @@ mod tests {
             HeaderValue::from_bytes(b"1.2.3.4, \x80").expect("value"),
         );
         assert_eq!(policy.client_ip(peer("10.1.1.1"), &map), None);
+    }
+
+    #[test]
+    fn mapped_networks_become_ipv4_networks() {
+        let net = |text: &str| parse_cidr(text).expect(text).to_string();
+        assert_eq!(net("::ffff:198.51.100.0/120"), "198.51.100.0/24");
+        assert_eq!(net("::ffff:10.0.0.0/104"), "10.0.0.0/8");
+        assert_eq!(net("::ffff:10.1.2.3/104"), "10.0.0.0/8");
+        assert_eq!(net("::ffff:0:0/96"), "0.0.0.0/0");
+        assert_eq!(net("::ffff:192.0.2.7"), "192.0.2.7/32");
+        assert_eq!(net("::ffff:192.0.2.7/128"), "192.0.2.7/32");
+        // Wider than the mapped range, or not mapped at all: as given.
+        assert_eq!(net("::ffff:0:0/95"), "::fffe:0:0/95");
+        assert_eq!(net("::/64"), "::/64");
+        assert_eq!(net("2001:db8::/32"), "2001:db8::/32");
+        assert_eq!(net("::1"), "::1/128");
+        assert_eq!(net("10.0.0.0/8"), "10.0.0.0/8");
+    }
+
+    /// A deny list written in mapped form denies the plain IPv4 client
+    /// (and the client that connects over IPv6 with a mapped address).
+    #[test]
+    fn a_mapped_deny_list_denies_ipv4_clients() {
+        let policy =
+            NetworkPolicy::new(&[], &["::ffff:198.51.100.0/120".to_owned()]).expect("policy");
+        assert!(policy.denies(ip("198.51.100.9")));
+        assert!(!policy.denies(ip("198.51.101.9")));
+        let mapped = policy.client_ip(peer("::ffff:198.51.100.9"), &HeaderMap::new());
+        assert!(mapped.is_some_and(|mapped| policy.denies(mapped)));
+        let proxies = NetworkPolicy::new(&["::ffff:10.0.0.0/104".to_owned()], &[]).expect("policy");
+        assert_eq!(
+            proxies.client_ip(peer("10.1.1.1"), &headers(&["203.0.113.5"])),
+            Some(ip("203.0.113.5"))
+        );
     }
 
     #[test]

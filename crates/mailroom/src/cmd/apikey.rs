@@ -201,4 +201,15 @@ mod tests {
         let err = new_key(args(&["10.0.0.0/33"])).expect_err("not a CIDR");
         assert!(err.to_string().contains("--allow-cidr"), "{err}");
     }
+
+    /// An allow list written in IPv4-mapped form admits the IPv4 clients
+    /// it names: they are matched as IPv4, so the network is stored so.
+    #[test]
+    fn mapped_networks_are_stored_as_ipv4() {
+        let key = new_key(args(&["::ffff:10.0.0.0/104"])).expect("valid");
+        let networks: Vec<String> = key.allow_cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(networks, ["10.0.0.0/8"]);
+        let ip: std::net::IpAddr = "10.9.8.7".parse().expect("ip");
+        assert!(key.allow_cidrs.iter().any(|net| net.contains(&ip)));
+    }
 }

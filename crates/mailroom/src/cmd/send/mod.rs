@@ -140,10 +140,18 @@ fn request_from_flags(args: &SendArgs, limits: &Limits) -> anyhow::Result<JobReq
     let headers = args
         .header
         .iter()
-        .map(|line| {
+        .enumerate()
+        .map(|(index, line)| {
+            // Named by its place, not its text: a header may hold an
+            // address or a token.
             line.split_once(':')
                 .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
-                .with_context(|| format!("--header {line:?}: expected \"Name: value\""))
+                .with_context(|| {
+                    format!(
+                        "--header number {}: expected \"Name: value\" (a name, a colon, then the value)",
+                        index + 1
+                    )
+                })
         })
         .collect::<anyhow::Result<_>>()?;
     Ok(JobRequest {
@@ -446,6 +454,34 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         send: SendArgs,
+    }
+
+    /// A malformed --header is named by its place among the --header
+    /// flags, never by its text, which may hold an address.
+    #[test]
+    fn a_malformed_header_is_named_by_its_place_not_its_text() {
+        let cli = Cli::try_parse_from([
+            "mailroom-send",
+            "--from",
+            "a@example.com",
+            "--to",
+            "canary.rcpt.7q3@victim-example.org",
+            "--subject",
+            "s",
+            "--text",
+            "t",
+            "--header",
+            "X-Fine: 1",
+            "--header",
+            "CANARYHDR3h-no-colon canary.rcpt.7q3@victim-example.org",
+        ])
+        .expect("flags parse");
+        let err = request_from_flags(&cli.send, &Limits::default()).expect_err("no colon");
+        let shown = format!("{err:#}");
+        assert!(shown.contains("--header number 2"), "{shown}");
+        assert!(shown.contains("\"Name: value\""), "{shown}");
+        assert!(!shown.contains("CANARY"), "{shown}");
+        assert!(!shown.contains("canary.rcpt"), "{shown}");
     }
 
     /// A flag --json would ignore is refused rather than silently dropped.
