@@ -634,6 +634,85 @@ async fn bad_bodies_are_refused_with_problems() {
     assert_eq!(answer.body["status"], 405);
 }
 
+/// `POST path` as `key` with the JSON text `body` as it is (`json!` would
+/// keep one of a key given twice).
+fn post_text(path: &str, key: &str, body: &str) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(body.to_owned()))
+        .expect("request")
+}
+
+/// A name given twice in `headers` or `metadata` is refused, alone and in
+/// a batch; an attachment type with a second file name is refused; and a
+/// 400 names no value the caller sent.
+#[tokio::test]
+async fn names_twice_second_file_names_and_echoed_values_are_refused() {
+    let stack = Stack::new("api-twice");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let item = |extra: &str| {
+        format!(
+            r#"{{"message": {{"from": "shop@example.com", "to": ["ada@example.org"], "subject": "s", "text": "t", {extra}}}}}"#
+        )
+    };
+
+    let twice = item(r#""headers": {"X-A": "1", "X-A": "2"}"#);
+    let answer = call(&router, LOCAL, post_text("/v1/messages", &key, &twice)).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    let detail = answer.body["detail"].as_str().expect("detail");
+    assert!(
+        detail.starts_with("a name appears twice in headers"),
+        "{detail}"
+    );
+
+    let batch = format!(
+        r#"{{"messages": [{}, {}]}}"#,
+        item(r#""metadata": {"secret-key": "1", "secret-key": "2"}"#),
+        item(r#""metadata": {"a": "1", "b": "2"}"#),
+    );
+    let answer = call(
+        &router,
+        LOCAL,
+        post_text("/v1/messages/batch", &key, &batch),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::MULTI_STATUS, "{}", answer.body);
+    assert_eq!(answer.body["results"][0]["status"], 400, "{}", answer.body);
+    assert_eq!(answer.body["results"][1]["status"], 202, "{}", answer.body);
+    let detail = answer.body["results"][0]["problem"]["detail"]
+        .as_str()
+        .expect("detail");
+    assert!(
+        detail.starts_with("a name appears twice in metadata"),
+        "{detail}"
+    );
+    assert!(!detail.contains("secret"), "{detail}");
+
+    let renamed = item(
+        r#""attachments": [{"filename": "invoice.pdf", "content_type": "application/pdf; name=\"invoice.exe\"", "content": "JVBERi0xLjQK"}]"#,
+    );
+    let answer = call(&router, LOCAL, post_text("/v1/messages", &key, &renamed)).await;
+    assert_invalid(&answer, "message.attachments[0].content_type");
+    assert_eq!(
+        answer.body["errors"][0]["rule"], "must be type/subtype, with no parameter but charset",
+        "{}",
+        answer.body
+    );
+
+    let number = item(r#""metadata": {"phone": 4915112345678}"#);
+    let answer = call(&router, LOCAL, post_text("/v1/messages", &key, &number)).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    let detail = answer.body["detail"].as_str().expect("detail");
+    assert!(!detail.contains("4915112345678"), "{detail}");
+    assert!(
+        detail.starts_with("invalid type: integer, expected a string"),
+        "{detail}"
+    );
+}
+
 /// A send key of tenant `acme` limited to `rate`.
 async fn limited_key(api: &Api, rate: &str) -> String {
     let (key, _) = api

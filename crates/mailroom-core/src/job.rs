@@ -158,7 +158,11 @@ pub struct EmailMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html: Option<String>,
     /// Extra headers, from the allow-list in [`crate::validate`].
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "unique_keys::headers",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub headers: BTreeMap<String, String>,
     /// Attached files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -167,7 +171,11 @@ pub struct EmailMessage {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// Free key/value data for the caller; never sent.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "unique_keys::metadata",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -304,11 +312,62 @@ impl SendJob {
     }
 }
 
+/// Deserializing a map of names to text that refuses a name given twice:
+/// a JSON object may repeat a key, and serde would keep the last value
+/// without a word. The error does not say which name: it is the caller's.
+mod unique_keys {
+    use std::collections::BTreeMap;
+    use std::collections::btree_map::Entry;
+    use std::fmt;
+
+    use serde::Deserializer;
+    use serde::de::{Error as _, MapAccess, Visitor};
+
+    /// `headers`, each name at most once.
+    pub fn headers<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(UniqueKeys("headers"))
+    }
+
+    /// `metadata`, each key at most once.
+    pub fn metadata<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(UniqueKeys("metadata"))
+    }
+
+    /// The visitor; holds the field's name for the error.
+    struct UniqueKeys(&'static str);
+
+    impl<'de> Visitor<'de> for UniqueKeys {
+        type Value = BTreeMap<String, String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object of names to strings")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries = BTreeMap::new();
+            while let Some((name, value)) = map.next_entry::<String, String>()? {
+                match entries.entry(name) {
+                    Entry::Vacant(entry) => {
+                        entry.insert(value);
+                    }
+                    Entry::Occupied(_) => {
+                        return Err(A::Error::custom(format_args!(
+                            "a name appears twice in {}",
+                            self.0
+                        )));
+                    }
+                }
+            }
+            Ok(entries)
+        }
+    }
+}
+
 /// Serde for `Vec<u8>` as standard base64 text.
 mod base64_bytes {
-    use base64::Engine as _;
     use base64::alphabet;
     use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+    use base64::{DecodeError, Engine as _};
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
 
     /// Standard base64 that also takes non-zero bits after the last full
@@ -328,7 +387,22 @@ mod base64_bytes {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         LENIENT
             .decode(text.as_bytes())
-            .map_err(|e| D::Error::custom(format!("content is not valid base64: {e}")))
+            .map_err(|e| D::Error::custom(reason(&e)))
+    }
+
+    /// What is wrong, without the byte or offset base64's own message
+    /// names: those are the sender's file.
+    fn reason(err: &DecodeError) -> &'static str {
+        match err {
+            DecodeError::InvalidByte(..) => {
+                "content is not valid base64: a character outside the base64 alphabet"
+            }
+            DecodeError::InvalidLength(_) => "content is not valid base64: wrong length",
+            DecodeError::InvalidLastSymbol { .. } => {
+                "content is not valid base64: the last character is wrong"
+            }
+            DecodeError::InvalidPadding => "content is not valid base64: wrong padding",
+        }
     }
 }
 
@@ -377,6 +451,64 @@ mod tests {
         )
         .expect_err("not base64");
         assert!(err.to_string().contains("base64"), "{err}");
+    }
+
+    #[test]
+    fn bad_base64_names_no_byte_and_no_offset() {
+        let attachment = |content: &str| {
+            let json = format!(
+                r#"{{"filename": "a.txt", "content_type": "text/plain", "content": "{content}"}}"#
+            );
+            serde_json::from_str::<Attachment>(&json)
+                .expect_err("not base64")
+                .to_string()
+        };
+        // `!` is byte 33, at offset 14.
+        let shown = attachment("JVBERi0xLjQKJV!x");
+        assert!(
+            shown.starts_with(
+                "content is not valid base64: a character outside the base64 alphabet at line 1"
+            ),
+            "{shown}"
+        );
+        assert!(!shown.contains("33") && !shown.contains("14"), "{shown}");
+        let shown = attachment("JVBERi0xLjQKJ");
+        assert!(
+            shown.starts_with("content is not valid base64: wrong length at"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_name_given_twice_is_refused() {
+        for (field, object) in [
+            ("headers", r#"{"X-A": "1", "X-A": "2"}"#),
+            (
+                "metadata",
+                r#"{"secret-key": "1", "b": "2", "secret-key": "3"}"#,
+            ),
+        ] {
+            let json = format!(
+                r#"{{"message": {{"from": "a@b.example", "subject": "s", "{field}": {object}}}}}"#
+            );
+            let err = serde_json::from_str::<JobRequest>(&json).expect_err("a name twice");
+            let shown = err.to_string();
+            assert!(
+                shown.starts_with(&format!("a name appears twice in {field} at line 1")),
+                "{shown}"
+            );
+            assert!(
+                !shown.contains("secret") && !shown.contains("X-A"),
+                "{shown}"
+            );
+        }
+        // Different names, and maps left out, still parse.
+        let request: JobRequest = serde_json::from_str(
+            r#"{"message": {"from": "a@b.example", "subject": "s", "headers": {"X-A": "1", "X-B": "2"}}}"#,
+        )
+        .expect("distinct names");
+        assert_eq!(request.message.headers.len(), 2);
+        assert!(request.message.metadata.is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use lettre::address::{Address, Envelope};
 use lettre::message::header::{self, ContentTransferEncoding, ContentType, HeaderName, Headers};
 use lettre::message::{Attachment, Body as PartBody, Mailbox, MaybeString, MultiPart, SinglePart};
 use mailroom_core::job::{Attachment as JobAttachment, SendJob};
-use mailroom_core::validate::parse_mailbox;
+use mailroom_core::validate::{attachment_content_type, parse_mailbox};
 
 mod headers;
 mod text;
@@ -140,10 +140,14 @@ fn body(
 
 /// An attachment, always base64: its bytes arrive as they were. lettre
 /// sends bytes that happen to be ASCII as 7bit, whose line ends relays
-/// and the transport make CRLF, changing the file.
+/// and the transport make CRLF, changing the file. Its type is written
+/// as validation passes it, `type/subtype` and a charset at most: a
+/// `name=` parameter would name the file apart from its checked file name.
 fn attachment_part(i: usize, attachment: &JobAttachment) -> Result<SinglePart, MessageError> {
-    let content_type =
-        ContentType::parse(&attachment.content_type).map_err(|_| MessageError::ContentType(i))?;
+    let content_type = attachment_content_type(&attachment.content_type)
+        .ok()
+        .and_then(|written| ContentType::parse(&written).ok())
+        .ok_or(MessageError::ContentType(i))?;
     // `Binary`: a string would have its line ends made CRLF first.
     let bytes = MaybeString::Binary(attachment.content.clone());
     let body = PartBody::new_with_encoding(bytes, ContentTransferEncoding::Base64)
@@ -403,6 +407,35 @@ mod tests {
         let raw = text(&build_message(&job).expect("build"));
         for line in raw.split("\r\n") {
             assert!(line.len() <= 998, "{} octets: {line}", line.len());
+        }
+    }
+
+    #[test]
+    fn an_attachment_type_carries_no_second_file_name() {
+        let mut job = sample_job();
+        job.message.attachments = vec![JobAttachment {
+            filename: "notes.txt".to_owned(),
+            content_type: "text/plain; charset=utf-8".to_owned(),
+            content: b"hello".to_vec(),
+        }];
+        let raw = text(&build_message(&job).expect("build"));
+        assert!(
+            raw.contains("Content-Type: text/plain; charset=utf-8\r\n"),
+            "{raw}"
+        );
+        assert!(
+            raw.contains("Content-Disposition: attachment; filename=\"notes.txt\"\r\n"),
+            "{raw}"
+        );
+        for content_type in [
+            "application/pdf; name=\"invoice.exe\"",
+            "application/octet-stream; name*=UTF-8''invoice.exe",
+        ] {
+            job.message.attachments[0].content_type = content_type.to_owned();
+            assert!(
+                matches!(build_message(&job), Err(MessageError::ContentType(0))),
+                "{content_type}: a name= parameter is never written"
+            );
         }
     }
 

@@ -1,4 +1,5 @@
-//! Mailbox parsing: one RFC 5322 mailbox, the whole input, nothing else.
+//! Mailbox parsing: one RFC 5322 mailbox, the whole input, nothing else,
+//! and no character that turns text around on screen.
 //!
 //! lettre's parser does the grammar (display names, IDN domains) and insists
 //! on the end of input, so `a@b.example, c@d.example` is refused. Two gaps are
@@ -27,6 +28,11 @@ pub enum MailboxError {
     /// CR, LF, NUL or another control character: header injection.
     #[error("must not contain control characters")]
     ControlCharacter,
+    /// A character that overrides the direction of the text after it
+    /// (U+202A to U+202E, U+2066 to U+2069): a display name could show
+    /// as another sender's.
+    #[error("must not contain direction-override characters (U+202A to U+202E, U+2066 to U+2069)")]
+    DirectionOverride,
     /// Not one RFC 5322 mailbox.
     #[error("not a valid mailbox")]
     Invalid,
@@ -52,6 +58,9 @@ fn parse_any_domain(s: &str) -> Result<Mailbox, MailboxError> {
     }
     if s.chars().any(char::is_control) {
         return Err(MailboxError::ControlCharacter);
+    }
+    if s.chars().any(super::is_direction_override) {
+        return Err(MailboxError::DirectionOverride);
     }
     if let Some(mailbox) = plain_mailbox(s) {
         return Ok(mailbox);
@@ -263,6 +272,26 @@ mod tests {
         ] {
             assert_eq!(refuses(input), MailboxError::ControlCharacter, "{input:?}");
         }
+    }
+
+    #[test]
+    fn direction_overrides_are_refused() {
+        for input in [
+            "\u{202e}knaB <bank@example.org>",
+            "\"Support \u{2067}x\" <s@example.org>",
+            "Ada\u{202a} <ada@example.org>",
+            "Ada \u{2069}Lovelace <ada@example.org>",
+            "ada\u{202d}@example.org",
+        ] {
+            assert_eq!(refuses(input), MailboxError::DirectionOverride, "{input:?}");
+        }
+        // Right-to-left text itself is a name like any other.
+        assert_eq!(
+            accepts("\u{05d3}\u{05e0}\u{05d4} <d@example.org>")
+                .name
+                .as_deref(),
+            Some("\u{05d3}\u{05e0}\u{05d4}")
+        );
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! A file name is refused when any of its extensions is blocked, not only the
 //! last (`invoice.pdf.exe`, `invoice.exe.pdf`), compared without case and
 //! with the trailing dots and spaces Windows drops (`a.exe.`, `a.exe `) cut off.
+//! The content type is `type/subtype` with at most a `charset`: a `name=`
+//! parameter is a second file name, one mail clients save the file under.
 
 use lettre::message::header::ContentType;
 
-use super::{Limits, Report, check_header_text};
+use super::{Limits, Report, check_header_text, is_direction_override};
 use crate::job::Attachment;
 
 /// Longest file name most file systems keep.
@@ -81,30 +83,80 @@ fn extensions(name: &str) -> impl Iterator<Item = String> {
         .into_iter()
 }
 
-/// Characters that reorder text on screen (`invoice\u{202e}fdp.exe` shows as
-/// `invoiceexe.pdf`).
+/// Characters that reorder text on screen: the direction overrides, and
+/// the left-to-right and right-to-left marks.
 fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    matches!(c, '\u{200e}' | '\u{200f}') || is_direction_override(c)
 }
 
 fn check_content_type(content_type: &str, path: &str, report: &mut Report) {
     if !check_header_text(report, path, content_type, MAX_CONTENT_TYPE_CHARS) {
         return;
     }
-    let essence = content_type.split(';').next().unwrap_or_default().trim();
-    let Some((kind, subtype)) = essence.split_once('/') else {
-        report.add(path, RULE_MIME);
-        return;
-    };
-    // lettre's parser takes `application/` (no subtype); the token check does not.
-    if !is_token(kind) || !is_token(subtype) || ContentType::parse(content_type).is_err() {
-        report.add(path, RULE_MIME);
-    } else if kind.eq_ignore_ascii_case("multipart") {
-        report.add(path, "a multipart type cannot be an attachment");
+    if let Err(e) = attachment_content_type(content_type) {
+        report.add(path, e.to_string());
     }
 }
 
-const RULE_MIME: &str = "not a valid MIME type (type/subtype)";
+/// Why an attachment's content type is refused. The messages never repeat
+/// the value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContentTypeError {
+    /// Not `type/subtype` made of RFC 2045 tokens.
+    #[error("not a valid MIME type (type/subtype)")]
+    Invalid,
+    /// A parameter other than `charset`, or a `charset` that is not a
+    /// token: a `name=` would give the file a second name, one the
+    /// blocked-extension rule never saw and many mail clients save it under.
+    #[error("must be type/subtype, with no parameter but charset")]
+    Parameter,
+    /// `message/*` or `multipart/*`: an attachment is sent base64, which
+    /// RFC 2046 forbids for `message/*`, and either would nest parts no
+    /// rule checked.
+    #[error(
+        "a message or multipart type cannot be an attachment; send it as application/octet-stream"
+    )]
+    Container,
+}
+
+/// The `Content-Type` an attachment is sent with, made from what a caller
+/// gave: `type/subtype`, then `; charset=VALUE` if one was given, and
+/// nothing else. Validation and the worker both use it, so no other
+/// parameter (a `name=` above all) can reach a message.
+pub fn attachment_content_type(content_type: &str) -> Result<String, ContentTypeError> {
+    let mut parts = content_type.split(';');
+    let essence = parts.next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return Err(ContentTypeError::Invalid);
+    };
+    if !is_token(kind) || !is_token(subtype) {
+        return Err(ContentTypeError::Invalid);
+    }
+    if kind.eq_ignore_ascii_case("message") || kind.eq_ignore_ascii_case("multipart") {
+        return Err(ContentTypeError::Container);
+    }
+    let mut charset = None;
+    for parameter in parts {
+        let value = parameter
+            .split_once('=')
+            .filter(|(name, _)| name.trim().eq_ignore_ascii_case("charset"))
+            .map(|(_, value)| value.trim())
+            .filter(|value| is_token(value));
+        match (value, charset) {
+            (Some(value), None) => charset = Some(value),
+            _ => return Err(ContentTypeError::Parameter),
+        }
+    }
+    let written = match charset {
+        Some(charset) => format!("{essence}; charset={charset}"),
+        None => essence.to_owned(),
+    };
+    // lettre's parser is stricter than RFC 2045 (no `{` in a token): what
+    // it refuses, the worker could not send.
+    ContentType::parse(&written).map_err(|_| ContentTypeError::Invalid)?;
+    Ok(written)
+}
 
 /// An RFC 2045 token: printable ASCII but space and tspecials.
 fn is_token(s: &str) -> bool {
@@ -171,13 +223,15 @@ mod tests {
         }
     }
 
+    fn content_type_rules(ct: &str) -> Vec<String> {
+        let mut report = Report::default();
+        check_content_type(ct, "c", &mut report);
+        report.0.into_iter().map(|e| e.rule).collect()
+    }
+
     #[test]
     fn content_types() {
-        let rules = |ct: &str| {
-            let mut report = Report::default();
-            check_content_type(ct, "c", &mut report);
-            report.0.into_iter().map(|e| e.rule).collect::<Vec<_>>()
-        };
+        let rules = content_type_rules;
         assert!(rules("application/pdf").is_empty());
         assert!(rules("text/plain; charset=utf-8").is_empty());
         let longest = format!("application/{}", "x".repeat(MAX_CONTENT_TYPE_CHARS - 12));
@@ -192,8 +246,8 @@ mod tests {
             "/pdf",
             "application pdf",
             "a/b/c",
-            "text/plain; charset",
             "text/(plain)",
+            "application/x{y}",
         ] {
             assert_eq!(
                 rules(bad),
@@ -201,9 +255,62 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn no_parameter_but_charset_is_taken() {
+        for bad in [
+            "application/pdf; name=\"invoice.exe\"",
+            "application/pdf; name=invoice.exe",
+            "application/octet-stream; name*=UTF-8''invoice.exe",
+            "application/octet-stream; NAME*0=invoice; name*1=.exe",
+            "text/plain; charset=utf-8; name=a.exe",
+            "text/plain; charset=utf-8; charset=ascii",
+            "text/plain; charset=\"utf-8\"",
+            "text/plain; charset=",
+            "text/plain; charset",
+            "text/plain;",
+            "application/pdf; x=1",
+        ] {
+            assert_eq!(
+                content_type_rules(bad),
+                ["must be type/subtype, with no parameter but charset"],
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_type_and_charset_are_written() {
         assert_eq!(
-            rules("Multipart/Mixed; boundary=x"),
-            ["a multipart type cannot be an attachment"]
+            attachment_content_type("application/pdf").as_deref(),
+            Ok("application/pdf")
         );
+        assert_eq!(
+            attachment_content_type(" text/csv ;  Charset = UTF-8 ").as_deref(),
+            Ok("text/csv; charset=UTF-8")
+        );
+        assert_eq!(
+            attachment_content_type("application/pdf; name=\"invoice.exe\""),
+            Err(ContentTypeError::Parameter)
+        );
+    }
+
+    #[test]
+    fn message_and_multipart_types_are_refused() {
+        for bad in [
+            "message/rfc822",
+            "Message/Partial; id=x",
+            "multipart/mixed",
+            "Multipart/Mixed; boundary=x",
+        ] {
+            assert_eq!(
+                content_type_rules(bad),
+                [
+                    "a message or multipart type cannot be an attachment; send it as application/octet-stream"
+                ],
+                "{bad}"
+            );
+        }
     }
 }

@@ -67,25 +67,121 @@ fn string_end(body: &[u8], from: usize) -> Option<usize> {
 }
 
 /// A serde error without the values it may quote (they may be personal
-/// data): everything from the first double quote to the last goes, so an
-/// escaped quote inside a value cannot end the cut early, and so does the
-/// name of an unknown field or variant (the caller's text). Field names
-/// serde expects, and the position, stay.
+/// data), its position kept. serde and serde_json put caller input in a
+/// few places: the value in ``invalid type: integer `4915112345678`,
+/// expected a string`` (strings in double quotes, numbers, booleans and
+/// characters in backticks), the name in ``unknown field `x` `` and
+/// ``unknown variant `x` ``, and the count in `invalid length 3, expected
+/// ...`. Each of those gives only its kind; what serde expects (type,
+/// field and variant names) stays. A message of another form (a library's
+/// own error) loses everything between its first quote and its last.
 pub fn redacted_error(err: &serde_json::Error) -> String {
     let text = err.to_string();
-    let mut text = match (text.find('"'), text.rfind('"')) {
-        (Some(first), Some(last)) if last > first => {
-            format!("{}\"…\"{}", &text[..first], &text[last + 1..])
-        }
-        _ => text,
-    };
-    if text.starts_with("unknown ")
-        && let Some(open) = text.find('`')
-        && let Some(close) = text[open + 1..].find('`')
-    {
-        text.replace_range(open..=open + 1 + close, "`…`");
+    let position = format!(" at line {} column {}", err.line(), err.column());
+    match text.strip_suffix(&position) {
+        Some(message) if err.line() > 0 => format!("{}{position}", redacted_message(message)),
+        _ => redacted_message(&text),
     }
-    text
+}
+
+/// Where what serde expected starts, in the messages that name it after
+/// what it found.
+const EXPECTED: &str = ", expected ";
+
+/// Messages of serde_json's syntax errors that hold backticks, none of
+/// them the caller's.
+const SYNTAX_WITH_QUOTES: &[&str] = &[
+    "expected `:`",
+    "expected `,` or `]`",
+    "expected `,` or `}`",
+    "expected `\"`",
+];
+
+/// A message without its position: see [`redacted_error`].
+fn redacted_message(message: &str) -> String {
+    for lead in ["invalid type: ", "invalid value: "] {
+        // The last `, expected`: a string value may hold the words too.
+        if let Some(rest) = message.strip_prefix(lead)
+            && let Some(at) = rest.rfind(EXPECTED)
+        {
+            return format!("{lead}{}{}", unexpected_kind(&rest[..at]), &rest[at..]);
+        }
+    }
+    if let Some(rest) = message.strip_prefix("invalid length ")
+        && let Some(at) = rest.rfind(EXPECTED)
+    {
+        return format!("invalid length{}", &rest[at..]);
+    }
+    for (lead, none) in [
+        ("unknown field ", ", there are no fields"),
+        ("unknown variant ", ", there are no variants"),
+    ] {
+        if let Some(rest) = message.strip_prefix(lead) {
+            // The name is quoted but not escaped: only the list of names
+            // serde expects, always last, can be told from it.
+            let expected = if rest.ends_with(none) {
+                none
+            } else {
+                rest.rfind(EXPECTED).map_or("", |at| &rest[at..])
+            };
+            return format!("{lead}`…`{expected}");
+        }
+    }
+    // Fields serde looks for, named by the type: never the caller's.
+    let own_names =
+        message.starts_with("missing field `") || message.starts_with("duplicate field `");
+    if own_names || SYNTAX_WITH_QUOTES.contains(&message) {
+        return message.to_owned();
+    }
+    without_quoted(message)
+}
+
+/// What serde found, as its kind alone: `integer` for
+/// ``integer `4915112345678` ``, `string` for `string "ada"`. An unknown
+/// description becomes `value`.
+fn unexpected_kind(found: &str) -> &'static str {
+    const KINDS: &[&str] = &[
+        "string",
+        "integer",
+        "floating point",
+        "boolean",
+        "character",
+        "null",
+        "number",
+        "byte array",
+        "unit value",
+        "Option value",
+        "newtype struct",
+        "sequence",
+        "map",
+        "enum",
+        "unit variant",
+        "newtype variant",
+        "tuple variant",
+        "struct variant",
+    ];
+    KINDS
+        .iter()
+        .find(|kind| {
+            found
+                .strip_prefix(**kind)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+        })
+        .copied()
+        .unwrap_or("value")
+}
+
+/// `message` with everything from its first quote (double or backtick)
+/// to its last cut out, or to its end if it has only one.
+fn without_quoted(message: &str) -> String {
+    let is_quote = |c: char| c == '"' || c == '`';
+    match (message.find(is_quote), message.rfind(is_quote)) {
+        (Some(first), Some(last)) if last > first => {
+            format!("{}…{}", &message[..first], &message[last + 1..])
+        }
+        (Some(first), _) => format!("{}…", &message[..first]),
+        _ => message.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -141,5 +237,147 @@ mod tests {
         let text = redacted_error(&err);
         assert!(!text.contains("ada"), "{text}");
         assert!(text.contains("`bulk`"), "{text}");
+    }
+
+    /// `json` parsed as a `T` fails; its redacted message.
+    fn redacted<T: serde::de::DeserializeOwned + std::fmt::Debug>(json: &str) -> String {
+        redacted_error(&serde_json::from_str::<T>(json).expect_err("a bad request"))
+    }
+
+    /// A request whose message has `field` set to `value` (JSON text), and
+    /// a subject; the fields it lacks are missed only after `value`.
+    fn with_field(field: &str, value: &str) -> String {
+        format!(r#"{{"message": {{"subject": "s", "{field}": {value}}}}}"#)
+    }
+
+    #[test]
+    fn values_of_every_kind_go_and_their_kind_and_position_stay() {
+        for (field, value, kind, canary) in [
+            ("from", "4915112345678", "integer", "4915112345678"),
+            ("from", "-4915112345678", "integer", "4915112345678"),
+            ("from", "31415.9265", "floating point", "31415"),
+            ("from", "1e300", "floating point", "e300"),
+            ("from", "true", "boolean", "true"),
+            ("to", r#""ada@example.org""#, "string", "ada"),
+            ("to", r#""ada`, expected x""#, "string", "ada"),
+            ("to", r#""x\", expected ada""#, "string", "ada"),
+            (
+                "metadata",
+                r#"{"k": 4915112345678}"#,
+                "integer",
+                "4915112345678",
+            ),
+            ("headers", r#"{"X-A": ["ada"]}"#, "sequence", "ada"),
+        ] {
+            let text = redacted::<JobRequest>(&with_field(field, value));
+            assert!(!text.contains(canary), "{value}: {text}");
+            assert!(
+                text.starts_with(&format!("invalid type: {kind}, expected ")),
+                "{value}: {text}"
+            );
+            assert!(text.contains(" at line 1 column "), "{value}: {text}");
+        }
+        let text = redacted::<JobRequest>(&with_field("from", "null"));
+        assert!(
+            text.starts_with("invalid type: null, expected a string at line 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_numbers_give_only_their_kind() {
+        let job = |schema: &str| {
+            format!(
+                r#"{{"schema": {schema}, "id": "0190b6f0-0000-7000-8000-000000000000", "tenant": "t", "created_at": "2030-01-01T00:00:00Z", "lane": "bulk", "message": {{"from": "a@b.example", "subject": "s"}}}}"#
+            )
+        };
+        let text = redacted::<crate::job::SendJob>(&job("4915112345678"));
+        assert!(
+            text.starts_with("invalid value: integer, expected u16 at line 1"),
+            "{text}"
+        );
+        let text = redacted::<crate::job::SendJob>(&job("-49151"));
+        assert!(!text.contains("49151"), "{text}");
+    }
+
+    #[test]
+    fn unknown_names_go_and_the_expected_ones_stay() {
+        // A name with backticks and the words serde uses cannot pass for
+        // the list of expected names.
+        for json in [
+            r#"{"secret_name": 1}"#,
+            r#"{"secret`, expected `x": 1}"#,
+            r#"{"secret`, there are no fields": 1}"#,
+        ] {
+            let text = redacted::<JobRequest>(json);
+            assert!(!text.contains("secret"), "{text}");
+            assert!(
+                text.starts_with("unknown field `…`, expected one of `tenant`, "),
+                "{text}"
+            );
+            assert!(text.contains("`message` at line 1 column "), "{text}");
+        }
+        let text = redacted::<JobRequest>(&with_field("attachments", r#"[{"secret": 1}]"#));
+        assert!(
+            text.starts_with("unknown field `…`, expected one of `filename`, "),
+            "{text}"
+        );
+        for lane in ["ada", "ada`, expected `bulk"] {
+            let text = redacted::<JobRequest>(&format!(r#"{{"lane": "{lane}"}}"#));
+            assert!(!text.contains("ada"), "{text}");
+            assert!(
+                text.starts_with(
+                    "unknown variant `…`, expected `transactional` or `bulk` at line 1"
+                ),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_that_hold_no_input_are_kept_whole() {
+        let text = redacted::<JobRequest>(r#"{"message": {}}"#);
+        assert!(text.starts_with("missing field `from` at line 1"), "{text}");
+        let text = redacted::<JobRequest>(r#"{"lane": "bulk", "lane": "bulk"}"#);
+        assert!(
+            text.starts_with("duplicate field `lane` at line 1"),
+            "{text}"
+        );
+        let text = redacted::<JobRequest>(r#"{"lane" "bulk"}"#);
+        assert_eq!(text, "expected `:` at line 1 column 9");
+        let text = redacted::<JobRequest>(r#"{"lane": "bulk" "message": 1}"#);
+        assert_eq!(text, "expected `,` or `}` at line 1 column 17");
+    }
+
+    #[test]
+    fn kinds_json_cannot_give_are_hidden_too() {
+        use serde::de::{Error as _, Unexpected};
+        let made = |err: serde_json::Error| redacted_error(&err);
+        let text = made(serde_json::Error::invalid_type(
+            Unexpected::Char('§'),
+            &"a string",
+        ));
+        assert_eq!(text, "invalid type: character, expected a string");
+        let text = made(serde_json::Error::invalid_value(
+            Unexpected::Other("integer `4915112345678` as i128"),
+            &"a small number",
+        ));
+        assert_eq!(text, "invalid value: integer, expected a small number");
+        let text = made(serde_json::Error::invalid_value(
+            Unexpected::Other("ada's own words"),
+            &"a word",
+        ));
+        assert_eq!(text, "invalid value: value, expected a word");
+        let text = made(serde_json::Error::invalid_length(4915, &"two names"));
+        assert_eq!(text, "invalid length, expected two names");
+        let text = made(serde_json::Error::unknown_variant("ada", &[]));
+        assert_eq!(text, "unknown variant `…`, there are no variants");
+        // Another library's message, with its value in backticks.
+        let text = made(serde_json::Error::custom(
+            "found `ada` here, and `ada` there",
+        ));
+        assert_eq!(text, "found … there");
+        let text = made(serde_json::Error::custom("a lone ` then ada"));
+        assert_eq!(text, "a lone …");
     }
 }

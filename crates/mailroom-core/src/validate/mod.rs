@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 pub use address::{MailboxError, parse_mailbox};
+pub use attachments::{ContentTypeError, attachment_content_type};
 pub use headers::{
     ALLOWED_HEADER_PREFIXES, ALLOWED_HEADERS, DENIED_HEADER_PREFIXES, RESERVED_HEADER_PREFIXES,
     RESERVED_HEADERS, is_allowed_header,
@@ -185,6 +186,13 @@ fn keyed_path(prefix: &str, key: &str) -> String {
         ""
     };
     format!("{prefix}[{shown:?}{more}]")
+}
+
+/// Characters that override or isolate the direction of the text after
+/// them (U+202A to U+202E, U+2066 to U+2069): `\u{202e}knaB` shows as
+/// `Bank`, and `invoice\u{202e}fdp.exe` as `invoiceexe.pdf`.
+fn is_direction_override(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 fn longer_than(max: usize) -> String {

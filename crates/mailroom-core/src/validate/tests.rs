@@ -232,6 +232,35 @@ fn every_address_field_is_parsed() {
 }
 
 #[test]
+fn direction_overrides_are_refused_in_every_address() {
+    let rule =
+        "must not contain direction-override characters (U+202A to U+202E, U+2066 to U+2069)";
+    assert_only(
+        &job(|j| j.message.from = "\u{202e}knaB <noreply@shop.example>".into()),
+        "message.from",
+        rule,
+    );
+    assert_only(
+        &job(|j| j.message.reply_to[0] = "\"Support \u{2066}x\" <help@shop.example>".into()),
+        "message.reply_to[0]",
+        rule,
+    );
+    assert_only(
+        &job(|j| j.message.to[0] = "Ada\u{202b} <ada@example.org>".into()),
+        "message.to[0]",
+        rule,
+    );
+    assert_only(
+        &job(|j| j.message.cc[0] = "\u{2069}Copy <copy@example.org>".into()),
+        "message.cc[0]",
+        rule,
+    );
+    // The subject is text, not a name: it keeps them.
+    let subject = job(|j| j.message.subject = "\u{202e}txet".into());
+    assert_eq!(validate_job(&subject, &Limits::default()), Ok(()));
+}
+
+#[test]
 fn addresses_have_a_length_limit() {
     let long = format!("{} <ada@example.org>", "a".repeat(990));
     assert_only(
@@ -485,11 +514,32 @@ fn attachment_content_type_rules() {
         path,
         LINE_BREAK,
     );
-    assert_only(
-        &with_attachment("a.pdf", "multipart/mixed; boundary=x"),
-        path,
-        "a multipart type cannot be an attachment",
-    );
+    let container =
+        "a message or multipart type cannot be an attachment; send it as application/octet-stream";
+    for content_type in [
+        "multipart/mixed; boundary=x",
+        "message/rfc822",
+        "Message/Global",
+    ] {
+        assert_only(&with_attachment("a.pdf", content_type), path, container);
+    }
+}
+
+#[test]
+fn an_attachment_type_gives_the_file_no_second_name() {
+    let path = "message.attachments[0].content_type";
+    let rule = "must be type/subtype, with no parameter but charset";
+    for content_type in [
+        "application/pdf; name=\"invoice.exe\"",
+        "application/octet-stream; name*=UTF-8''invoice.exe",
+        "application/pdf; filename=invoice.exe",
+        "text/plain; charset=utf-8; name=a.exe",
+        "text/plain; charset=\"utf-8\"",
+    ] {
+        assert_only(&with_attachment("invoice.pdf", content_type), path, rule);
+    }
+    let plain = with_attachment("notes.txt", "text/plain; charset=utf-8");
+    assert_eq!(validate_job(&plain, &Limits::default()), Ok(()));
 }
 
 #[test]

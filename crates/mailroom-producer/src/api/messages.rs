@@ -15,6 +15,7 @@ use mailroom_core::settings::ApiSettings;
 use mailroom_core::status::{JobState, StatusUpdate};
 use mailroom_core::validate::json::{redacted_error, values_per_job, values_within};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
 
 use super::auth::{Principal, Refusal, authenticate, authorize, charge, one_header};
@@ -45,11 +46,13 @@ impl Accepted {
     }
 }
 
-/// A batch request.
+/// A batch request. Each item stays text until it is parsed on its own:
+/// a parsed `Value` would keep the last of a key given twice, and the
+/// item's `headers` or `metadata` would pass a name twice.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Batch {
-    messages: Vec<serde_json::Value>,
+    messages: Vec<Box<RawValue>>,
 }
 
 /// One item of a batch answer.
@@ -631,7 +634,7 @@ fn enqueue_batch<'a>(
         }
         let accepted = futures_util::future::join_all(batch.messages.into_iter().enumerate().map(
             |(index, value)| async move {
-                let result = match serde_json::from_value::<JobRequest>(value) {
+                let result = match serde_json::from_str::<JobRequest>(value.get()) {
                     Ok(request) => {
                         let key = key.map(|key| item_key(key, index));
                         accept(state, principal, request, key).await

@@ -205,7 +205,8 @@ fn attachment(limits: &Limits) -> Value {
             "content_type": {
                 "type": "string",
                 "pattern": r"^[A-Za-z0-9!#$&^_.+-]{1,32}/[A-Za-z0-9!#$&^_.+-]{1,64}$",
-                "not": { "pattern": "^[Mm][Uu][Ll][Tt][Ii][Pp][Aa][Rr][Tt]/" },
+                "not": { "pattern": "^([Mm][Uu][Ll][Tt][Ii][Pp][Aa][Rr][Tt]|[Mm][Ee][Ss][Ss][Aa][Gg][Ee])/" },
+                "description": "type/subtype; a message or multipart file goes as application/octet-stream.",
                 "example": "application/pdf",
             },
             "content": {

@@ -12,8 +12,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane};
 use mailroom_core::settings::Settings;
-use mailroom_core::validate::Limits;
 use mailroom_core::validate::json::{redacted_error, values_per_job, values_within};
+use mailroom_core::validate::{ContentTypeError, Limits, attachment_content_type};
 use mailroom_producer::{Checked, Producer, prepare};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -219,15 +219,26 @@ fn attachment(path: &Path, limits: &Limits) -> anyhow::Result<Attachment> {
             )
         })?
         .to_owned();
-    let content_type = mime_guess::from_path(path)
-        .first_or_octet_stream()
-        .essence_str()
-        .to_owned();
+    let content_type = guessed_type(path);
     Ok(Attachment {
         filename,
         content_type,
         content,
     })
+}
+
+/// The content type a file's extension suggests. A message or multipart
+/// one (`.eml` is `message/rfc822`) goes as `application/octet-stream`,
+/// the only way validation takes such a file.
+fn guessed_type(path: &Path) -> String {
+    let guess = mime_guess::from_path(path)
+        .first_or_octet_stream()
+        .essence_str()
+        .to_owned();
+    match attachment_content_type(&guess) {
+        Err(ContentTypeError::Container) => "application/octet-stream".to_owned(),
+        _ => guess,
+    }
 }
 
 /// Rejections: the first [`MAX_SHOWN_REJECTIONS`] said as they happen
@@ -511,5 +522,17 @@ mod tests {
             .expect("--tenant goes with --json");
         assert_eq!(cli.send.tenant, "acme");
         assert_eq!(cli.send.lane, Lane::Transactional);
+    }
+
+    #[test]
+    fn a_message_file_is_attached_as_octet_stream() {
+        for (name, content_type) in [
+            ("mail.eml", "application/octet-stream"),
+            ("receipt.pdf", "application/pdf"),
+            ("notes.txt", "text/plain"),
+            ("blob", "application/octet-stream"),
+        ] {
+            assert_eq!(guessed_type(Path::new(name)), content_type, "{name}");
+        }
     }
 }
