@@ -284,40 +284,31 @@ async fn handle(
         let outcome = work(state, &principal, &body, None).await;
         return respond(outcome, fields, false);
     };
-    let slot = match state
-        .idempotency
-        .take(&principal.tenant, &key, name, &body)
-        .await
-    {
-        Ok(Taken::First(slot)) => slot,
-        Ok(Taken::Replay(stored)) => {
-            let outcome = Outcome {
-                status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
-                job_ids: replayed_ids(&stored.body),
-                body: stored.body,
-                transient: false,
-            };
-            return respond(outcome, fields, true);
-        }
-        Ok(Taken::Mismatch) => {
-            return with_fields(Problem::idempotency_mismatch().into_response(), fields);
-        }
-        Ok(Taken::InProgress) => {
-            return with_fields(Problem::in_progress().into_response(), fields);
-        }
-        Err(err) => {
-            return with_fields(
-                Problem::unavailable_because("the idempotency store", &err).into_response(),
-                fields,
-            );
-        }
-    };
-    // Past this point the key's slot must be finished or abandoned: the
-    // work runs in a task of its own, which a timeout does not cut short
-    // (a slot left pending would hold the client's retries off with 409s
-    // while a job it published waits unanswered).
+    // From taking the key's slot on, the work runs in a task of its own,
+    // which neither a timeout nor a client that goes away cuts short: a
+    // slot left pending would hold the client's retries off with 409s
+    // while a job it published waits unanswered.
     let state = Arc::clone(state);
     let working = tokio::spawn(async move {
+        let taken = state
+            .idempotency
+            .take(&principal.tenant, &key, name, &body)
+            .await;
+        let slot = match taken {
+            Ok(Taken::First(slot)) => slot,
+            Ok(Taken::Replay(stored)) => {
+                let outcome = Outcome {
+                    status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+                    job_ids: replayed_ids(&stored.body),
+                    body: stored.body,
+                    transient: false,
+                };
+                return Ok((outcome, true));
+            }
+            Ok(Taken::Mismatch) => return Err(Problem::idempotency_mismatch()),
+            Ok(Taken::InProgress) => return Err(Problem::in_progress()),
+            Err(err) => return Err(Problem::unavailable_because("the idempotency store", &err)),
+        };
         let outcome = work(&state, &principal, &body, Some(&key)).await;
         // Items of a batch that did get through are sent once even if the
         // retry enqueues them again: each carries a key derived from the
@@ -336,10 +327,11 @@ async fn handle(
             // worker's dedup absorbs if the job itself has an idempotency key.
             tracing::warn!(error = %err, "idempotent response not stored");
         }
-        outcome
+        Ok((outcome, false))
     });
     match working.await {
-        Ok(outcome) => respond(outcome, fields, false),
+        Ok(Ok((outcome, replayed))) => respond(outcome, fields, replayed),
+        Ok(Err(problem)) => with_fields(problem.into_response(), fields),
         Err(_) => with_fields(StatusCode::INTERNAL_SERVER_ERROR.into_response(), fields),
     }
 }

@@ -11,6 +11,7 @@
 //! request id, key id, tenant, route, status, latency, client IP and job
 //! ids; never a recipient, a subject, a body or a key.
 
+mod access;
 mod auth;
 mod idempotency;
 pub mod jwt;
@@ -25,30 +26,24 @@ mod serve;
 mod spend;
 pub mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::routing::{get, post};
 use mailroom_core::budget::FairBudget;
-use mailroom_core::job::JobId;
 use mailroom_core::ratelimit::RateLimiter;
 use mailroom_core::settings::{ApiSettings, Settings, SettingsError};
 use mailroom_core::status::StatusStore;
 use mailroom_core::store::{RedisStore, StoreError};
-use mailroom_core::telemetry::extract_traceparent;
 use mailroom_core::validate::Limits;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{Producer, ProducerError};
+pub use access::{LogFields, LogSlot};
 use auth::Touches;
 use idempotency::Idempotency;
 use keys::ApiKeyStore;
@@ -79,42 +74,6 @@ pub enum ApiError {
     /// Only one of `api.tls_cert_file` and `api.tls_key_file` is set.
     #[error("set both api.tls_cert_file and api.tls_key_file, or neither")]
     TlsHalf,
-}
-
-/// What the access log says about a request, filled in by its handler.
-#[derive(Clone, Debug, Default)]
-pub struct LogFields {
-    /// The key's public id.
-    pub key_id: Option<String>,
-    /// The tenant.
-    pub tenant: Option<String>,
-    /// Jobs the request enqueued or read.
-    pub job_ids: Vec<JobId>,
-}
-
-/// Who the access log names, set by a handler once it knows the caller,
-/// so a request cut short by `api.request_timeout` is still logged with
-/// its key and tenant.
-#[derive(Clone, Debug, Default)]
-pub struct LogSlot(Arc<std::sync::Mutex<LogFields>>);
-
-impl LogSlot {
-    /// Records `fields` (the caller; job ids come with the answer).
-    pub fn set(&self, fields: LogFields) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fields;
-    }
-
-    fn take(&self) -> LogFields {
-        std::mem::take(
-            &mut *self
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    }
 }
 
 /// Everything a request needs, shared by all of them.
@@ -229,7 +188,7 @@ impl Api {
             .layer(DefaultBodyLimit::max(state.settings.body_limit_bytes))
             .layer(middleware::from_fn_with_state(
                 Arc::clone(&state),
-                access_log,
+                access::access_log,
             ))
             .with_state(state)
     }
@@ -292,105 +251,4 @@ async fn render_metrics() -> (StatusCode, String) {
             "metrics recorder not installed\n".to_owned(),
         ),
     }
-}
-
-/// The request timeout, the request id and one access-log line a request.
-///
-/// A request runs to its end in a task of its own: a client that goes
-/// away mid-request takes away only the wait for the answer, not the work
-/// (a job it published still gets its `Idempotency-Key` answer stored,
-/// and its log line).
-async fn access_log(
-    State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let (answer, answered) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let _ = answer.send(run_and_log(state, peer, request, next).await);
-    });
-    answered
-        .await
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-/// [`access_log`]'s work: the request within its timeout, then its line.
-async fn run_and_log(
-    state: Arc<ApiState>,
-    peer: SocketAddr,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let request_id = uuid::Uuid::now_v7().to_string();
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "(unmatched)".to_owned(), |path| path.as_str().to_owned());
-    let client_ip = state.network.client_ip(peer, request.headers());
-    // The request's span continues the caller's trace (`traceparent`), so
-    // one trace runs from the caller through enqueue, worker and SMTP. It
-    // is DEBUG, as the other hot-path spans: the exporter takes it, the log
-    // does not format it for every request (the access line says it all).
-    let span = tracing::debug_span!(
-        "mailroom.http",
-        otel.kind = "server",
-        http.request.method = %method,
-        http.route = %route,
-        http.response.status_code = tracing::field::Empty,
-    );
-    let parent = {
-        let header = |name| {
-            request
-                .headers()
-                .get(name)
-                .and_then(|v: &HeaderValue| v.to_str().ok())
-        };
-        extract_traceparent(header("traceparent"), header("tracestate"))
-    };
-    // Fails only when no OpenTelemetry layer is installed: nothing to link.
-    let _ = span.set_parent(parent);
-    let slot = LogSlot::default();
-    request.extensions_mut().insert(slot.clone());
-    let timeout: Duration = state.settings.request_timeout;
-    let mut response = if client_ip.is_some_and(|ip| state.network.denies(ip)) {
-        // Every route: `/metrics` and `/openapi.json` are nobody's business
-        // on a network the operator shut out.
-        Problem::forbidden("requests from this network are refused").into_response()
-    } else {
-        tokio::time::timeout(timeout, next.run(request).instrument(span.clone()))
-            .await
-            .unwrap_or_else(|_| Problem::timeout().into_response())
-    };
-    span.record("http.response.status_code", response.status().as_u16());
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
-    let fields = response
-        .extensions()
-        .get::<LogFields>()
-        .cloned()
-        .unwrap_or_else(|| slot.take());
-    let status = response.status().as_u16();
-    let labels = [("route", route.clone()), ("status", status.to_string())];
-    metrics::counter!("mailroom_api_requests_total", &labels).increment(1);
-    metrics::histogram!("mailroom_api_request_seconds", "route" => route.clone())
-        .record(started.elapsed().as_secs_f64());
-    let job_ids: Vec<String> = fields.job_ids.iter().map(ToString::to_string).collect();
-    tracing::info!(
-        target: "mailroom::access",
-        request_id,
-        method = %method,
-        route,
-        status,
-        latency_ms = started.elapsed().as_secs_f64() * 1e3,
-        client_ip = client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-        key_id = fields.key_id.unwrap_or_default(),
-        tenant = fields.tenant.unwrap_or_default(),
-        job_ids = job_ids.join(","),
-        "request"
-    );
-    response
 }
