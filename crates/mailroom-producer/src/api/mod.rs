@@ -13,6 +13,7 @@
 
 mod access;
 mod auth;
+mod body;
 mod idempotency;
 pub mod jwt;
 pub mod keys;
