@@ -137,23 +137,25 @@ fn request_from_flags(args: &SendArgs, limits: &Limits) -> anyhow::Result<JobReq
         .iter()
         .map(|path| attachment(path, limits))
         .collect::<anyhow::Result<_>>()?;
-    let headers = args
-        .header
-        .iter()
-        .enumerate()
-        .map(|(index, line)| {
-            // Named by its place, not its text: a header may hold an
-            // address or a token.
-            line.split_once(':')
-                .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
-                .with_context(|| {
-                    format!(
-                        "--header number {}: expected \"Name: value\" (a name, a colon, then the value)",
-                        index + 1
-                    )
-                })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let mut headers = std::collections::BTreeMap::new();
+    for (index, line) in args.header.iter().enumerate() {
+        // Named by its place, not its text: a header may hold an address
+        // or a token.
+        let place = index + 1;
+        let (name, value) = line.split_once(':').with_context(|| {
+            format!(
+                "--header number {place}: expected \"Name: value\" (a name, a colon, then the value)"
+            )
+        })?;
+        // A map keeps the last of two equal names; the JSON paths refuse
+        // a name given twice, and so does this one.
+        if headers
+            .insert(name.trim().to_owned(), value.trim().to_owned())
+            .is_some()
+        {
+            anyhow::bail!("--header number {place}: its name was given before");
+        }
+    }
     Ok(JobRequest {
         tenant: None,
         idempotency_key: args.idempotency_key.clone(),
@@ -493,6 +495,30 @@ mod tests {
         assert!(shown.contains("\"Name: value\""), "{shown}");
         assert!(!shown.contains("CANARY"), "{shown}");
         assert!(!shown.contains("canary.rcpt"), "{shown}");
+    }
+
+    /// The same header name twice is refused, not settled by keeping the
+    /// last.
+    #[test]
+    fn a_header_given_twice_is_refused() {
+        let cli = Cli::try_parse_from([
+            "mailroom-send",
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.org",
+            "--subject",
+            "s",
+            "--text",
+            "t",
+            "--header",
+            "X-A: 1",
+            "--header",
+            "X-A: 2",
+        ])
+        .expect("flags parse");
+        let err = request_from_flags(&cli.send, &Limits::default()).expect_err("twice");
+        assert!(format!("{err:#}").contains("--header number 2"), "{err:#}");
     }
 
     /// A flag --json would ignore is refused rather than silently dropped.
