@@ -6,6 +6,7 @@
 //! A service that is down is a loud failure naming the command that
 //! starts it, never a silent skip.
 
+pub mod logs;
 pub mod rabbit;
 pub mod redis;
 pub mod smtp;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use mailroom_core::seal::SealKey;
 use mailroom_core::settings::{Secret, Settings, TransportKind};
+use mailroom_producer::api::Api;
 use mailroom_producer::api::keys::{NewKey, Scope};
+use tokio_util::sync::CancellationToken;
 
 use crate::rabbit::TestVhost;
 use crate::redis::TestPrefix;
@@ -120,4 +122,26 @@ pub fn new_key(tenant: &str, scopes: &[Scope]) -> NewKey {
         rate: None,
         expires_at: None,
     }
+}
+
+/// Serves `api` on a free port until the token is cancelled.
+pub async fn serve_api(api: Api) -> (u16, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(api.serve(listener, shutdown.clone()));
+    (port, shutdown)
+}
+
+/// An API made with `settings`, and a send key of tenant `acme`.
+pub async fn api_with_key(settings: &Settings) -> (Api, String) {
+    let api = Api::connect(settings).await.expect("api");
+    let (key, _) = api
+        .keys()
+        .create(new_key("acme", &[Scope::Send]))
+        .await
+        .expect("key");
+    (api, key)
 }

@@ -3,7 +3,6 @@
 //! the access log may say.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,6 +18,7 @@ use mailroom_core::wire::{self, headers};
 use mailroom_producer::Producer;
 use mailroom_producer::api::keys::{KeyRecord, NewKey, RotateError, Scope};
 use mailroom_producer::api::{Api, NetworkPolicy, parse_cidr};
+use mailroom_tests::logs::Captured;
 use mailroom_tests::rabbit::{TestVhost, rabbitmqctl};
 use mailroom_tests::redis::TestPrefix;
 use mailroom_tests::stack::{base_settings, new_key};
@@ -1103,52 +1103,6 @@ async fn redis_out_of_reach_is_503_with_retry_after_and_nothing_enqueued() {
     assert_eq!(send_as(&router, &fresh).await.status, StatusCode::ACCEPTED);
 }
 
-/// Log lines written while a closure runs.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// Captures this thread's logs (the in-process API's tasks run on it)
-    /// until the guard is dropped.
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    /// The access-log lines so far, parsed.
-    fn access_lines(&self) -> Vec<Value> {
-        let log = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        String::from_utf8_lossy(&log)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|line| line["target"] == "mailroom::access")
-            .map(|line| line["fields"].clone())
-            .collect()
-    }
-}
-
 /// A client that goes away mid-request: the work it started runs to its
 /// end, so its `Idempotency-Key` is not left pending (a retry got 409 for a
 /// minute) and its jobs are enqueued once, whether the retry finds them
@@ -1235,13 +1189,7 @@ async fn the_access_log_names_no_recipient_subject_body_or_key() {
     assert_eq!(answer.status, StatusCode::ACCEPTED);
     let invalid = json!({"message": {"from": "grace@example.net", "to": ["bad address"], "subject": "Hidden", "text": "t"}});
     call(&router, LOCAL, post("/v1/messages", Some(&key), &invalid)).await;
-    let log = String::from_utf8_lossy(
-        &captured
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    )
-    .into_owned();
+    let log = captured.text();
     assert!(log.contains("mailroom::access"), "no access log: {log}");
     assert!(
         log.contains(answer.body["id"].as_str().expect("id")),

@@ -6,10 +6,9 @@ use std::time::{Duration, Instant};
 
 use mailroom_core::settings::Settings;
 use mailroom_producer::api::Api;
-use mailroom_producer::api::keys::Scope;
 use mailroom_tests::rabbit::TestVhost;
 use mailroom_tests::redis::TestPrefix;
-use mailroom_tests::stack::new_key;
+use mailroom_tests::stack::{api_with_key, serve_api};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -18,17 +17,6 @@ use tokio_util::sync::CancellationToken;
 /// cancelled.
 async fn serve(settings: &Settings) -> (u16, CancellationToken) {
     serve_api(Api::connect(settings).await.expect("api")).await
-}
-
-/// Serves `api` on a free port until the token is cancelled.
-async fn serve_api(api: Api) -> (u16, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(api.serve(listener, shutdown.clone()));
-    (port, shutdown)
 }
 
 /// Reads until the server closes the connection; what it sent.
@@ -122,12 +110,7 @@ async fn a_client_that_never_reads_is_cut_off() {
 async fn oversized_headers_are_refused_and_large_bodies_still_read() {
     let (vhost, redis) = (TestVhost::new("api-head"), TestPrefix::new("api-head"));
     let settings = mailroom_tests::stack::base_settings(&vhost, &redis);
-    let api = Api::connect(&settings).await.expect("api");
-    let (key, _) = api
-        .keys()
-        .create(new_key("acme", &[Scope::Send]))
-        .await
-        .expect("key");
+    let (api, key) = api_with_key(&settings).await;
     let (port, shutdown) = serve_api(api).await;
 
     // hyper checks the limit between reads, so a head can pass it by a

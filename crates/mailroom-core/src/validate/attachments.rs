@@ -130,7 +130,8 @@ pub fn attachment_content_type(content_type: &str) -> Result<String, ContentType
     let Some((kind, subtype)) = essence.split_once('/') else {
         return Err(ContentTypeError::Invalid);
     };
-    if !is_token(kind) || !is_token(subtype) {
+    // `*/*` or `application/*` is a pattern for Accept, not a type.
+    if !is_token(kind) || !is_token(subtype) || kind == "*" || subtype == "*" {
         return Err(ContentTypeError::Invalid);
     }
     if kind.eq_ignore_ascii_case("message") || kind.eq_ignore_ascii_case("multipart") {
@@ -142,6 +143,13 @@ pub fn attachment_content_type(content_type: &str) -> Result<String, ContentType
             .split_once('=')
             .filter(|(name, _)| name.trim().eq_ignore_ascii_case("charset"))
             .map(|(_, value)| value.trim())
+            // RFC 2045 lets a value be quoted: `charset="UTF-8"`.
+            .map(|value| {
+                value
+                    .strip_prefix('"')
+                    .and_then(|inner| inner.strip_suffix('"'))
+                    .unwrap_or(value)
+            })
             .filter(|value| is_token(value));
         match (value, charset) {
             (Some(value), None) => charset = Some(value),
@@ -266,7 +274,8 @@ mod tests {
             "application/octet-stream; NAME*0=invoice; name*1=.exe",
             "text/plain; charset=utf-8; name=a.exe",
             "text/plain; charset=utf-8; charset=ascii",
-            "text/plain; charset=\"utf-8\"",
+            "text/plain; charset=\"utf 8\"",
+            "text/plain; charset=\"\"",
             "text/plain; charset=",
             "text/plain; charset",
             "text/plain;",
@@ -291,9 +300,21 @@ mod tests {
             Ok("text/csv; charset=UTF-8")
         );
         assert_eq!(
+            attachment_content_type("text/plain;charset=\"UTF-8\"").as_deref(),
+            Ok("text/plain; charset=UTF-8"),
+            "a quoted value is RFC 2045's too"
+        );
+        assert_eq!(
             attachment_content_type("application/pdf; name=\"invoice.exe\""),
             Err(ContentTypeError::Parameter)
         );
+        for pattern in ["*/*", "application/*", "*/pdf"] {
+            assert_eq!(
+                attachment_content_type(pattern),
+                Err(ContentTypeError::Invalid),
+                "{pattern}"
+            );
+        }
     }
 
     #[test]

@@ -534,7 +534,7 @@ fn an_attachment_type_gives_the_file_no_second_name() {
         "application/octet-stream; name*=UTF-8''invoice.exe",
         "application/pdf; filename=invoice.exe",
         "text/plain; charset=utf-8; name=a.exe",
-        "text/plain; charset=\"utf-8\"",
+        "text/plain; charset=\"utf 8\"",
     ] {
         assert_only(&with_attachment("invoice.pdf", content_type), path, rule);
     }

@@ -92,8 +92,7 @@ pub async fn read_json_body(
     let mut read = Vec::with_capacity(reserved.min(FIRST_SHARE));
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
-        let chunk =
-            chunk.map_err(|_| Problem::bad_json("the body could not be read".to_owned()))?;
+        let chunk = chunk.map_err(|err| unread(&err))?;
         if read.len() + chunk.len() > limit {
             return Err(Problem::too_large(limit));
         }
@@ -111,6 +110,34 @@ pub async fn read_json_body(
         body = body.slice(3..);
     }
     Ok(body)
+}
+
+/// Why a body could not be read: the client went away before its end
+/// (499, as nginx logs it: nobody reads the answer, but the log and the
+/// metrics should not call it the client's bad request), or it sent what
+/// HTTP cannot read (400).
+fn unread(err: &axum::Error) -> Problem {
+    use std::io::ErrorKind;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        // hyper says `IncompleteBody` as an unexpected end of the stream.
+        let gone = cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+            )
+        }) || cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|err| err.is_incomplete_message() || err.is_canceled());
+        if gone {
+            return Problem::client_closed();
+        }
+        source = cause.source();
+    }
+    Problem::bad_json("the body could not be read".to_owned())
 }
 
 #[cfg(test)]
@@ -136,5 +163,15 @@ mod tests {
         ] {
             assert!(!is_utf8(charset), "{charset}");
         }
+    }
+
+    #[test]
+    fn a_body_cut_off_by_its_client_is_499_and_a_bad_one_400() {
+        use std::io::{Error, ErrorKind};
+        // As hyper reports a client gone mid-body: an unexpected end.
+        let gone = axum::Error::new(Error::new(ErrorKind::UnexpectedEof, "IncompleteBody"));
+        assert_eq!(unread(&gone).status, 499);
+        let bad = axum::Error::new(Error::new(ErrorKind::InvalidData, "bad chunk size"));
+        assert_eq!(unread(&bad).status, 400);
     }
 }

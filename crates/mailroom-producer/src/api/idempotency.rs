@@ -53,7 +53,18 @@ pub enum Taken {
 pub struct Slot {
     key: String,
     request: String,
+    /// The pending entry as stored, which [`Idempotency::keep_pending`]
+    /// renews only while it is still there.
+    pending: String,
 }
+
+/// Renews a pending entry's expiry if it is still the one given.
+const RENEW_PENDING: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
 
 /// Idempotency keys in Redis.
 #[derive(Clone, Debug)]
@@ -117,6 +128,7 @@ impl Idempotency {
                 return Ok(Taken::First(Slot {
                     key: redis_key,
                     request,
+                    pending,
                 }));
             }
             let existing: Option<String> = redis::cmd("GET")
@@ -139,6 +151,27 @@ impl Idempotency {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Keeps `slot` pending for as long as this runs (it never ends: run
+    /// it beside the work). A request's work may outlast the pending time
+    /// (a publish waiting out a broker reconnect): without this the key
+    /// would free itself, and a retry would enqueue the job again.
+    pub async fn keep_pending(&self, slot: &Slot) -> std::convert::Infallible {
+        let script = redis::Script::new(RENEW_PENDING);
+        loop {
+            tokio::time::sleep(self.pending / 3).await;
+            let mut connection = self.store.connection();
+            let renewed = script
+                .key(&slot.key)
+                .arg(&slot.pending)
+                .arg(millis(self.pending))
+                .invoke_async::<i64>(&mut connection)
+                .await;
+            if let Err(err) = renewed {
+                tracing::warn!(error = %self.store.error(&err), "idempotency key not renewed");
+            }
         }
     }
 
@@ -183,4 +216,34 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pending key outlives its pending time while its work runs, and
+    /// frees itself once nothing renews it (its process died).
+    #[tokio::test]
+    async fn a_pending_key_is_kept_while_its_work_runs() {
+        let prefix = mailroom_tests::redis::TestPrefix::new("idem-renew");
+        let store = RedisStore::connect(&prefix.settings())
+            .await
+            .expect("redis");
+        let pending = Duration::from_millis(300);
+        let idempotency = Idempotency::new(store, b"key", Duration::from_mins(1), pending);
+        let Ok(Taken::First(slot)) = idempotency.take("t", "k", "send", b"1").await else {
+            panic!("a fresh key is ours");
+        };
+        let renewing = idempotency.keep_pending(&slot);
+        let _ = tokio::time::timeout(pending * 3, renewing).await;
+        let other = idempotency.take("t", "k", "send", b"2").await;
+        assert!(
+            matches!(other, Ok(Taken::Mismatch)),
+            "still held: {other:?}"
+        );
+        tokio::time::sleep(pending * 2).await;
+        let freed = idempotency.take("t", "k", "send", b"2").await;
+        assert!(matches!(freed, Ok(Taken::First(_))), "freed: {freed:?}");
+    }
 }

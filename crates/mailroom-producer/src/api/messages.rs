@@ -308,7 +308,10 @@ async fn handle(
             Ok(Taken::InProgress) => return Err(Problem::in_progress()),
             Err(err) => return Err(Problem::unavailable_because("the idempotency store", &err)),
         };
-        let outcome = work(&state, &principal, &body, Some(&key)).await;
+        let outcome = tokio::select! {
+            outcome = work(&state, &principal, &body, Some(&key)) => outcome,
+            never = state.idempotency.keep_pending(&slot) => match never {},
+        };
         // Items of a batch that did get through are sent once even if the
         // retry enqueues them again: each carries a key derived from the
         // header (`item_key`) for the worker's dedup.

@@ -99,7 +99,17 @@ impl Problem {
         )
     }
 
-    /// 409: the same idempotency key is being processed right now.
+    /// 499 (nginx's "client closed request"): the client went away before
+    /// its body ended. Nobody reads it; the log and the metrics do.
+    pub fn client_closed() -> Self {
+        Self::new(
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            "https://mailroom.dev/problems/client-closed",
+            "The client closed the connection before its request was read",
+        )
+    }
+
+    /// 409: the first request with this key has not answered yet.
     pub fn in_progress() -> Self {
         Self::new(
             StatusCode::CONFLICT,

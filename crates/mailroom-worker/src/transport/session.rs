@@ -333,17 +333,19 @@ fn host_and_port(url: &str, tls: TlsMode) -> Result<(String, u16), TransportErro
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| TransportError::Url("expected smtp://host:port".to_owned()))?;
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    if authority.contains('@') {
+    // Anywhere after the scheme: a password with a `/` or `?` in it would
+    // end the authority early and pass for a host or a port.
+    if rest.contains('@') {
         return Err(TransportError::Url(
             "credentials go in smtp.username and smtp.password, not the URL".to_owned(),
         ));
     }
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
     let (host, port) = match authority.rsplit_once(':') {
         Some((host, port)) if !port.contains(']') => {
             let port = port
                 .parse()
-                .map_err(|_| TransportError::Url(format!("port {port:?} is not a number")))?;
+                .map_err(|_| TransportError::Url("the port is not a number".to_owned()))?;
             (host, Some(port))
         }
         _ => (authority, None),
@@ -382,6 +384,16 @@ mod tests {
         assert_eq!(hp("smtp://[::1]:25", TlsMode::None), ("::1".to_owned(), 25));
         assert!(host_and_port("smtp://u:p@relay:25", TlsMode::None).is_err());
         assert!(host_and_port("smtp://relay:x", TlsMode::None).is_err());
+        // A password with a `/` or `?` ended the authority early: its start
+        // was shown as the port, or taken for the host.
+        for url in [
+            "smtp://u:Canary/Smtp@127.0.0.1:25",
+            "smtp://u:Canary?Smtp@127.0.0.1:25",
+            "smtp://Canary/Smtp@127.0.0.1:25",
+        ] {
+            let err = host_and_port(url, TlsMode::None).expect_err(url);
+            assert!(!err.to_string().contains("Canary"), "{err}");
+        }
     }
 
     #[test]
