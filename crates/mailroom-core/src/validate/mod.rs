@@ -176,9 +176,17 @@ const RULE_CONTROL: &str = "must not contain control characters";
 const RULE_LINE_BREAK: &str = "must not contain line breaks (CR, LF), NUL or control characters";
 
 /// `prefix["key"]`, the key escaped (a CR shows as `\r`) and cut short, so a
-/// path neither breaks a line nor grows without bound.
+/// path neither breaks a line nor grows without bound; a key with an `@`
+/// masked as an address is (a caller may key metadata by recipient).
 fn keyed_path(prefix: &str, key: &str) -> String {
     const SHOWN_CHARS: usize = 80;
+    let masked;
+    let key = if key.contains('@') {
+        masked = crate::telemetry::mask_email(key);
+        masked.as_str()
+    } else {
+        key
+    };
     let shown: String = key.chars().take(SHOWN_CHARS).collect();
     let more = if exceeds_chars(key, SHOWN_CHARS) {
         "…"

@@ -635,6 +635,11 @@ fn metadata_rules() {
         })
     };
     assert_only(&set("", "v"), r#"message.metadata[""]"#, EMPTY);
+    assert_only(
+        &set("ada@example.org", "1\r\n"),
+        r#"message.metadata["a***@example.org"]"#,
+        CONTROL,
+    );
     assert_only(&set("k\n", "v"), r#"message.metadata["k\n"]"#, CONTROL);
     assert_only(
         &set("order", "1\r\n"),
