@@ -29,6 +29,17 @@ pub struct LogFields {
     pub job_ids: Vec<JobId>,
 }
 
+impl LogFields {
+    /// A caller's, before any job.
+    pub fn caller(key_id: &str, tenant: &str) -> Self {
+        Self {
+            key_id: Some(key_id.to_owned()),
+            tenant: Some(tenant.to_owned()),
+            job_ids: Vec::new(),
+        }
+    }
+}
+
 /// Who the access log names, set by a handler once it knows the caller,
 /// so a request cut short (by `api.request_timeout`, or by a client that
 /// went away) is still logged with its key and tenant.

@@ -254,11 +254,7 @@ async fn handle(
         Ok(caller) => caller,
         Err(refusal) => return refused(refusal),
     };
-    log.set(LogFields {
-        key_id: Some(caller.key_id().to_owned()),
-        tenant: Some(caller.tenant().to_owned()),
-        job_ids: Vec::new(),
-    });
+    log.set(LogFields::caller(caller.key_id(), caller.tenant()));
     let Route { name, cost, work } = route;
     // Held until the answer, as the body and what is made of it are.
     let mut shares = Vec::new();
@@ -364,11 +360,7 @@ fn respond(outcome: Outcome, mut fields: LogFields, replayed: bool) -> Response 
 
 /// What the access log says about an authorized caller.
 fn fields_of(principal: &Principal) -> LogFields {
-    LogFields {
-        key_id: Some(principal.key_id.clone()),
-        tenant: Some(principal.tenant.clone()),
-        job_ids: Vec::new(),
-    }
+    LogFields::caller(&principal.key_id, &principal.tenant)
 }
 
 /// The answer to a refused request, logged with the caller if known.

@@ -15,6 +15,7 @@ use mailroom_core::job::SendJob;
 use mailroom_core::offload;
 use mailroom_core::settings::OnUncertain;
 use mailroom_core::telemetry::hide_known;
+use mailroom_core::validate::parse_mailbox;
 
 use crate::message::build_message;
 use crate::pipeline::{HELD_RECHECK, REDIS_DOWN_DELAY};
@@ -65,13 +66,14 @@ pub async fn send(
 /// `verdict` with what the relay's words may quote of `job` hidden (its
 /// text is kept in statuses, dead letters and logs).
 fn hide_personal(verdict: Verdict, job: &SendJob) -> Verdict {
+    let hidden = |text: &str| hide_known(text, personal_words(job).iter().map(String::as_str));
     match verdict {
         Verdict::Retry { error } => Verdict::Retry {
-            error: hide_known(&error, personal_words(job)),
+            error: hidden(&error),
         },
         Verdict::DeadLetter { reason, detail } => Verdict::DeadLetter {
             reason,
-            detail: hide_known(&detail, personal_words(job)),
+            detail: hidden(&detail),
         },
         other => other,
     }
@@ -82,7 +84,7 @@ fn hide_personal(verdict: Verdict, job: &SendJob) -> Verdict {
 /// subject, whole and word by word. Words under 4 characters of a local
 /// part or the subject are left out: they would hide the relay's own
 /// words (`ada`, `the`); a display name's are kept from 3.
-fn personal_words(job: &SendJob) -> Vec<&str> {
+fn personal_words(job: &SendJob) -> Vec<String> {
     let message = &job.message;
     let mut words = Vec::new();
     let addresses = std::iter::once(&message.from)
@@ -90,18 +92,29 @@ fn personal_words(job: &SendJob) -> Vec<&str> {
         .chain(&message.to)
         .chain(&message.cc)
         .chain(&message.bcc);
-    for address in addresses {
-        let Some((before, _domain)) = address.rsplit_once('@') else {
-            continue;
-        };
-        let (display, local) = before.rsplit_once('<').unwrap_or(("", before));
-        let local = local.trim_matches('"');
-        words.push(local);
-        words.extend(words_of(local).filter(|word| word.len() >= 4));
-        words.extend(words_of(display).filter(|word| word.chars().count() >= 3));
+    // Parsed as the message builder parses them: a display name may hold
+    // `<` or `@` inside its quotes.
+    for mailbox in addresses.filter_map(|address| parse_mailbox(address).ok()) {
+        let local = mailbox.email.user().trim_matches('"');
+        words.push(local.to_owned());
+        words.extend(
+            words_of(local)
+                .filter(|word| word.len() >= 4)
+                .map(str::to_owned),
+        );
+        let display = mailbox.name.as_deref().unwrap_or_default();
+        words.extend(
+            words_of(display)
+                .filter(|word| word.chars().count() >= 3)
+                .map(str::to_owned),
+        );
     }
-    words.push(message.subject.trim());
-    words.extend(words_of(&message.subject).filter(|word| word.chars().count() >= 4));
+    words.push(message.subject.trim().to_owned());
+    words.extend(
+        words_of(&message.subject)
+            .filter(|word| word.chars().count() >= 4)
+            .map(str::to_owned),
+    );
     words
 }
 

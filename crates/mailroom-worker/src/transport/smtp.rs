@@ -1285,16 +1285,12 @@ mod tests {
         const LIMITED: &str = "250-relay\r\n250-PIPELINING\r\n250 SIZE 100\r\n";
         const UNLIMITED: &str = "250-relay\r\n250 SIZE\r\n";
         for (ehlo, big_goes) in [(LIMITED, false), (UNLIMITED, true)] {
+            let usual = usual(ehlo, |_| "250 ok\r\n".to_owned());
             let script: Script = Arc::new(move |verb: &str, line: &str| {
-                let reply = match verb {
-                    "GREETING" => "220 relay ESMTP\r\n",
-                    "EHLO" => ehlo,
-                    "DATA" => "354 go on\r\n",
-                    "QUIT" => "221 bye\r\n",
-                    "MAIL" if !line.contains(" SIZE=") => "555 5.5.4 SIZE= expected\r\n",
-                    _ => "250 ok\r\n",
-                };
-                reply.as_bytes().to_vec()
+                if verb == "MAIL" && !line.contains(" SIZE=") {
+                    return b"555 5.5.4 SIZE= expected\r\n".to_vec();
+                }
+                usual(verb, line)
             });
             let (port, taken) = scripted_relay(script).await;
             let transport = plain_transport(port, 1);
