@@ -123,6 +123,73 @@ impl TestVhost {
     }
 }
 
+impl TestVhost {
+    /// An `amqp://` URL into the vhost through `proxy`.
+    pub fn url_via(&self, proxy: &RewritingProxy) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/{}", proxy.port, self.name)
+    }
+}
+
+/// A TCP proxy to the broker that replaces `from` with `to` (as long) in
+/// what clients send, so a test can put bytes on the wire that no client
+/// library would send. A marker split across two reads would pass
+/// unchanged; a frame of a few hundred bytes on loopback arrives whole.
+pub struct RewritingProxy {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RewritingProxy {
+    /// Listens on a free loopback port.
+    ///
+    /// # Panics
+    /// When `from` and `to` differ in length, or no port can be bound.
+    pub async fn start(from: &'static [u8], to: &'static [u8]) -> Self {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        assert_eq!(from.len(), to.len(), "a rewrite keeps frame lengths");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let port = listener.local_addr().expect("bound address").port();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect(BROKER).await else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut broker_read, mut broker_write) = broker.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut broker_read, &mut client_write).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                        let read = &mut buf[..n];
+                        let mut at = 0;
+                        while let Some(found) =
+                            read[at..].windows(from.len()).position(|w| w == from)
+                        {
+                            read[at + found..at + found + to.len()].copy_from_slice(to);
+                            at += found + to.len();
+                        }
+                        if broker_write.write_all(read).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, task }
+    }
+}
+
+impl Drop for RewritingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Drop for TestVhost {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl")

@@ -5,13 +5,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use lapin::options::BasicGetOptions;
-use mailroom_core::amqp::Outgoing;
+use mailroom_core::amqp::{Broker, Outgoing};
 use mailroom_core::job::{Attachment, EmailMessage, JobId, JobRequest, Lane, SendJob};
-use mailroom_core::settings::{OnUncertain, Settings};
+use mailroom_core::settings::{OnUncertain, Secret, Settings};
 use mailroom_core::status::{JobState, JobStatus, StatusStore, StatusUpdate};
 use mailroom_core::store::RedisStore;
 use mailroom_core::wire;
 use mailroom_producer::Producer;
+use mailroom_tests::rabbit::RewritingProxy;
 use mailroom_tests::redis::TestPrefix;
 use mailroom_tests::smtp::SmtpOptions;
 use mailroom_tests::stack::Stack;
@@ -781,6 +782,56 @@ async fn garbage_without_headers_is_dead_lettered_and_the_worker_goes_on() {
             .all(|l| l.reason == "seal" || l.reason == "invalid"),
         "{letters:?}"
     );
+    stop(worker, producer).await;
+}
+
+/// A message id that is not UTF-8 (RabbitMQ passes a publisher's bytes on
+/// unchecked) is read with `?` for each bad byte and dead-lettered like
+/// any other message that is not a sealed job. lapin used to fail the
+/// frame and drop the worker's connection at each delivery of it, with
+/// every delivery in flight on it, and `dlq list` could not read past it.
+#[tokio::test]
+async fn a_property_not_utf8_is_dead_lettered_alone() {
+    let stack = Stack::new("worker-not-utf8", &SmtpOptions::default());
+    let (producer, worker) = start(&stack.settings).await;
+    let proxy = RewritingProxy::start(b"zzPOISONzz", b"\xff\xfePOISON\xff\xfe").await;
+    let mut through_proxy = stack.settings.amqp.clone();
+    through_proxy.urls = vec![Secret::new(stack.vhost.url_via(&proxy))];
+    let poisoner = Broker::connect(&through_proxy)
+        .await
+        .expect("through the proxy");
+    let mut ids = enqueue_all(
+        &producer,
+        (0..20).map(|i| job(&format!("before {i}"))).collect(),
+    )
+    .await;
+    poisoner
+        .publish(Outgoing {
+            exchange: wire::JOBS_EXCHANGE.to_owned(),
+            routing_key: Lane::Transactional.as_str().to_owned(),
+            body: b"not a job".to_vec(),
+            properties: lapin::BasicProperties::default()
+                .with_message_id("zzPOISONzz-poison".into()),
+            mandatory: true,
+        })
+        .await
+        .expect("published");
+    ids.extend(
+        enqueue_all(
+            &producer,
+            (0..20).map(|i| job(&format!("after {i}"))).collect(),
+        )
+        .await,
+    );
+    let store = statuses(&stack.settings).await;
+    for id in &ids {
+        assert_eq!(settled(&store, id).await.state, JobState::Sent);
+    }
+    let letters = dead_lettered(&producer, 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].id, "??POISON??-poison");
+    assert_eq!(letters[0].reason, "seal", "{letters:?}");
+    poisoner.close().await;
     stop(worker, producer).await;
 }
 

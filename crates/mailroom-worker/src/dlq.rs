@@ -113,7 +113,7 @@ pub enum DlqError {
     Broker(lapin::Error),
     /// The broker did not hand over the next dead letter in time.
     #[error(
-        "dead-letter queue: no answer within {0:?} while reading a dead letter (the connection may have been lost: lapin drops a connection on a message whose AMQP properties are not UTF-8; see the worker's log)"
+        "dead-letter queue: no answer within {0:?} while reading a dead letter (the connection may have been lost; see the log)"
     )]
     Stalled(Duration),
     /// A replayed message was not confirmed; it stays in the dead-letter queue.
