@@ -641,6 +641,33 @@ async fn a_connection_lost_after_data_is_retried_with_the_same_message_id_by_def
     stop(worker, producer).await;
 }
 
+/// A relay slow to answer the end of DATA (scanning, say) is waited for
+/// up to `smtp.data_timeout`, not `smtp.command_timeout`: giving up there
+/// leaves it unknown whether the relay took the message, and sending it
+/// again would double it.
+#[tokio::test]
+async fn a_slow_reply_to_the_end_of_data_is_waited_for() {
+    let stack = Stack::new(
+        "worker-slow-data",
+        &SmtpOptions {
+            hold: Duration::from_secs(3),
+            ..SmtpOptions::default()
+        },
+    );
+    let mut settings = stack.settings.clone();
+    settings.smtp.command_timeout = Duration::from_secs(1);
+    let (producer, worker) = start(&settings).await;
+    let id = producer
+        .enqueue(job("scanned slowly"))
+        .await
+        .expect("enqueued");
+    let status = settled(&statuses(&settings).await, &id).await;
+    assert_eq!(status.state, JobState::Sent);
+    assert_eq!(status.attempts, 1, "{status:?}");
+    assert_eq!(stack.smtp.seen().len(), 1, "sent once");
+    stop(worker, producer).await;
+}
+
 #[tokio::test]
 async fn a_refused_recipient_in_a_pipelined_group_sends_no_body() {
     let stack = Stack::new(
@@ -1101,7 +1128,7 @@ async fn a_hung_send_does_not_keep_the_jobs_after_it_unacked() {
     // prefetch window until it times out (and be redelivered if the
     // worker died meanwhile).
     let mut stack = Stack::new("worker-hol", &replies(&["hang"]));
-    stack.settings.smtp.command_timeout = STATS_REFRESH * 2;
+    stack.settings.smtp.data_timeout = STATS_REFRESH * 2;
     let (producer, worker) = start(&stack.settings).await;
     let hung = producer.enqueue(job("hung")).await.expect("enqueued");
     let start = Instant::now();
@@ -1326,7 +1353,7 @@ async fn a_broker_that_stops_answering_does_not_hold_the_shutdown() {
 #[tokio::test]
 async fn a_job_still_in_work_after_the_grace_is_left_to_its_requeue() {
     let mut stack = Stack::new("worker-after-grace", &replies(&["hang"]));
-    stack.settings.smtp.command_timeout = Duration::from_secs(2);
+    stack.settings.smtp.data_timeout = Duration::from_secs(2);
     stack.settings.worker.shutdown_grace = Duration::from_millis(500);
     let producer = Producer::connect(&stack.settings).await.expect("producer");
     let (shutdown, task) = spawn_worker(&stack.settings).await;
@@ -1342,7 +1369,7 @@ async fn a_job_still_in_work_after_the_grace_is_left_to_its_requeue() {
     // Its channel closed, the broker has it back as it was; the send then
     // times out (uncertain, so a retry), and publishing that retry too
     // would make a second copy and spend an attempt.
-    tokio::time::sleep(stack.settings.smtp.command_timeout + Duration::from_secs(1)).await;
+    tokio::time::sleep(stack.settings.smtp.data_timeout + Duration::from_secs(1)).await;
     let status = statuses(&stack.settings)
         .await
         .get(&id)

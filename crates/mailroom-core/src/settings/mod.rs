@@ -406,6 +406,7 @@ impl Settings {
                 self.smtp.command_timeout,
                 ABOVE_ZERO,
             ),
+            ("smtp.data_timeout", self.smtp.data_timeout, ABOVE_ZERO),
             ("api.request_timeout", self.api.request_timeout, ABOVE_ZERO),
             ("api.header_timeout", self.api.header_timeout, ABOVE_ZERO),
             (

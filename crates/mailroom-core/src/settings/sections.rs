@@ -151,9 +151,15 @@ pub struct SmtpSettings {
     /// How long connecting (and the TLS handshake) may take.
     #[serde(with = "super::duration")]
     pub connect_timeout: Duration,
-    /// How long one SMTP command may wait for its reply.
+    /// How long one SMTP command may wait for its reply, and a write of
+    /// the message may go without progress.
     #[serde(with = "super::duration")]
     pub command_timeout: Duration,
+    /// How long the reply to the end of DATA may take: the relay may be
+    /// scanning the message, and giving up leaves it unknown whether the
+    /// relay took it (RFC 5321 §4.5.3.2.6 asks for 10 minutes).
+    #[serde(with = "super::duration")]
+    pub data_timeout: Duration,
 }
 
 impl Default for SmtpSettings {
@@ -170,6 +176,7 @@ impl Default for SmtpSettings {
             pool_size: 16,
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(30),
+            data_timeout: Duration::from_mins(10),
         }
     }
 }

@@ -31,6 +31,7 @@ pub(super) struct Relay {
     pub(super) credentials: Option<Credentials>,
     connect_timeout: Duration,
     pub(super) command_timeout: Duration,
+    pub(super) data_timeout: Duration,
 }
 
 /// A connection and what its relay offers.
@@ -78,6 +79,7 @@ impl Relay {
             credentials,
             connect_timeout: settings.connect_timeout,
             command_timeout: settings.command_timeout,
+            data_timeout: settings.data_timeout,
         })
     }
 

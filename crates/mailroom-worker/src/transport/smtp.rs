@@ -510,9 +510,17 @@ impl SmtpTransport {
             .check_in_step()
             .map_err(|err| (Step::Before, Failure::Wire(err)))?;
         // "After" starts as the write begins: a connection lost during it
-        // may have carried the end.
-        self.timed(connection.send(data)).await.map_err(after)?;
-        let reply = self.timed(connection.read_reply()).await;
+        // may have carried the end. A large message to a slow relay may
+        // take long to write: each chunk, not the whole, has its timeout.
+        for chunk in data.chunks(WRITE_CHUNK) {
+            self.timed(connection.send(chunk)).await.map_err(after)?;
+        }
+        let reply = within(
+            "smtp.data_timeout",
+            self.relay.data_timeout,
+            connection.read_reply(),
+        )
+        .await;
         expect(reply, is_done, "the end of DATA").map_err(after)
     }
 
@@ -580,11 +588,24 @@ impl SmtpTransport {
 
     /// `io`, given `smtp.command_timeout`.
     async fn timed<T>(&self, io: impl Future<Output = Result<T, WireError>>) -> Result<T, Failure> {
-        tokio::time::timeout(self.relay.command_timeout, io)
-            .await
-            .map_err(|_| Failure::Timeout(self.relay.command_timeout))?
-            .map_err(Failure::Wire)
+        within("smtp.command_timeout", self.relay.command_timeout, io).await
     }
+}
+
+/// How much of a message one write sends, each within
+/// `smtp.command_timeout`.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// `io`, given `limit` (the setting `setting`).
+async fn within<T>(
+    setting: &'static str,
+    limit: Duration,
+    io: impl Future<Output = Result<T, WireError>>,
+) -> Result<T, Failure> {
+    tokio::time::timeout(limit, io)
+        .await
+        .map_err(|_| Failure::Timeout { setting, limit })?
+        .map_err(Failure::Wire)
 }
 
 /// What went wrong in a transaction.
@@ -601,9 +622,14 @@ pub(super) enum Failure {
     /// relay and mailroom disagree on which reply answers which command.
     #[error("{0}")]
     OutOfStep(String),
-    /// No reply within the command timeout.
-    #[error("no reply within smtp.command_timeout ({0:?})")]
-    Timeout(Duration),
+    /// No reply (or no progress writing) within `limit`.
+    #[error("no reply within {setting} ({limit:?})")]
+    Timeout {
+        /// The setting that gave the limit.
+        setting: &'static str,
+        /// The limit.
+        limit: Duration,
+    },
     /// The message needs an extension the relay lacks.
     #[error("{0}")]
     Unsupported(&'static str),
@@ -643,13 +669,17 @@ impl Failure {
             Self::OutOfStep(what) if step == Step::AfterData => {
                 SendError::uncertain(&format!("no reply to the end of DATA, out of step: {what}"))
             }
-            Self::Timeout(timeout) if step == Step::AfterData => SendError::uncertain(&format!(
-                "no reply to the end of DATA within smtp.command_timeout ({timeout:?})"
-            )),
+            Self::Timeout { setting, limit } if step == Step::AfterData => {
+                SendError::uncertain(&if setting == "smtp.data_timeout" {
+                    format!("no reply to the end of DATA within {setting} ({limit:?})")
+                } else {
+                    format!("writing the message stalled for {setting} ({limit:?})")
+                })
+            }
             Self::Unsupported(what) => SendError::permanent(555, what),
             too_large @ Self::TooLarge { .. } => SendError::permanent(552, &too_large.to_string()),
             Self::Withheld(why) => SendError::Withheld(why),
-            other @ (Self::Wire(_) | Self::OutOfStep(_) | Self::Timeout(_) | Self::Auth(_)) => {
+            other @ (Self::Wire(_) | Self::OutOfStep(_) | Self::Timeout { .. } | Self::Auth(_)) => {
                 SendError::transient(None, &other.to_string())
             }
         }
@@ -1259,12 +1289,18 @@ mod tests {
 
     #[test]
     fn codes_pick_the_way() {
-        let timeout = Failure::Timeout(Duration::from_secs(1));
+        let timeout = Failure::Timeout {
+            setting: "smtp.command_timeout",
+            limit: Duration::from_secs(1),
+        };
         assert!(matches!(
             timeout.into_send_error(Step::AfterData),
             SendError::Uncertain { .. }
         ));
-        let timeout = Failure::Timeout(Duration::from_secs(1));
+        let timeout = Failure::Timeout {
+            setting: "smtp.command_timeout",
+            limit: Duration::from_secs(1),
+        };
         assert!(matches!(
             timeout.into_send_error(Step::Before),
             SendError::Transient { .. }
