@@ -1143,6 +1143,15 @@ async fn a_request_whose_client_went_away_leaves_no_key_pending_and_is_logged() 
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["status"], 499, "{lines:?}");
     assert_eq!(lines[1]["status"], 202, "{lines:?}");
+    // Both name the caller, the answered one its jobs too.
+    assert!(
+        lines.iter().all(|line| line["tenant"] == "acme"),
+        "{lines:?}"
+    );
+    let named = lines[1]["job_ids"]
+        .as_str()
+        .map(|ids| ids.split(',').count());
+    assert_eq!(named, Some(50), "{lines:?}");
 }
 
 /// A request cut short by `api.request_timeout` (a body that never

@@ -52,6 +52,14 @@ impl LogSlot {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = fields;
     }
 
+    /// Records the jobs the answer names.
+    pub fn name_jobs(&self, job_ids: Vec<JobId>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .job_ids = job_ids;
+    }
+
     fn take(&self) -> LogFields {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -67,14 +75,14 @@ struct Line {
     route: String,
     client_ip: Option<std::net::IpAddr>,
     slot: LogSlot,
-    /// The answer's status and what its handler said, once answered.
-    answered: Option<(u16, Option<LogFields>)>,
+    /// The answer's status, once answered.
+    answered: Option<u16>,
 }
 
 impl Drop for Line {
     fn drop(&mut self) {
-        let (status, fields) = self.answered.take().unwrap_or((499, None));
-        let fields = fields.unwrap_or_else(|| self.slot.take());
+        let status = self.answered.unwrap_or(499);
+        let fields = self.slot.take();
         let elapsed = self.started.elapsed().as_secs_f64();
         let route = std::mem::take(&mut self.route);
         let labels = [("route", route.clone()), ("status", status.to_string())];
@@ -157,6 +165,6 @@ pub async fn access_log(
     if let Ok(value) = HeaderValue::from_str(&line.request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
-    line.answered = Some((status, response.extensions().get::<LogFields>().cloned()));
+    line.answered = Some(status);
     response
 }

@@ -248,11 +248,11 @@ async fn handle(
     route: Route,
 ) -> Response {
     let Some(ip) = state.network.client_ip(peer, headers) else {
-        return refused(unknown_client());
+        return refused(log, unknown_client());
     };
     let caller = match authenticate(state, headers, ip, Scope::Send).await {
         Ok(caller) => caller,
-        Err(refusal) => return refused(refusal),
+        Err(refusal) => return refused(log, refusal),
     };
     log.set(LogFields::caller(caller.key_id(), caller.tenant()));
     let Route { name, cost, work } = route;
@@ -264,20 +264,20 @@ async fn handle(
     let spent = body.as_ref().map_or(1, |body| cost(&state.settings, body));
     let principal = match charge(state, caller, Scope::Send, ip, spent).await {
         Ok(principal) => principal,
-        Err(refusal) => return refused(refusal),
+        Err(refusal) => return refused(log, refusal),
     };
-    let fields = fields_of(&principal);
+    log.set(fields_of(&principal));
     let body = match body {
         Ok(body) => body,
-        Err(problem) => return with_fields(problem.into_response(), fields),
+        Err(problem) => return problem.into_response(),
     };
     let idempotency_key = match idempotency_key(headers) {
         Ok(key) => key,
-        Err(problem) => return with_fields(problem.into_response(), fields),
+        Err(problem) => return problem.into_response(),
     };
     let Some(key) = idempotency_key else {
         let outcome = work(state, &principal, &body, None).await;
-        return respond(outcome, fields, false);
+        return respond(log, outcome, false);
     };
     // From taking the key's slot on, the work runs in a task of its own,
     // which neither a timeout nor a client that goes away cuts short: a
@@ -328,14 +328,14 @@ async fn handle(
         Ok((outcome, false))
     });
     match working.await {
-        Ok(Ok((outcome, replayed))) => respond(outcome, fields, replayed),
-        Ok(Err(problem)) => with_fields(problem.into_response(), fields),
-        Err(_) => with_fields(StatusCode::INTERNAL_SERVER_ERROR.into_response(), fields),
+        Ok(Ok((outcome, replayed))) => respond(log, outcome, replayed),
+        Ok(Err(problem)) => problem.into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
-fn respond(outcome: Outcome, mut fields: LogFields, replayed: bool) -> Response {
-    fields.job_ids = outcome.job_ids;
+fn respond(log: &LogSlot, outcome: Outcome, replayed: bool) -> Response {
+    log.name_jobs(outcome.job_ids);
     let mut response = (outcome.status, outcome.body).into_response();
     let content_type = if outcome.status.is_client_error() || outcome.status.is_server_error() {
         "application/problem+json"
@@ -355,7 +355,7 @@ fn respond(outcome: Outcome, mut fields: LogFields, replayed: bool) -> Response 
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
-    with_fields(response, fields)
+    response
 }
 
 /// What the access log says about an authorized caller.
@@ -369,17 +369,11 @@ fn unknown_client() -> Refusal {
     Problem::forbidden("the client's address in X-Forwarded-For could not be read").into()
 }
 
-fn refused(refusal: Refusal) -> Response {
-    let response = refusal.problem.into_response();
-    match refusal.caller {
-        Some(caller) => with_fields(response, fields_of(&caller)),
-        None => response,
+fn refused(log: &LogSlot, refusal: Refusal) -> Response {
+    if let Some(caller) = &refusal.caller {
+        log.set(fields_of(caller));
     }
-}
-
-fn with_fields(mut response: Response, fields: LogFields) -> Response {
-    response.extensions_mut().insert(fields);
-    response
+    refusal.problem.into_response()
 }
 
 /// Job ids of a stored answer, for the access log of a replay.
@@ -608,27 +602,23 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> Response {
     let Some(ip) = state.network.client_ip(peer, &headers) else {
-        return refused(unknown_client());
+        return refused(&log, unknown_client());
     };
     let principal = match authorize(&state, &headers, ip, Scope::Read, 1).await {
         Ok(principal) => principal,
-        Err(refusal) => return refused(refusal),
+        Err(refusal) => return refused(&log, refusal),
     };
-    let fields = fields_of(&principal);
-    log.set(fields.clone());
+    log.set(fields_of(&principal));
     let Ok(id) = id.parse::<JobId>() else {
-        return with_fields(Problem::not_found().into_response(), fields);
+        return Problem::not_found().into_response();
     };
     match state.statuses.get(&id).await {
         Ok(Some(status)) if status.tenant == principal.tenant => {
             let outcome = Outcome::json(StatusCode::OK, &status, vec![id]);
-            respond(outcome, fields, false)
+            respond(&log, outcome, false)
         }
-        Ok(_) => with_fields(Problem::not_found().into_response(), fields),
-        Err(err) => with_fields(
-            Problem::unavailable_because("the status store", &err).into_response(),
-            fields,
-        ),
+        Ok(_) => Problem::not_found().into_response(),
+        Err(err) => Problem::unavailable_because("the status store", &err).into_response(),
     }
 }
 
