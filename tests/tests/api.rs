@@ -514,6 +514,37 @@ async fn a_body_with_a_byte_order_mark_is_accepted() {
     assert_eq!(queued_jobs(&stack, "acme").await.len(), 1);
 }
 
+/// serde's derived structs also take arrays (fields by position): a job,
+/// its message, an attachment and a batch are objects and nothing else.
+#[tokio::test]
+async fn arrays_where_objects_go_are_refused() {
+    let stack = Stack::new("api-arrays");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let job = json!({"message": ["shop@example.com", [], ["ada@example.org"], [], [], "Hi", "T"]});
+    let answer = call(&router, LOCAL, post("/v1/messages", Some(&key), &job)).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    assert!(
+        answer.body.to_string().contains("expected an object"),
+        "{}",
+        answer.body
+    );
+    let whole =
+        json!([null, null, "transactional", null, {"from": "a@example.com", "subject": "s"}]);
+    let answer = call(&router, LOCAL, post("/v1/messages", Some(&key), &whole)).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    let batch = json!([[message("x")]]);
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages/batch", Some(&key), &batch),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    assert_eq!(stack.vhost.work_depth().await, 0, "nothing enqueued");
+}
+
 #[tokio::test]
 async fn bodies_not_json_in_utf8_unencoded_are_415() {
     let stack = Stack::new("api-media");

@@ -165,7 +165,11 @@ pub struct EmailMessage {
     )]
     pub headers: BTreeMap<String, String>,
     /// Attached files.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "objects::many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub attachments: Vec<Attachment>,
     /// Free labels for the caller's reporting; never sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -251,6 +255,7 @@ pub struct JobRequest {
     )]
     pub expires_at: Option<OffsetDateTime>,
     /// The email.
+    #[serde(deserialize_with = "objects::one")]
     pub message: EmailMessage,
 }
 
@@ -315,6 +320,78 @@ impl SendJob {
 /// Deserializing a map of names to text that refuses a name given twice:
 /// a JSON object may repeat a key, and serde would keep the last value
 /// without a word. The error does not say which name: it is the caller's.
+/// A JSON object and nothing else: serde's derived structs also take an
+/// array, filling the fields in their declared order, which no document
+/// promises. Parse a caller's job as `Object<JobRequest>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object<T>(pub T);
+
+impl<T> Object<T> {
+    /// The value.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        objects::one(d).map(Object)
+    }
+}
+
+mod objects {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::value::MapAccessDeserializer;
+    use serde::de::{MapAccess, SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
+
+    use super::Object;
+
+    /// A `T` given as an object.
+    pub fn one<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+        d.deserialize_map(OneObject(PhantomData))
+    }
+
+    /// `T`s each given as an object.
+    pub fn many<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(ManyObjects(PhantomData))
+    }
+
+    struct OneObject<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for OneObject<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(MapAccessDeserializer::new(map))
+        }
+    }
+
+    struct ManyObjects<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ManyObjects<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array of objects")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some(Object(item)) = seq.next_element::<Object<T>>()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+}
+
 mod unique_keys {
     use std::collections::BTreeMap;
     use std::collections::btree_map::Entry;
@@ -409,6 +486,22 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_and_its_parts_are_objects_not_arrays() {
+        let parse =
+            |json: &str| serde_json::from_str::<Object<JobRequest>>(json).map(Object::into_inner);
+        assert!(parse(sample_json()).is_ok());
+        for json in [
+            r#"[null, null, "transactional", null, {"from": "a@example.com", "subject": "s"}]"#,
+            r#"{"message": ["a@example.com", [], ["b@example.org"], [], [], "s", "t"]}"#,
+            r#"{"message": {"from": "a@example.com", "subject": "s",
+                "attachments": [["a.pdf", "application/pdf", "aGk="]]}}"#,
+        ] {
+            let err = parse(json).expect_err("an array where an object goes");
+            assert!(err.to_string().contains("expected an object"), "{err}");
+        }
+    }
 
     fn sample_json() -> &'static str {
         r#"{

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mailroom_core::job::{JobId, JobRequest};
+use mailroom_core::job::{JobId, JobRequest, Object};
 use mailroom_core::offload;
 use mailroom_core::settings::ApiSettings;
 use mailroom_core::status::{JobState, StatusUpdate};
@@ -472,7 +472,8 @@ fn enqueue_one<'a>(
     Box::pin(async move {
         let most = values_per_job(&state.limits);
         let parsed = offload::heavy(body.len(), || {
-            values_within(body, most).then(|| serde_json::from_slice::<JobRequest>(body))
+            values_within(body, most)
+                .then(|| serde_json::from_slice::<Object<JobRequest>>(body).map(Object::into_inner))
         });
         let request = match parsed {
             Some(Ok(request)) => request,
@@ -496,7 +497,8 @@ fn enqueue_batch<'a>(
         let max = state.settings.max_batch;
         let most = values_per_job(&state.limits).saturating_mul(max);
         let parsed = offload::heavy(body.len(), || {
-            values_within(body, most).then(|| serde_json::from_slice::<Batch>(body))
+            values_within(body, most)
+                .then(|| serde_json::from_slice::<Object<Batch>>(body).map(Object::into_inner))
         });
         let batch = match parsed {
             Some(Ok(batch)) => batch,
@@ -511,8 +513,8 @@ fn enqueue_batch<'a>(
         }
         let accepted = futures_util::future::join_all(batch.messages.into_iter().enumerate().map(
             |(index, value)| async move {
-                let result = match serde_json::from_str::<JobRequest>(value.get()) {
-                    Ok(request) => {
+                let result = match serde_json::from_str::<Object<JobRequest>>(value.get()) {
+                    Ok(Object(request)) => {
                         let key = key.map(|key| item_key(key, index));
                         accept(state, principal, request, key).await
                     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane};
+use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane, Object};
 use mailroom_core::settings::Settings;
 use mailroom_core::validate::json::{redacted_error, values_per_job, values_within};
 use mailroom_core::validate::{ContentTypeError, Limits, attachment_content_type};
@@ -283,7 +283,8 @@ fn parse(json: &str, tenant: &str, limits: &Limits) -> Result<Checked, String> {
     if !values_within(json.as_bytes(), values_per_job(limits)) {
         return Err("not a job: holds more list items than a job within the limits can".to_owned());
     }
-    let request = serde_json::from_str::<JobRequest>(json)
+    let request = serde_json::from_str::<Object<JobRequest>>(json)
+        .map(Object::into_inner)
         .map_err(|e| format!("not a job: {}", redacted_error(&e)))?;
     prepare(request, tenant, limits).map_err(|e| e.to_string())
 }
