@@ -246,6 +246,12 @@ fn traced() -> Targets {
     )
 }
 
+/// Whether the log filter a role would run with (`RUST_LOG`, else
+/// `telemetry.log_filter`) parses.
+pub fn check_log_filter(settings: &TelemetrySettings) -> Result<(), TelemetryError> {
+    log_filter("worker", settings).map(drop)
+}
+
 /// The log filter from `RUST_LOG`, else the settings, else the default.
 fn log_filter(role: &str, settings: &TelemetrySettings) -> Result<EnvFilter, TelemetryError> {
     let (origin, filter) = match std::env::var(EnvFilter::DEFAULT_ENV) {

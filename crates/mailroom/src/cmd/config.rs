@@ -6,9 +6,9 @@
 use std::path::Path;
 
 use anyhow::bail;
-use mailroom_core::seal::KeyringError;
-use mailroom_core::settings::{Settings, SettingsError, TransportKind};
-use mailroom_producer::api::NetworkPolicy;
+use mailroom_core::settings::{Settings, TransportKind};
+use mailroom_producer::api::tls::{self, TlsFiles};
+use mailroom_producer::api::{ApiError, NetworkPolicy};
 use mailroom_producer::api::jwt::JwtVerifier;
 use mailroom_worker::transport::SmtpTransport;
 
@@ -17,19 +17,12 @@ pub fn run(path: Option<&Path>) -> anyhow::Result<()> {
     let settings = Settings::load(path)?;
     // Secrets serialize redacted, so the whole document is safe to print.
     print!("{}", toml::to_string_pretty(&settings)?);
-    match settings.keyring() {
-        Ok(ring) => println!(
+    if let Ok(ring) = settings.keyring() {
+        println!(
             "\n# seal: keys loaded: {}; sealing with {}",
             ring.kids().collect::<Vec<_>>().join(", "),
             ring.active().kid()
-        ),
-        // Not a problem here: `demo` makes a throwaway key, and the roles
-        // that seal or open say so at start.
-        Err(err @ SettingsError::Keyring(KeyringError::NoKeys)) => {
-            println!("\n# seal: not usable: {err}");
-        }
-        // A problem, reported with the others.
-        Err(_) => {}
+        );
     }
     let problems = problems(&settings);
     for problem in &problems {
@@ -48,9 +41,28 @@ pub fn run(path: Option<&Path>) -> anyhow::Result<()> {
 /// each the error of the function the role itself calls.
 fn problems(settings: &Settings) -> Vec<String> {
     let mut problems = Vec::new();
-    match settings.keyring() {
-        Ok(_) | Err(SettingsError::Keyring(KeyringError::NoKeys)) => {}
-        Err(err) => problems.push(err.to_string()),
+    // `demo` makes keys of its own; a worker or the API needs them.
+    if let Err(err) = settings.keyring() {
+        problems.push(err.to_string());
+    }
+    if let Err(err) = settings.hash_key() {
+        problems.push(err.to_string());
+    }
+    if let Err(err) = mailroom_core::telemetry::check_log_filter(&settings.telemetry) {
+        problems.push(err.to_string());
+    }
+    match (&settings.api.tls_cert_file, &settings.api.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            if let Err(err) = tls::check(&files) {
+                problems.push(err.to_string());
+            }
+        }
+        (None, None) => {}
+        _ => problems.push(ApiError::TlsHalf.to_string()),
     }
     if let Err(err) = NetworkPolicy::new(&settings.api.trusted_proxies, &settings.api.deny_cidrs) {
         problems.push(err.to_string());
@@ -77,11 +89,26 @@ mod tests {
     #[test]
     fn settings_the_roles_would_refuse_are_problems() {
         let mut settings = Settings::default();
-        assert_eq!(
-            problems(&settings),
-            Vec::<String>::new(),
-            "no keys is no problem here"
-        );
+        let problems_of = |settings: &Settings| problems(settings).join("\n");
+        let none = problems_of(&settings);
+        assert!(none.contains("MAILROOM__SEAL__KEYS"), "no keys: {none}");
+        assert!(none.contains("redis.hash_key"), "no hash key: {none}");
+        settings.seal.keys = Secret::new(format!("k1:{}", "A".repeat(43) + "="));
+        settings.redis.hash_key = Secret::new("0123456789abcdef0123");
+        assert_eq!(problems(&settings), Vec::<String>::new());
+        settings.telemetry.log_filter = Some("info,[[[".to_owned());
+        settings.api.tls_cert_file = Some("/nonexistent/cert.pem".into());
+        let half = problems_of(&settings);
+        // RUST_LOG, when set, is the filter a role runs with.
+        if std::env::var_os("RUST_LOG").is_none() {
+            assert!(half.contains("log_filter"), "{half}");
+        }
+        assert!(half.contains("api.tls_cert_file and api.tls_key_file"), "{half}");
+        settings.api.tls_key_file = Some("/nonexistent/key.pem".into());
+        assert!(problems_of(&settings).contains("/nonexistent/cert.pem"));
+        settings.telemetry.log_filter = None;
+        settings.api.tls_cert_file = None;
+        settings.api.tls_key_file = None;
         settings.seal.keys = Secret::new("k1:not-base64!");
         settings.api.deny_cidrs = vec!["garbage".to_owned()];
         settings.worker.transport = TransportKind::Smtp;
