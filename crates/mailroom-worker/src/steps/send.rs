@@ -9,9 +9,10 @@
 //! may be gone, or Redis could not take the handed marker) is deferred
 //! without spending an attempt: neither is the message's fault.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use mailroom_core::job::SendJob;
+use mailroom_core::job::{EmailMessage, SendJob};
 use mailroom_core::offload;
 use mailroom_core::settings::OnUncertain;
 use mailroom_core::telemetry::hide_known;
@@ -66,7 +67,10 @@ pub async fn send(
 /// `verdict` with what the relay's words may quote of `job` hidden (its
 /// text is kept in statuses, dead letters and logs).
 fn hide_personal(verdict: Verdict, job: &SendJob) -> Verdict {
-    let hidden = |text: &str| hide_known(text, personal_words(job).iter().map(String::as_str));
+    let hidden = |text: &str| {
+        let text = hide_known(text, personal_words(job).iter().map(String::as_str));
+        hide_quoted_content(&text, &job.message)
+    };
     match verdict {
         Verdict::Retry { error } => Verdict::Retry {
             error: hidden(&error),
@@ -116,6 +120,79 @@ fn personal_words(job: &SendJob) -> Vec<String> {
             .map(str::to_owned),
     );
     words
+}
+
+/// `text` with every word of 3 characters or more after the reply's code
+/// hidden that the message's content also holds: its text and HTML, its
+/// headers' values, its attachments' names and text. A content filter
+/// quotes the line or file name it refused (`550 5.7.1 Refused body line:
+/// your reset code is 839201`), which no pattern tells from the relay's
+/// own words. Case-blind; the relay's words the content happens to share
+/// are hidden too.
+fn hide_quoted_content(text: &str, message: &EmailMessage) -> String {
+    let (code, quoted) = text.split_at(after_reply_code(text));
+    let candidates: HashSet<String> = words_of(quoted)
+        .filter(|word| word.chars().count() >= 3)
+        .map(str::to_lowercase)
+        .collect();
+    if candidates.is_empty() {
+        return text.to_owned();
+    }
+    let lengths: HashSet<usize> = candidates.iter().map(String::len).collect();
+    let attachments = message.attachments.iter().flat_map(|attachment| {
+        [
+            Some(attachment.filename.as_str()),
+            std::str::from_utf8(&attachment.content).ok(),
+        ]
+    });
+    let content = [message.text.as_deref(), message.html.as_deref()]
+        .into_iter()
+        .chain(message.headers.values().map(|value| Some(value.as_str())))
+        .chain(attachments)
+        .flatten();
+    let mut found = HashSet::new();
+    for word in content.flat_map(words_of) {
+        // Most words differ in length from every candidate: no lowering.
+        if lengths.contains(&word.len()) {
+            let word = word.to_lowercase();
+            if candidates.contains(&word) {
+                found.insert(word);
+            }
+        }
+    }
+    if found.is_empty() {
+        return text.to_owned();
+    }
+    format!(
+        "{code}{}",
+        hide_known(quoted, found.iter().map(String::as_str))
+    )
+}
+
+/// Where the words after a reply's code (`550`) and enhanced code
+/// (`5.7.1`) begin in `text`; 0 if it quotes no reply.
+fn after_reply_code(text: &str) -> usize {
+    let mut tokens = text
+        .split_whitespace()
+        .map(|token| (token.as_ptr() as usize - text.as_ptr() as usize, token));
+    let is_code = |token: &str| {
+        token.len() == 3
+            && token.bytes().all(|b| b.is_ascii_digit())
+            && (b'2'..=b'5').contains(&token.as_bytes()[0])
+    };
+    let Some((at, code)) = tokens.find(|(_, token)| is_code(token)) else {
+        return 0;
+    };
+    let mut end = at + code.len();
+    if let Some((at, enhanced)) = tokens.next()
+        && enhanced.split('.').count() == 3
+        && enhanced
+            .split('.')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    {
+        end = at + enhanced.len();
+    }
+    end
 }
 
 /// The runs of letters and digits in `text`.
@@ -181,6 +258,41 @@ mod tests {
                 verdict_of(Err(SendError::Withheld(Withheld::LeaseLost)), on_uncertain),
                 Verdict::Defer { .. }
             ));
+        }
+    }
+
+    /// A content filter's refusal quoting the body and an attachment's
+    /// name (Postfix `body_checks` and `mime_header_checks` with `${1}`).
+    #[test]
+    fn relay_words_quoting_the_content_are_hidden() {
+        let mut job = crate::steps::tests::sample_job();
+        job.message.text = Some("Hello,\nBodyReject your reset code is 839201\nbye\n".to_owned());
+        job.message.attachments = vec![mailroom_core::job::Attachment {
+            filename: "Gehaltsabrechnung_Max_Mustermann.pdf".to_owned(),
+            content_type: "application/pdf".to_owned(),
+            content: b"%PDF-1.4".to_vec(),
+        }];
+        for (reply, canaries) in [
+            (
+                "550 5.7.1 Refused body line: BodyReject your reset code is 839201",
+                &["BodyReject", "839201", "reset"][..],
+            ),
+            (
+                "550 5.7.1 Attachment refused: Gehaltsabrechnung_Max_Mustermann.pdf",
+                &["Gehaltsabrechnung", "Mustermann", "Max"][..],
+            ),
+        ] {
+            let verdict = hide_personal(
+                verdict_of(Err(SendError::permanent(550, reply)), OnUncertain::Retry),
+                &job,
+            );
+            let Verdict::DeadLetter { detail, .. } = verdict else {
+                panic!("{verdict:?}");
+            };
+            for canary in canaries {
+                assert!(!detail.contains(canary), "{canary}: {detail}");
+            }
+            assert!(detail.contains("550 5.7.1 "), "the codes stay: {detail}");
         }
     }
 

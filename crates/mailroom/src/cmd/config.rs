@@ -7,9 +7,9 @@ use std::path::Path;
 
 use anyhow::bail;
 use mailroom_core::settings::{Settings, TransportKind};
+use mailroom_producer::api::jwt::JwtVerifier;
 use mailroom_producer::api::tls::{self, TlsFiles};
 use mailroom_producer::api::{ApiError, NetworkPolicy};
-use mailroom_producer::api::jwt::JwtVerifier;
 use mailroom_worker::transport::SmtpTransport;
 
 /// Prints the settings that `path`, `mailroom.toml` and the environment make.
@@ -103,7 +103,10 @@ mod tests {
         if std::env::var_os("RUST_LOG").is_none() {
             assert!(half.contains("log_filter"), "{half}");
         }
-        assert!(half.contains("api.tls_cert_file and api.tls_key_file"), "{half}");
+        assert!(
+            half.contains("api.tls_cert_file and api.tls_key_file"),
+            "{half}"
+        );
         settings.api.tls_key_file = Some("/nonexistent/key.pem".into());
         assert!(problems_of(&settings).contains("/nonexistent/cert.pem"));
         settings.telemetry.log_filter = None;
