@@ -16,7 +16,7 @@ use mailroom_core::settings::Settings;
 use mailroom_core::store::RedisStore;
 use mailroom_core::wire::{self, headers};
 use mailroom_producer::Producer;
-use mailroom_producer::api::keys::{KeyRecord, NewKey, RotateError, Scope};
+use mailroom_producer::api::keys::{KeyRecord, NewKey, RotateError, Rotated, Scope};
 use mailroom_producer::api::{Api, NetworkPolicy, parse_cidr};
 use mailroom_tests::logs::Captured;
 use mailroom_tests::rabbit::{TestVhost, rabbitmqctl};
@@ -1423,7 +1423,11 @@ async fn a_rotated_key_works_beside_the_old_one_until_its_grace_ends() {
     assert_eq!(send_as(&router, &old).await.status, StatusCode::ACCEPTED);
     // Long enough for the two sends below on a loaded machine.
     let grace_end = OffsetDateTime::now_utc() + Duration::from_secs(4);
-    let (new, rotated) = other
+    let Rotated {
+        key: new,
+        record: rotated,
+        ..
+    } = other
         .keys()
         .rotate(&record.id, grace_end)
         .await
@@ -1493,7 +1497,9 @@ async fn a_batch_over_the_rate_limits_burst_is_422() {
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
 }
 
-/// Rotation never lengthens the old key's life, and never brings back an
+/// Rotation never lengthens the old key's life, gives the new key the
+/// old one's lifetime from now, refuses a key rotated before (its
+/// successor's life would have been the grace), and never brings back an
 /// expired key (whose index entry outlives it).
 #[tokio::test]
 async fn rotation_keeps_the_old_keys_earlier_expiry_and_refuses_an_expired_key() {
@@ -1502,20 +1508,28 @@ async fn rotation_keeps_the_old_keys_earlier_expiry_and_refuses_an_expired_key()
     let router = api.router();
     let soon = OffsetDateTime::now_utc() + Duration::from_hours(1);
     let (_, record) = key_expiring_at(&api, soon).await;
+    let lifetime = soon - record.created_at;
     let grace_end = OffsetDateTime::now_utc() + Duration::from_hours(7 * 24);
-    let (_, rotated) = api
+    let rotated = api
         .keys()
         .rotate(&record.id, grace_end)
         .await
         .expect("rotate")
         .expect("the key exists");
-    assert_eq!(rotated.expires_at, Some(soon));
+    assert_eq!(rotated.old_until, soon);
+    let new_expiry = rotated.record.expires_at.expect("an expiry");
+    let drift = (new_expiry - rotated.record.created_at - lifetime).abs();
+    assert!(drift < time::Duration::SECOND, "a fresh lifetime: {drift}");
     let listed = api.keys().list().await.expect("list");
     let old = listed
         .iter()
         .find(|l| l.record.id == record.id)
         .expect("old key listed");
     assert_eq!(old.record.expires_at, Some(soon), "grace lengthened it");
+    match api.keys().rotate(&record.id, grace_end).await {
+        Err(RotateError::AlreadyRotated { to, .. }) => assert_eq!(to, rotated.record.id),
+        other => panic!("rotated a rotated key again: {other:?}"),
+    }
 
     let (expired, record) =
         key_expiring_at(&api, OffsetDateTime::now_utc() + Duration::from_secs(1)).await;

@@ -71,6 +71,9 @@ pub struct KeyRecord {
     /// When it stops working.
     #[serde(with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
+    /// The key it was rotated to, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_to: Option<String>,
 }
 
 impl KeyRecord {
@@ -205,6 +208,7 @@ impl ApiKeyStore {
             rate: new.rate,
             created_at: OffsetDateTime::now_utc(),
             expires_at: new.expires_at,
+            rotated_to: None,
         };
         let hmac = self.hmac(&key);
         let json = to_json(&record)?;
@@ -340,7 +344,7 @@ impl ApiKeyStore {
         &self,
         id: &str,
         old_expires_at: OffsetDateTime,
-    ) -> Result<Option<(String, KeyRecord)>, RotateError> {
+    ) -> Result<Option<Rotated>, RotateError> {
         let index_key = self.store.key("apikeys");
         let mut connection = self.store.connection();
         let entry: Option<String> = redis::cmd("HGET")
@@ -362,19 +366,29 @@ impl ApiKeyStore {
                 expired_at,
             });
         }
+        if let Some(to) = &old.rotated_to {
+            return Err(RotateError::AlreadyRotated {
+                id: id.to_owned(),
+                to: to.clone(),
+            });
+        }
         let old_expires_at = old.rotated_until(old_expires_at);
-        let created = self
+        // The new key lives as long as the old one was made to, from now.
+        let now = OffsetDateTime::now_utc();
+        let expires_at = old.expires_at.map(|at| now + (at - old.created_at));
+        let (key, record) = self
             .create(NewKey {
                 tenant: old.tenant.clone(),
                 scopes: old.scopes.clone(),
                 allow_cidrs: old.allow_cidrs.clone(),
                 rate: old.rate,
-                expires_at: old.expires_at,
+                expires_at,
             })
             .await?;
         // Shorten the old key's life; written from here rather than in a
         // script, whose JSON encoder would turn empty lists into objects.
         entry.record.expires_at = Some(old_expires_at);
+        entry.record.rotated_to = Some(record.id.clone());
         redis::pipe()
             .atomic()
             .cmd("SET")
@@ -394,8 +408,23 @@ impl ApiKeyStore {
             .query_async::<()>(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;
-        Ok(Some(created))
+        Ok(Some(Rotated {
+            key,
+            record,
+            old_until: old_expires_at,
+        }))
     }
+}
+
+/// What a rotation made.
+#[derive(Debug)]
+pub struct Rotated {
+    /// The new key, shown once.
+    pub key: String,
+    /// The new key's record.
+    pub record: KeyRecord,
+    /// When the old key stops working.
+    pub old_until: OffsetDateTime,
 }
 
 /// Why a key was not rotated.
@@ -408,6 +437,14 @@ pub enum RotateError {
         id: String,
         /// When it expired.
         expired_at: OffsetDateTime,
+    },
+    /// The key was rotated before: its successor is the one to rotate.
+    #[error("key {id} was rotated to {to} already; rotate {to}")]
+    AlreadyRotated {
+        /// The key's id.
+        id: String,
+        /// Its successor's id.
+        to: String,
     },
     /// Redis did not answer as asked.
     #[error(transparent)]
@@ -438,6 +475,7 @@ mod tests {
             rate: None,
             created_at: OffsetDateTime::UNIX_EPOCH,
             expires_at: None,
+            rotated_to: None,
         }
     }
 

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use mailroom_core::ratelimit::Rate;
 use mailroom_core::settings::Settings;
 use mailroom_core::store::RedisStore;
-use mailroom_producer::api::keys::{ApiKeyStore, KeyRecord, NewKey, Scope};
+use mailroom_producer::api::keys::{ApiKeyStore, KeyRecord, NewKey, Rotated, Scope};
 use mailroom_producer::api::parse_cidr;
 use time::OffsetDateTime;
 
@@ -68,14 +68,20 @@ pub async fn run(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<
         }
         ApiKeyCommand::Rotate { id, grace } => {
             let until = OffsetDateTime::now_utc() + grace;
-            let Some((key, record)) = keys.rotate(&id, until).await? else {
+            let Some(Rotated {
+                key,
+                record,
+                old_until,
+            }) = keys.rotate(&id, until).await?
+            else {
                 bail!("no key with id {id}");
             };
-            // The new key has the old one's expiry, which also caps the grace.
-            let until = record.rotated_until(until);
             eprintln!(
-                "mailroom: new key {} for tenant {}; {id} stops working at {until}",
-                record.id, record.tenant
+                "mailroom: new key {} for tenant {}, expires {}; {id} stops working at {}",
+                record.id,
+                record.tenant,
+                rfc3339(record.expires_at),
+                rfc3339(Some(old_until)),
             );
             println!("{key}");
             Ok(())
@@ -137,13 +143,7 @@ fn table(listed: &[mailroom_producer::api::keys::Listed]) -> String {
         "{:<18}  {:<16}  {:<10}  {:<20}  {:<8}  {:<20}  {:<20}  {}\n",
         "ID", "TENANT", "SCOPES", "NETWORKS", "RATE", "CREATED", "EXPIRES", "LAST USED"
     );
-    let when = |at: Option<OffsetDateTime>| {
-        at.and_then(|at| {
-            at.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "-".to_owned())
-    };
+    let when = rfc3339;
     for item in listed {
         let KeyRecord {
             id,
@@ -153,6 +153,7 @@ fn table(listed: &[mailroom_producer::api::keys::Listed]) -> String {
             rate,
             created_at,
             expires_at,
+            ..
         } = &item.record;
         let scopes: Vec<&str> = scopes
             .iter()
@@ -177,6 +178,16 @@ fn table(listed: &[mailroom_producer::api::keys::Listed]) -> String {
         ));
     }
     out
+}
+
+/// `at` in RFC 3339 to the second, or `-`.
+fn rfc3339(at: Option<OffsetDateTime>) -> String {
+    at.and_then(|at| at.replace_nanosecond(0).ok())
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".to_owned())
 }
 
 #[cfg(test)]
