@@ -695,7 +695,7 @@ async fn names_twice_second_file_names_and_echoed_values_are_refused() {
     assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
     let detail = answer.body["detail"].as_str().expect("detail");
     assert!(
-        detail.starts_with("a name appears twice in headers"),
+        detail.starts_with("message.headers: a name appears twice in headers"),
         "{detail}"
     );
 
@@ -717,7 +717,7 @@ async fn names_twice_second_file_names_and_echoed_values_are_refused() {
         .as_str()
         .expect("detail");
     assert!(
-        detail.starts_with("a name appears twice in metadata"),
+        detail.starts_with("message.metadata: a name appears twice in metadata"),
         "{detail}"
     );
     assert!(!detail.contains("secret"), "{detail}");
@@ -738,8 +738,9 @@ async fn names_twice_second_file_names_and_echoed_values_are_refused() {
     assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
     let detail = answer.body["detail"].as_str().expect("detail");
     assert!(!detail.contains("4915112345678"), "{detail}");
+    // Where, with the caller's own name left out.
     assert!(
-        detail.starts_with("invalid type: integer, expected a string"),
+        detail.starts_with("message.metadata[…]: invalid type: integer, expected a string"),
         "{detail}"
     );
 }

@@ -5,7 +5,11 @@
 //! become hundreds of MiB of lists), and parse errors without the values
 //! they quote.
 
+use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
+
 use super::Limits;
+use crate::job::Object;
 
 /// Fields a message has besides its lists, with room for nesting.
 const FIXED_VALUES: usize = 64;
@@ -65,6 +69,70 @@ fn string_end(body: &[u8], from: usize) -> Option<usize> {
         at = found + 2;
     }
 }
+
+/// Parses a caller's `T` (a job, a batch), which must be a JSON object
+/// (see [`Object`]). The error is redacted ([`redacted_error`]) and says
+/// where in the document it is: `message.to[1]: invalid type: integer,
+/// expected a string at line 1 column 40`. The path is found by parsing
+/// again, only when the first parse failed.
+pub fn parse_object<T: DeserializeOwned>(text: &[u8]) -> Result<T, String> {
+    serde_json::from_slice::<Object<T>>(text)
+        .map(Object::into_inner)
+        .map_err(|err| format!("{}{}", path_of::<T>(text), redacted_error(&err)))
+}
+
+/// Where parsing `text` as `T` fails, as `message.to[1]: `, or nothing.
+/// Names the caller chose (a header's or metadata's) show as `[…]`.
+fn path_of<T: DeserializeOwned>(text: &[u8]) -> String {
+    let mut parser = serde_json::Deserializer::from_slice(text);
+    let Err(err) = serde_path_to_error::deserialize::<_, Object<T>>(&mut parser) else {
+        return String::new();
+    };
+    let mut path = String::new();
+    for segment in err.path() {
+        match segment {
+            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
+            Segment::Map { key } if FIELDS.contains(&key.as_str()) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Segment::Map { .. } => path.push_str("[…]"),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    if path.is_empty() {
+        path
+    } else {
+        format!("{path}: ")
+    }
+}
+
+/// The field names of a job and a batch: a path may name them.
+const FIELDS: &[&str] = &[
+    "tenant",
+    "idempotency_key",
+    "lane",
+    "expires_at",
+    "message",
+    "from",
+    "reply_to",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "text",
+    "html",
+    "headers",
+    "attachments",
+    "tags",
+    "metadata",
+    "filename",
+    "content_type",
+    "content",
+    "messages",
+];
 
 /// A serde error without the values it may quote (they may be personal
 /// data), its position kept. serde and serde_json put caller input in a
@@ -187,6 +255,35 @@ fn without_quoted(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parse_error_says_where_without_the_callers_names() {
+        let err = |json: &str| {
+            parse_object::<crate::job::JobRequest>(json.as_bytes()).expect_err("refused")
+        };
+        let msg = r#""from": "shop@example.com", "subject": "s""#;
+        let shown = err(&format!(
+            r#"{{"message": {{{msg}, "to": ["a@example.org", 5]}}}}"#
+        ));
+        assert!(
+            shown.starts_with("message.to[1]: invalid type: integer, expected a string"),
+            "{shown}"
+        );
+        let shown = err(&format!(
+            r#"{{"expires_at": "tomorrow", "message": {{{msg}}}}}"#
+        ));
+        assert!(shown.starts_with("expires_at: "), "{shown}");
+        let shown = err(&format!(
+            r#"{{"message": {{{msg}, "metadata": {{"ada.lovelace@example.org": 5}}}}}}"#
+        ));
+        assert!(
+            shown.starts_with("message.metadata[…]: invalid type"),
+            "{shown}"
+        );
+        assert!(!shown.contains("lovelace"), "{shown}");
+        let shown = err("{\"message\": {");
+        assert!(shown.contains("EOF"), "{shown}");
+    }
     use crate::job::JobRequest;
 
     #[test]

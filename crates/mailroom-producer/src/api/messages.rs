@@ -7,11 +7,11 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mailroom_core::job::{JobId, JobRequest, Object};
+use mailroom_core::job::{JobId, JobRequest};
 use mailroom_core::offload;
 use mailroom_core::settings::ApiSettings;
 use mailroom_core::status::{JobState, StatusUpdate};
-use mailroom_core::validate::json::{redacted_error, values_per_job, values_within};
+use mailroom_core::validate::json::{parse_object, values_per_job, values_within};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
@@ -472,12 +472,11 @@ fn enqueue_one<'a>(
     Box::pin(async move {
         let most = values_per_job(&state.limits);
         let parsed = offload::heavy(body.len(), || {
-            values_within(body, most)
-                .then(|| serde_json::from_slice::<Object<JobRequest>>(body).map(Object::into_inner))
+            values_within(body, most).then(|| parse_object::<JobRequest>(body))
         });
         let request = match parsed {
             Some(Ok(request)) => request,
-            Some(Err(err)) => return Outcome::problem(&Problem::bad_json(redacted_error(&err))),
+            Some(Err(err)) => return Outcome::problem(&Problem::bad_json(err)),
             None => return Outcome::problem(&Problem::too_many_values(1)),
         };
         match accept(state, principal, request, key.map(str::to_owned)).await {
@@ -497,12 +496,11 @@ fn enqueue_batch<'a>(
         let max = state.settings.max_batch;
         let most = values_per_job(&state.limits).saturating_mul(max);
         let parsed = offload::heavy(body.len(), || {
-            values_within(body, most)
-                .then(|| serde_json::from_slice::<Object<Batch>>(body).map(Object::into_inner))
+            values_within(body, most).then(|| parse_object::<Batch>(body))
         });
         let batch = match parsed {
             Some(Ok(batch)) => batch,
-            Some(Err(err)) => return Outcome::problem(&Problem::bad_json(redacted_error(&err))),
+            Some(Err(err)) => return Outcome::problem(&Problem::bad_json(err)),
             None => return Outcome::problem(&Problem::too_many_values(max)),
         };
         if batch.messages.is_empty() || batch.messages.len() > max {
@@ -513,12 +511,12 @@ fn enqueue_batch<'a>(
         }
         let accepted = futures_util::future::join_all(batch.messages.into_iter().enumerate().map(
             |(index, value)| async move {
-                let result = match serde_json::from_str::<Object<JobRequest>>(value.get()) {
-                    Ok(Object(request)) => {
+                let result = match parse_object::<JobRequest>(value.get().as_bytes()) {
+                    Ok(request) => {
                         let key = key.map(|key| item_key(key, index));
                         accept(state, principal, request, key).await
                     }
-                    Err(err) => Err(Problem::bad_json(redacted_error(&err))),
+                    Err(err) => Err(Problem::bad_json(err)),
                 };
                 match result {
                     Ok(id) => ItemResult {

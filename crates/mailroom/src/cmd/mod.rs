@@ -22,7 +22,8 @@ const MAX_SPAN: Duration = Duration::from_hours(100 * 365 * 24);
 
 /// Parses a span from now such as `90d`: at most 100 years.
 pub fn parse_span(text: &str) -> Result<Duration, String> {
-    let span = humantime::parse_duration(text).map_err(|err| err.to_string())?;
+    let span = humantime::parse_duration(text)
+        .map_err(|_| format!("{text:?} is not a span of time; use e.g. 90d, 12h, 30m"))?;
     if span > MAX_SPAN {
         return Err("at most 100 years".to_owned());
     }
@@ -33,7 +34,7 @@ pub fn parse_span(text: &str) -> Result<Duration, String> {
 pub fn parse_lifetime(text: &str) -> Result<Duration, String> {
     let span = parse_span(text)?;
     if span.is_zero() {
-        return Err("must be above zero, e.g. 90d".to_owned());
+        return Err("must be above zero".to_owned());
     }
     Ok(span)
 }
@@ -48,6 +49,7 @@ mod tests {
         assert_eq!(parse_lifetime("90d"), Ok(Duration::from_hours(90 * 24)));
         assert!(parse_lifetime("0s").is_err_and(|e| e.contains("above zero")));
         assert!(parse_span("1000000000d").is_err_and(|e| e.contains("100 years")));
+        assert!(parse_span("soon").is_err_and(|e| e.contains("e.g. 90d")));
         assert!(parse_span("soon").is_err());
     }
 }

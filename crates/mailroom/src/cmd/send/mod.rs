@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane, Object};
+use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane};
 use mailroom_core::settings::Settings;
-use mailroom_core::validate::json::{redacted_error, values_per_job, values_within};
+use mailroom_core::validate::json::{parse_object, values_per_job, values_within};
 use mailroom_core::validate::{ContentTypeError, Limits, attachment_content_type};
 use mailroom_producer::{Checked, Producer, prepare};
 use time::OffsetDateTime;
@@ -283,9 +283,8 @@ fn parse(json: &str, tenant: &str, limits: &Limits) -> Result<Checked, String> {
     if !values_within(json.as_bytes(), values_per_job(limits)) {
         return Err("not a job: holds more list items than a job within the limits can".to_owned());
     }
-    let request = serde_json::from_str::<Object<JobRequest>>(json)
-        .map(Object::into_inner)
-        .map_err(|e| format!("not a job: {}", redacted_error(&e)))?;
+    let request =
+        parse_object::<JobRequest>(json.as_bytes()).map_err(|e| format!("not a job: {e}"))?;
     prepare(request, tenant, limits).map_err(|e| e.to_string())
 }
 
