@@ -231,7 +231,26 @@ impl Settings {
         settings.amqp.urls = trimmed(&settings.amqp.urls);
         settings.read_secret_files()?;
         settings.check()?;
+        settings.smtp.tls = settings.smtp_tls()?;
         Ok(settings)
+    }
+
+    /// The TLS mode an `smtps://` URL implies (TLS from the first byte):
+    /// `implicit`, whatever `smtp.tls` says short of a contradiction, so
+    /// what `config` prints is what the worker does.
+    fn smtp_tls(&self) -> Result<TlsMode, SettingsError> {
+        if !has_scheme(&self.smtp.url, &["smtps"]) {
+            return Ok(self.smtp.tls);
+        }
+        match self.smtp.tls {
+            TlsMode::StarttlsRequired | TlsMode::Implicit => Ok(TlsMode::Implicit),
+            TlsMode::Opportunistic | TlsMode::None => Err(SettingsError::Invalid {
+                key: "smtp.tls",
+                allowed: "implicit (or unset) with an smtps:// URL, which is TLS from the first \
+                          byte; use smtp:// for opportunistic or none"
+                    .to_owned(),
+            }),
+        }
     }
 
     /// Replaces each secret that has a `*_file` setting with that file's content.

@@ -670,3 +670,17 @@ fn a_url_of_more_than_one_word_shows_only_the_first() {
     let settings = load(&[("MAILROOM__REDIS__URL", "redis://127.0.0.1:6379/0 ")]).expect("loads");
     assert_eq!(settings.redis.url.expose(), "redis://127.0.0.1:6379/0 ");
 }
+
+/// `config` prints what the worker does: an `smtps://` relay is implicit
+/// TLS; asking it for none or opportunistic is a contradiction.
+#[test]
+fn an_smtps_url_is_implicit_tls() {
+    let settings = load(&[("MAILROOM__SMTP__URL", "smtps://relay.example")]).expect("loads");
+    assert_eq!(settings.smtp.tls, TlsMode::Implicit);
+    let err = load(&[
+        ("MAILROOM__SMTP__URL", "smtps://relay.example"),
+        ("MAILROOM__SMTP__TLS", "none"),
+    ])
+    .expect_err("a contradiction");
+    assert!(err.to_string().contains("smtp.tls"), "{err}");
+}
