@@ -1186,6 +1186,36 @@ async fn a_request_whose_client_went_away_leaves_no_key_pending_and_is_logged() 
     assert_eq!(named, Some(50), "{lines:?}");
 }
 
+/// A refused credential is a bare `401` to the client; the access log
+/// says why.
+#[tokio::test]
+async fn a_refused_key_is_logged_with_why() {
+    let stack = Stack::new("api-refusal-log");
+    let api = stack.api().await;
+    let router = api.router();
+    let captured = Captured::default();
+    let _guard = captured.install();
+    let unknown = format!("mr_live_{}", "A".repeat(43));
+    let answer = call(
+        &router,
+        LOCAL,
+        post("/v1/messages", Some(&unknown), &message("x")),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        !answer.body.to_string().contains("unknown"),
+        "{}",
+        answer.body
+    );
+    let answer = call(&router, LOCAL, post("/v1/messages", None, &message("x"))).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let lines = captured.access_lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["refusal"], "unknown API key", "{lines:?}");
+    assert_eq!(lines[1]["refusal"], "no bearer credential", "{lines:?}");
+}
+
 /// A request cut short by `api.request_timeout` (a body that never
 /// ends) is logged with the caller it was authenticated as.
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use mailroom_core::settings::{JwtAlgorithm, JwtSettings};
-use mailroom_producer::api::jwt::JwtVerifier;
+use mailroom_producer::api::jwt::{JwtVerifier, TokenRefused};
 use mailroom_producer::api::keys::Scope;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
@@ -220,9 +220,28 @@ fn every_broken_token_is_refused() {
     refused.push(("tampered signature", sig));
 
     for (why, token) in refused {
-        assert!(verifier.verify(&token, at).is_none(), "{why} was accepted");
+        assert!(verifier.verify(&token, at).is_err(), "{why} was accepted");
     }
-    assert!(verifier.verify(&good, at).is_some());
+    assert!(verifier.verify(&good, at).is_ok());
+    // Why goes to the access log (the client gets the same 401 for all).
+    for (token, why) in [
+        (
+            signer.token(&with("exp", json!(now() - 120))),
+            "JWT expired",
+        ),
+        (
+            signer.token(&with("aud", json!("someone-else"))),
+            "JWT audience not the one configured",
+        ),
+        (
+            signer.token(&with("iss", json!("https://evil.example"))),
+            "JWT issuer not the one configured",
+        ),
+        (stranger.token(&claims()), "JWT signature invalid"),
+        ("a.b".to_owned(), "JWT malformed"),
+    ] {
+        assert_eq!(verifier.verify(&token, at).err(), Some(TokenRefused(why)));
+    }
 }
 
 #[test]
@@ -232,8 +251,8 @@ fn the_pinned_algorithm_ignores_keys_of_other_kinds() {
     let ec = Signer::es256("ec");
     let verifier = verifier(&dir, &[&ed, &ec], JwtAlgorithm::Es256);
     let at = OffsetDateTime::now_utc();
-    assert!(verifier.verify(&ec.token(&claims()), at).is_some());
-    assert!(verifier.verify(&ed.token(&claims()), at).is_none());
+    assert!(verifier.verify(&ec.token(&claims()), at).is_ok());
+    assert!(verifier.verify(&ed.token(&claims()), at).is_err());
     // A JWKS without a key of the pinned kind stops start-up.
     let only_ed = tempfile::tempdir().expect("dir");
     let path = only_ed.path().join("jwks.json");

@@ -27,6 +27,9 @@ pub struct LogFields {
     pub tenant: Option<String>,
     /// Jobs the request enqueued or read.
     pub job_ids: Vec<JobId>,
+    /// Why its credential was refused (`JWT expired`, `unknown API key`):
+    /// the client gets a bare `401`, the operator this.
+    pub refusal: Option<&'static str>,
 }
 
 impl LogFields {
@@ -36,6 +39,7 @@ impl LogFields {
             key_id: Some(key_id.to_owned()),
             tenant: Some(tenant.to_owned()),
             job_ids: Vec::new(),
+            refusal: None,
         }
     }
 }
@@ -50,6 +54,14 @@ impl LogSlot {
     /// Records `fields` (the caller; job ids come with the answer).
     pub fn set(&self, fields: LogFields) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = fields;
+    }
+
+    /// Records why the credential was refused.
+    pub fn refusal(&self, why: &'static str) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .refusal = Some(why);
     }
 
     /// Records the jobs the answer names.
@@ -101,6 +113,7 @@ impl Drop for Line {
             key_id = fields.key_id.unwrap_or_default(),
             tenant = fields.tenant.unwrap_or_default(),
             job_ids = job_ids.join(","),
+            refusal = fields.refusal.unwrap_or_default(),
             "request"
         );
     }

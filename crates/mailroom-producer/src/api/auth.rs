@@ -13,6 +13,7 @@ use mailroom_core::store::StoreError;
 use time::OffsetDateTime;
 
 use super::ApiState;
+use super::jwt::TokenRefused;
 use super::keys::{Found, KEY_PREFIX, KeyRecord, Scope};
 use super::problem::Problem;
 use super::spend::Spent;
@@ -155,11 +156,14 @@ pub async fn authenticate(
     ip: IpAddr,
     scope: Scope,
 ) -> Result<Caller, Refusal> {
-    let token = bearer(headers).ok_or_else(Problem::unauthorized)?;
+    let token = bearer(headers).ok_or_else(|| Problem::refused("no bearer credential"))?;
     if !token.starts_with(KEY_PREFIX) {
         return Ok(Caller::Token(authenticate_token(state, token, scope)?));
     }
-    let slot = state.keys.slot(token).ok_or_else(Problem::unauthorized)?;
+    let slot = state
+        .keys
+        .slot(token)
+        .ok_or_else(|| Problem::refused("malformed API key"))?;
     if let Some(found) = state.keys.remembered(&slot)
         && check(&found.record, scope, ip).is_ok()
     {
@@ -170,7 +174,7 @@ pub async fn authenticate(
         .fetch(&slot)
         .await
         .map_err(|err| key_store(&err))?
-        .ok_or_else(Problem::unauthorized)?;
+        .ok_or_else(|| Problem::refused("unknown API key"))?;
     check(&found.record, scope, ip)?;
     Ok(Caller::Key { slot, found })
 }
@@ -222,7 +226,7 @@ pub async fn charge(
                     .keys
                     .remember(&slot, current)
                     .map_err(|err| key_store(&err))?
-                    .ok_or_else(Problem::unauthorized)?;
+                    .ok_or_else(|| Problem::refused("API key revoked"))?;
                 check(&found.record, scope, ip)?;
             }
             Err(problem) => {
@@ -257,10 +261,13 @@ fn touch(state: &ApiState, id: &str) {
 /// A JWT instead of an API key: the deny list applied already; keys have
 /// no network list; the rate limit is per signing key and per tenant.
 fn authenticate_token(state: &ApiState, token: &str, scope: Scope) -> Result<Principal, Problem> {
-    let verifier = state.jwt.as_ref().ok_or_else(Problem::unauthorized)?;
+    let verifier = state
+        .jwt
+        .as_ref()
+        .ok_or_else(|| Problem::refused("not an API key, and no [api.jwt] to verify a token"))?;
     let caller = verifier
         .verify(token, OffsetDateTime::now_utc())
-        .ok_or_else(Problem::unauthorized)?;
+        .map_err(|TokenRefused(why)| Problem::refused(why))?;
     if !caller.scopes.contains(&scope) {
         return Err(Problem::forbidden("the token lacks the scope for this"));
     }
@@ -274,7 +281,7 @@ fn authenticate_token(state: &ApiState, token: &str, scope: Scope) -> Result<Pri
 /// Expiry, scope and network checks of a found key.
 fn check(record: &KeyRecord, scope: Scope, ip: IpAddr) -> Result<(), Problem> {
     if !record.is_live(OffsetDateTime::now_utc()) {
-        return Err(Problem::unauthorized());
+        return Err(Problem::refused("API key expired"));
     }
     if !record.scopes.contains(&scope) {
         let name = match scope {

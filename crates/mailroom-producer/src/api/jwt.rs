@@ -138,39 +138,55 @@ impl JwtVerifier {
     }
 
     /// The caller of `token` at `now`, if every check passes. Why a token
-    /// failed is not said: every failure is the same 401.
-    pub fn verify(&self, token: &str, now: OffsetDateTime) -> Option<TokenCaller> {
+    /// failed goes to the access log only: every failure is the same 401.
+    pub fn verify(&self, token: &str, now: OffsetDateTime) -> Result<TokenCaller, TokenRefused> {
+        let malformed = TokenRefused("JWT malformed");
         let mut parts = token.split('.');
-        let (header, payload, signature) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || token.len() > 16 * 1024 {
-            return None;
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(malformed);
+        };
+        if token.len() > 16 * 1024 {
+            return Err(malformed);
         }
-        let head: Header = serde_json::from_slice(&b64(header)?).ok()?;
+        let head: Header = b64(header)
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or(malformed)?;
         if head.alg != self.algorithm.as_str() {
-            return None;
+            return Err(TokenRefused("JWT algorithm not the one configured"));
         }
         let key = match &head.kid {
             Some(kid) => self
                 .keys
                 .iter()
-                .find(|(id, _)| id.as_deref() == Some(kid.as_str()))?,
+                .find(|(id, _)| id.as_deref() == Some(kid.as_str()))
+                .ok_or(TokenRefused("JWT kid unknown"))?,
             None if self.keys.len() == 1 => &self.keys[0],
-            None => return None,
+            None => return Err(TokenRefused("JWT without a kid, and several keys")),
         };
         let signed = &token[..header.len() + 1 + payload.len()];
-        if !verify_signature(&key.1, signed.as_bytes(), &b64(signature)?) {
-            return None;
+        let signature = b64(signature).ok_or(malformed)?;
+        if !verify_signature(&key.1, signed.as_bytes(), &signature) {
+            return Err(TokenRefused("JWT signature invalid"));
         }
-        let claims: serde_json::Value = serde_json::from_slice(&b64(payload)?).ok()?;
+        let claims: serde_json::Value = b64(payload)
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or(malformed)?;
         self.check_claims(&claims, now)?;
-        let tenant = claims.get(&self.tenant_claim)?.as_str()?;
+        let tenant = claims
+            .get(&self.tenant_claim)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default();
         let tenant_ok = !tenant.is_empty()
             && tenant.len() <= 64
             && tenant
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !tenant_ok {
-            return None;
+            return Err(TokenRefused(
+                "JWT tenant claim missing or not a tenant name",
+            ));
         }
         let scopes = claims
             .get("scope")
@@ -185,36 +201,54 @@ impl JwtVerifier {
                     .ok()
             })
             .collect();
-        Some(TokenCaller {
+        Ok(TokenCaller {
             key_id: format!("jwt:{}", key.0.as_deref().unwrap_or("-")),
             tenant: tenant.to_owned(),
             scopes,
         })
     }
 
-    fn check_claims(&self, claims: &serde_json::Value, now: OffsetDateTime) -> Option<()> {
+    fn check_claims(
+        &self,
+        claims: &serde_json::Value,
+        now: OffsetDateTime,
+    ) -> Result<(), TokenRefused> {
         let now = now.unix_timestamp();
         let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(0);
-        let exp = claims.get("exp")?.as_i64()?;
+        let exp = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_i64)
+            .ok_or(TokenRefused("JWT without exp"))?;
         if now > exp.saturating_add(leeway) {
-            return None;
+            return Err(TokenRefused("JWT expired"));
         }
-        if let Some(nbf) = claims.get("nbf")
-            && now.saturating_add(leeway) < nbf.as_i64()?
-        {
-            return None;
+        if let Some(nbf) = claims.get("nbf") {
+            let nbf = nbf.as_i64().ok_or(TokenRefused("JWT nbf not a number"))?;
+            if now.saturating_add(leeway) < nbf {
+                return Err(TokenRefused("JWT not yet valid (nbf)"));
+            }
         }
-        if claims.get("iss")?.as_str()? != self.issuer {
-            return None;
+        if claims.get("iss").and_then(serde_json::Value::as_str) != Some(self.issuer.as_str()) {
+            return Err(TokenRefused("JWT issuer not the one configured"));
         }
-        let audience: Audience = serde_json::from_value(claims.get("aud")?.clone()).ok()?;
+        let audience: Option<Audience> = claims
+            .get("aud")
+            .and_then(|aud| serde_json::from_value(aud.clone()).ok());
         let ours = match audience {
-            Audience::One(aud) => aud == self.audience,
-            Audience::Many(list) => list.contains(&self.audience),
+            Some(Audience::One(aud)) => aud == self.audience,
+            Some(Audience::Many(list)) => list.contains(&self.audience),
+            None => false,
         };
-        ours.then_some(())
+        if !ours {
+            return Err(TokenRefused("JWT audience not the one configured"));
+        }
+        Ok(())
     }
 }
+
+/// Why a token was refused (for the access log, never for the client).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenRefused(pub &'static str);
 
 /// The key of `jwk` if it is of the kind `algorithm` verifies with.
 fn key_of(jwk: &Jwk, algorithm: JwtAlgorithm) -> Option<Key> {

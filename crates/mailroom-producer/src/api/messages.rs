@@ -373,6 +373,9 @@ fn refused(log: &LogSlot, refusal: Refusal) -> Response {
     if let Some(caller) = &refusal.caller {
         log.set(fields_of(caller));
     }
+    if let Some(why) = refusal.problem.refusal {
+        log.refusal(why);
+    }
     refusal.problem.into_response()
 }
 

@@ -41,6 +41,10 @@ pub struct Problem {
     pub errors: Vec<FieldProblem>,
     #[serde(skip)]
     retry_after: Option<Duration>,
+    /// Why a credential was refused, for the access log only: the client
+    /// is told no more than `401`.
+    #[serde(skip)]
+    pub refusal: Option<&'static str>,
 }
 
 impl Problem {
@@ -52,6 +56,15 @@ impl Problem {
             detail: None,
             errors: Vec::new(),
             retry_after: None,
+            refusal: None,
+        }
+    }
+
+    /// 401 for `why` (logged, never answered).
+    pub fn refused(why: &'static str) -> Self {
+        Self {
+            refusal: Some(why),
+            ..Self::unauthorized()
         }
     }
 
