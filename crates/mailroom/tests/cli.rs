@@ -101,8 +101,16 @@ async fn send_from_flags_prints_the_job_id() {
     );
     assert_eq!(env.vhost.work_depth().await, 1);
 
-    // `status` knows nothing yet (no worker ran), and says so.
+    // `send` wrote `queued`, as the API does; no worker ran yet.
     let out = env.run(&["status", &id], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("queued"),
+        "{}",
+        text(&out.stdout)
+    );
+    let unknown = mailroom_core::job::JobId::new().to_string();
+    let out = env.run(&["status", &unknown], None);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("no status for job"),
@@ -188,6 +196,18 @@ async fn ndjson_is_sent_with_a_summary_by_line() {
         "one id per enqueued line"
     );
     assert_eq!(env.vhost.work_depth().await, 2);
+    let stdout = text(&out.stdout);
+    let id = stdout
+        .lines()
+        .next()
+        .and_then(|line| line.rsplit(' ').next())
+        .expect("line N: ID");
+    let out = env.run(&["status", id], None);
+    assert!(
+        text(&out.stdout).contains("queued"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A refused line's reason never quotes what the line held, and a line of

@@ -1,6 +1,7 @@
 //! `mailroom send`: one job from flags, or many from a JSON / NDJSON file.
 
 mod lines;
+mod queued;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal as _, Read as _};
@@ -12,6 +13,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mailroom_core::job::{Attachment, EmailMessage, JobRequest, Lane};
 use mailroom_core::settings::Settings;
+use mailroom_core::status::{JobState, StatusUpdate};
 use mailroom_core::validate::json::{parse_object, values_per_job, values_within};
 use mailroom_core::validate::{ContentTypeError, Limits, attachment_content_type};
 use mailroom_producer::{Checked, Producer, prepare};
@@ -20,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use lines::Entries;
+use queued::Queued;
 
 /// Jobs handed to the producer at once from a file: enough to keep the
 /// publish window full, few enough to report progress often.
@@ -112,9 +115,12 @@ async fn send_one(settings: &Settings, args: &SendArgs) -> anyhow::Result<()> {
     let job = prepare(request, &args.tenant, &settings.limits)
         .map_err(|errors| anyhow::anyhow!("invalid job: {errors}"))?;
     let producer = Producer::connect(settings).await?;
+    let update = StatusUpdate::new(job.job(), JobState::Queued);
     let id = producer.enqueue_checked(job).await;
     producer.close().await;
-    println!("{}", id?);
+    let id = id?;
+    Queued::connect(settings).await.record(&[update]).await;
+    println!("{id}");
     Ok(())
 }
 
@@ -315,7 +321,7 @@ async fn send_file(settings: &Settings, path: &Path, tenant: &str) -> anyhow::Re
     };
     let mut parsed = read_in_thread(reader, tenant.to_owned(), settings.limits.clone());
     let progress = progress_bar(size);
-    let mut producer: Option<Producer> = None;
+    let mut producer: Option<(Producer, Queued)> = None;
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut rejected = Rejections::default();
     let mut enqueued = 0usize;
@@ -350,12 +356,15 @@ async fn send_file(settings: &Settings, path: &Path, tenant: &str) -> anyhow::Re
         }
         let due = chunk.len() >= CHUNK || ended || Instant::now() >= deadline;
         if due && !chunk.is_empty() {
-            let producer = match &producer {
-                Some(producer) => producer,
-                None => producer.insert(Producer::connect(settings).await?),
+            let (producer, queued) = match &mut producer {
+                Some(both) => both,
+                None => producer.insert((
+                    Producer::connect(settings).await?,
+                    Queued::connect(settings).await,
+                )),
             };
             let chunk = std::mem::take(&mut chunk);
-            enqueued += send_chunk(producer, chunk, &mut rejected, &progress).await;
+            enqueued += send_chunk(producer, queued, chunk, &mut rejected, &progress).await;
             progress.set_message(format!("{enqueued} jobs enqueued"));
         }
         if ended {
@@ -363,7 +372,7 @@ async fn send_file(settings: &Settings, path: &Path, tenant: &str) -> anyhow::Re
         }
     }
     progress.finish_and_clear();
-    if let Some(producer) = producer {
+    if let Some((producer, _)) = producer {
         producer.close().await;
     }
     let refused = rejected.count;
@@ -419,25 +428,32 @@ fn read_in_thread(
 /// how many were enqueued.
 async fn send_chunk(
     producer: &Producer,
+    queued: &mut Queued,
     chunk: Vec<(usize, Checked)>,
     rejected: &mut Rejections,
     progress: &ProgressBar,
 ) -> usize {
     let (lines, jobs): (Vec<usize>, Vec<Checked>) = chunk.into_iter().unzip();
-    let mut enqueued = 0;
-    for (line, result) in lines
+    let updates: Vec<StatusUpdate> = jobs
+        .iter()
+        .map(|job| StatusUpdate::new(job.job(), JobState::Queued))
+        .collect();
+    let mut done = Vec::with_capacity(updates.len());
+    for ((line, result), update) in lines
         .into_iter()
         .zip(producer.enqueue_many_checked(jobs).await)
+        .zip(updates)
     {
         match result {
             Ok(id) => {
-                enqueued += 1;
+                done.push(update);
                 progress.suspend(|| println!("line {line}: {id}"));
             }
             Err(err) => rejected.add(line, &format!("not enqueued: {err}"), progress),
         }
     }
-    enqueued
+    queued.record(&done).await;
+    done.len()
 }
 
 /// A bar on stderr, by bytes read, for a large file on a terminal; hidden
