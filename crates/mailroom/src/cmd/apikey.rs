@@ -122,13 +122,15 @@ fn new_key(args: CreateArgs) -> anyhow::Result<NewKey> {
     if !tenant_ok {
         bail!("--tenant: 1 to 64 of A-Z a-z 0-9 . _ -");
     }
-    let allow_cidrs = args
-        .allow_cidrs
-        .iter()
+    let mut allow_cidrs = Vec::new();
+    for text in &args.allow_cidrs {
         // `parse_cidr` gives the network (`10.0.0.5/8` is `10.0.0.0/8`), so
-        // `list` shows what the key allows.
-        .map(|text| parse_cidr(text).with_context(|| format!("--allow-cidr {text:?}: not a CIDR")))
-        .collect::<anyhow::Result<_>>()?;
+        // `list` shows what the key allows, each network once.
+        let net = parse_cidr(text).with_context(|| format!("--allow-cidr {text:?}: not a CIDR"))?;
+        if !allow_cidrs.contains(&net) {
+            allow_cidrs.push(net);
+        }
+    }
     Ok(NewKey {
         tenant: args.tenant,
         scopes: args.scopes,
@@ -206,7 +208,13 @@ mod tests {
 
     #[test]
     fn networks_are_stored_without_host_bits() {
-        let key = new_key(args(&["10.0.0.5/8", "2001:db8::1/32", "192.0.2.7"])).expect("valid");
+        let key = new_key(args(&[
+            "10.0.0.5/8",
+            "2001:db8::1/32",
+            "192.0.2.7",
+            "10.1.2.3/8",
+        ]))
+        .expect("valid");
         let networks: Vec<String> = key.allow_cidrs.iter().map(ToString::to_string).collect();
         assert_eq!(networks, ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]);
         let err = new_key(args(&["10.0.0.0/33"])).expect_err("not a CIDR");
