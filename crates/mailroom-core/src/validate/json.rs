@@ -255,12 +255,11 @@ fn without_quoted(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::JobRequest;
 
     #[test]
     fn a_parse_error_says_where_without_the_callers_names() {
-        let err = |json: &str| {
-            parse_object::<crate::job::JobRequest>(json.as_bytes()).expect_err("refused")
-        };
+        let err = |json: &str| parse_object::<JobRequest>(json.as_bytes()).expect_err("refused");
         let msg = r#""from": "shop@example.com", "subject": "s""#;
         let shown = err(&format!(
             r#"{{"message": {{{msg}, "to": ["a@example.org", 5]}}}}"#
@@ -284,7 +283,6 @@ mod tests {
         let shown = err("{\"message\": {");
         assert!(shown.contains("EOF"), "{shown}");
     }
-    use crate::job::JobRequest;
 
     #[test]
     fn counts_items_outside_strings_only() {

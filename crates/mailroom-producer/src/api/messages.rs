@@ -266,7 +266,6 @@ async fn handle(
         Ok(principal) => principal,
         Err(refusal) => return refused(log, refusal),
     };
-    log.set(fields_of(&principal));
     let body = match body {
         Ok(body) => body,
         Err(problem) => return problem.into_response(),

@@ -77,6 +77,21 @@ pub enum ApiError {
     TlsHalf,
 }
 
+/// The certificate and key `api` names, checked to load; `None` when it
+/// names neither (plain HTTP behind an ingress).
+pub fn tls_files(api: &ApiSettings) -> Result<Option<tls::TlsFiles>, ApiError> {
+    let files = match (&api.tls_cert_file, &api.tls_key_file) {
+        (Some(cert), Some(key)) => tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (None, None) => return Ok(None),
+        _ => return Err(ApiError::TlsHalf),
+    };
+    tls::check(&files)?;
+    Ok(Some(files))
+}
+
 /// Everything a request needs, shared by all of them.
 pub struct ApiState {
     producer: Producer,
@@ -130,17 +145,7 @@ impl Api {
             .as_ref()
             .map(jwt::JwtVerifier::from_settings)
             .transpose()?;
-        let tls = match (&api.tls_cert_file, &api.tls_key_file) {
-            (Some(cert), Some(key)) => Some(tls::TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            (None, None) => None,
-            _ => return Err(ApiError::TlsHalf),
-        };
-        if let Some(files) = &tls {
-            tls::check(files)?;
-        }
+        let tls = tls_files(api)?;
         let statuses = StatusStore::new(store.clone(), settings.worker.status_retention);
         Ok(Self {
             state: Arc::new(ApiState {

@@ -145,7 +145,6 @@ fn table(listed: &[mailroom_producer::api::keys::Listed]) -> String {
         "{:<18}  {:<16}  {:<10}  {:<20}  {:<8}  {:<20}  {:<20}  {}\n",
         "ID", "TENANT", "SCOPES", "NETWORKS", "RATE", "CREATED", "EXPIRES", "LAST USED"
     );
-    let when = rfc3339;
     for item in listed {
         let KeyRecord {
             id,
@@ -174,9 +173,9 @@ fn table(listed: &[mailroom_producer::api::keys::Listed]) -> String {
                 networks.join(",")
             },
             rate.map_or_else(|| "default".to_owned(), |r| r.to_string()),
-            when(Some(*created_at)),
-            when(*expires_at),
-            when(item.last_used),
+            rfc3339(Some(*created_at)),
+            rfc3339(*expires_at),
+            rfc3339(item.last_used),
         ));
     }
     out

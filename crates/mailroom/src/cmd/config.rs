@@ -8,8 +8,7 @@ use std::path::Path;
 use anyhow::bail;
 use mailroom_core::settings::{Settings, TransportKind};
 use mailroom_producer::api::jwt::JwtVerifier;
-use mailroom_producer::api::tls::{self, TlsFiles};
-use mailroom_producer::api::{ApiError, NetworkPolicy};
+use mailroom_producer::api::{NetworkPolicy, tls_files};
 use mailroom_worker::transport::SmtpTransport;
 
 /// Prints the settings that `path`, `mailroom.toml` and the environment make.
@@ -51,18 +50,8 @@ fn problems(settings: &Settings) -> Vec<String> {
     if let Err(err) = mailroom_core::telemetry::check_log_filter(&settings.telemetry) {
         problems.push(err.to_string());
     }
-    match (&settings.api.tls_cert_file, &settings.api.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            let files = TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-            };
-            if let Err(err) = tls::check(&files) {
-                problems.push(err.to_string());
-            }
-        }
-        (None, None) => {}
-        _ => problems.push(ApiError::TlsHalf.to_string()),
+    if let Err(err) = tls_files(&settings.api) {
+        problems.push(err.to_string());
     }
     if let Err(err) = NetworkPolicy::new(&settings.api.trusted_proxies, &settings.api.deny_cidrs) {
         problems.push(err.to_string());

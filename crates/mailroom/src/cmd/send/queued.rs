@@ -27,7 +27,7 @@ impl Queued {
     /// Records `updates` in one round trip; a worker that was quicker is
     /// never overwritten.
     pub async fn record(&mut self, updates: &[StatusUpdate]) {
-        let Some(statuses) = &self.0 else {
+        let Some(statuses) = self.0.as_ref().filter(|_| !updates.is_empty()) else {
             return;
         };
         if let Err(err) = statuses.record_queued_all(updates).await {
