@@ -515,12 +515,7 @@ impl SmtpTransport {
         for chunk in data.chunks(WRITE_CHUNK) {
             self.timed(connection.send(chunk)).await.map_err(after)?;
         }
-        let reply = within(
-            "smtp.data_timeout",
-            self.relay.data_timeout,
-            connection.read_reply(),
-        )
-        .await;
+        let reply = within(Wait::Data, self.relay.data_timeout, connection.read_reply()).await;
         expect(reply, is_done, "the end of DATA").map_err(after)
     }
 
@@ -588,7 +583,7 @@ impl SmtpTransport {
 
     /// `io`, given `smtp.command_timeout`.
     async fn timed<T>(&self, io: impl Future<Output = Result<T, WireError>>) -> Result<T, Failure> {
-        within("smtp.command_timeout", self.relay.command_timeout, io).await
+        within(Wait::Command, self.relay.command_timeout, io).await
     }
 }
 
@@ -596,15 +591,34 @@ impl SmtpTransport {
 /// `smtp.command_timeout`.
 const WRITE_CHUNK: usize = 64 * 1024;
 
-/// `io`, given `limit` (the setting `setting`).
+/// What a timed step waits for, and so which setting limits it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Wait {
+    /// A reply, or a chunk of the message written: `smtp.command_timeout`.
+    Command,
+    /// The reply to the end of DATA: `smtp.data_timeout`.
+    Data,
+}
+
+impl Wait {
+    /// The setting that limits the wait.
+    fn setting(self) -> &'static str {
+        match self {
+            Self::Command => "smtp.command_timeout",
+            Self::Data => "smtp.data_timeout",
+        }
+    }
+}
+
+/// `io`, within `limit` (the setting of `wait`).
 async fn within<T>(
-    setting: &'static str,
+    wait: Wait,
     limit: Duration,
     io: impl Future<Output = Result<T, WireError>>,
 ) -> Result<T, Failure> {
     tokio::time::timeout(limit, io)
         .await
-        .map_err(|_| Failure::Timeout { setting, limit })?
+        .map_err(|_| Failure::Timeout { wait, limit })?
         .map_err(Failure::Wire)
 }
 
@@ -623,10 +637,10 @@ pub(super) enum Failure {
     #[error("{0}")]
     OutOfStep(String),
     /// No reply (or no progress writing) within `limit`.
-    #[error("no reply within {setting} ({limit:?})")]
+    #[error("no reply within {} ({limit:?})", wait.setting())]
     Timeout {
-        /// The setting that gave the limit.
-        setting: &'static str,
+        /// What was waited for.
+        wait: Wait,
         /// The limit.
         limit: Duration,
     },
@@ -669,11 +683,15 @@ impl Failure {
             Self::OutOfStep(what) if step == Step::AfterData => {
                 SendError::uncertain(&format!("no reply to the end of DATA, out of step: {what}"))
             }
-            Self::Timeout { setting, limit } if step == Step::AfterData => {
-                SendError::uncertain(&if setting == "smtp.data_timeout" {
-                    format!("no reply to the end of DATA within {setting} ({limit:?})")
-                } else {
-                    format!("writing the message stalled for {setting} ({limit:?})")
+            Self::Timeout { wait, limit } if step == Step::AfterData => {
+                let setting = wait.setting();
+                SendError::uncertain(&match wait {
+                    Wait::Data => {
+                        format!("no reply to the end of DATA within {setting} ({limit:?})")
+                    }
+                    Wait::Command => {
+                        format!("writing the message stalled for {setting} ({limit:?})")
+                    }
                 })
             }
             Self::Unsupported(what) => SendError::permanent(555, what),
@@ -1290,7 +1308,7 @@ mod tests {
     #[test]
     fn codes_pick_the_way() {
         let timeout = Failure::Timeout {
-            setting: "smtp.command_timeout",
+            wait: Wait::Command,
             limit: Duration::from_secs(1),
         };
         assert!(matches!(
@@ -1298,7 +1316,7 @@ mod tests {
             SendError::Uncertain { .. }
         ));
         let timeout = Failure::Timeout {
-            setting: "smtp.command_timeout",
+            wait: Wait::Command,
             limit: Duration::from_secs(1),
         };
         assert!(matches!(
