@@ -442,13 +442,17 @@ async fn a_large_job_keeps_to_the_large_job_queue_through_retry_and_replay() {
     let worker = start_worker(&stack.settings).await;
     assert_eq!(settled(&store, &id).await.state, JobState::Failed);
     worker.stop().await;
-    let replayed = dlq::replay(producer.broker(), &dlq::Selection::Id(id.to_string()))
-        .await
-        .expect("replay");
+    let replayed = dlq::replay(
+        producer.broker(),
+        &dlq::Selection::Id(id.to_string()),
+        Some(&store),
+    )
+    .await
+    .expect("replay");
     assert_eq!(replayed.len(), 1);
     waiting_in_large_queue(&producer, 1).await;
-
-    assert!(store.requeue(&id).await.expect("requeue"));
+    let requeued = store.get(&id).await.expect("status").expect("kept");
+    assert_eq!(requeued.state, JobState::Queued);
     let worker = start_worker(&stack.settings).await;
     assert_eq!(settled(&store, &id).await.state, JobState::Sent);
     let replies: Vec<_> = stack.smtp.seen().into_iter().map(|s| s.reply).collect();
@@ -702,11 +706,14 @@ async fn a_replayed_dead_letter_is_delivered_and_its_status_follows() {
     let store = statuses(&stack.settings).await;
     assert_eq!(settled(&store, &id).await.state, JobState::Failed);
 
-    let replayed = dlq::replay(producer.broker(), &dlq::Selection::Id(id.to_string()))
-        .await
-        .expect("replay");
+    let replayed = dlq::replay(
+        producer.broker(),
+        &dlq::Selection::Id(id.to_string()),
+        Some(&store),
+    )
+    .await
+    .expect("replay");
     assert_eq!(replayed.len(), 1);
-    assert!(store.requeue(&id).await.expect("requeue"));
     let start = Instant::now();
     let status = loop {
         let status = store.get(&id).await.expect("status").expect("kept");
@@ -723,6 +730,58 @@ async fn a_replayed_dead_letter_is_delivered_and_its_status_follows() {
     assert_eq!(stack.smtp.accepted().len(), 1);
     assert!(dead_letters(&producer).await.is_empty());
     stop(worker, producer).await;
+}
+
+/// A replay is marked `queued` before it is published, so a worker that
+/// fails it again at once is not overwritten by the mark: each time the
+/// status ends `failed`, beside its dead letter.
+#[tokio::test]
+async fn a_replay_that_fails_again_is_shown_failed() {
+    let stack = Stack::new("replay-fails", &replies(&["550"; 4]));
+    let (producer, worker) = start(&stack.settings).await;
+    let id = producer.enqueue(job("no luck")).await.expect("enqueued");
+    let store = statuses(&stack.settings).await;
+    assert_eq!(settled(&store, &id).await.state, JobState::Failed);
+    for round in 1..4 {
+        assert_eq!(dead_lettered(&producer, 1).await.len(), 1);
+        let replayed = dlq::replay(producer.broker(), &dlq::Selection::All, Some(&store))
+            .await
+            .expect("replay");
+        assert_eq!(replayed.len(), 1);
+        // Back in the dead letters: the worker failed it again.
+        assert_eq!(dead_lettered(&producer, 1).await.len(), 1);
+        let status = settled(&store, &id).await;
+        assert_eq!(status.state, JobState::Failed, "round {round}: {status:?}");
+    }
+    assert_eq!(stack.smtp.seen().len(), 4);
+    stop(worker, producer).await;
+}
+
+/// A replay the broker does not take leaves the status as it was: it was
+/// marked `queued` before the publish, and is put back.
+#[tokio::test]
+async fn a_replay_not_published_puts_the_status_back() {
+    let stack = Stack::new("replay-refused", &replies(&["550"]));
+    let (producer, worker) = start(&stack.settings).await;
+    let id = producer.enqueue(job("stays dead")).await.expect("enqueued");
+    let store = statuses(&stack.settings).await;
+    assert_eq!(settled(&store, &id).await.state, JobState::Failed);
+    assert_eq!(dead_lettered(&producer, 1).await.len(), 1);
+    worker.stop().await;
+    let channel = producer.broker().channel().await.expect("channel");
+    channel
+        .exchange_delete(
+            wire::JOBS_EXCHANGE.into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .expect("exchange deleted");
+    dlq::replay(producer.broker(), &dlq::Selection::All, Some(&store))
+        .await
+        .expect_err("nowhere to publish");
+    let status = store.get(&id).await.expect("status").expect("kept");
+    assert_eq!(status.state, JobState::Failed, "{status:?}");
+    producer.close().await;
 }
 
 /// `dlq list`, and a `dlq replay` that passes letters over, return only once
@@ -744,11 +803,13 @@ async fn dead_letters_are_back_in_place_when_list_and_replay_return() {
     for _ in 0..10 {
         assert_eq!(dead_letters(&producer).await.len(), ids.len());
         let none = dlq::Selection::Reason("no such reason".to_owned());
-        let replayed = dlq::replay(producer.broker(), &none).await.expect("replay");
+        let replayed = dlq::replay(producer.broker(), &none, None)
+            .await
+            .expect("replay");
         assert!(replayed.is_empty());
     }
     assert_eq!(dead_letters(&producer).await.len(), ids.len());
-    let replayed = dlq::replay(producer.broker(), &dlq::Selection::All)
+    let replayed = dlq::replay(producer.broker(), &dlq::Selection::All, Some(&store))
         .await
         .expect("replay");
     assert_eq!(replayed.len(), ids.len());

@@ -195,20 +195,41 @@ end
 "#;
 
 /// Moves a final failed/dead/expired status back to `queued` (a replay).
-/// ARGV: the time of the change (RFC 3339).
+/// ARGV: the time of the change (RFC 3339). Returns `{before, after}` (the
+/// JSON replaced and written), or `false` if nothing changed.
 const REQUEUE: &str = r"
 local current = redis.call('GET', KEYS[1])
-if not current then return 0 end
+if not current then return false end
 local status = cjson.decode(current)
 if status.state ~= 'failed' and status.state ~= 'dead' and status.state ~= 'expired' then
-  return 0
+  return false
 end
 status.state = 'queued'
 status.updated_at = ARGV[1]
 status.attempts = 0
-redis.call('SET', KEYS[1], cjson.encode(status), 'KEEPTTL')
-return 1
+local written = cjson.encode(status)
+redis.call('SET', KEYS[1], written, 'KEEPTTL')
+return { current, written }
 ";
+
+/// Undoes a [`REQUEUE`] whose replay failed, if nothing changed the status
+/// since. ARGV: the JSON it replaced, the JSON it wrote.
+const RESTORE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+  return 1
+end
+return 0
+";
+
+/// A status [`StatusStore::requeue`] moved back to `queued`, to restore if
+/// the replay does not happen.
+#[derive(Clone, Debug)]
+pub struct Requeued {
+    id: JobId,
+    before: String,
+    after: String,
+}
 
 /// Job statuses in Redis.
 #[derive(Clone, Debug)]
@@ -321,20 +342,40 @@ impl StatusStore {
         Ok(written == 1)
     }
 
-    /// Marks `id` queued again after an operator replayed its dead letter;
-    /// `false` if it has no failed, dead or expired status.
-    pub async fn requeue(&self, id: &JobId) -> Result<bool, StoreError> {
+    /// Marks `id` queued again for an operator's replay of its dead letter;
+    /// `None` if it has no failed, dead or expired status. Called before the
+    /// job is published again, so whatever a worker records of the replay
+    /// comes after it.
+    pub async fn requeue(&self, id: &JobId) -> Result<Option<Requeued>, StoreError> {
         let now = OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .map_err(|err| StoreError::Malformed(err.to_string()))?;
         let mut connection = self.store.connection();
-        let changed: i64 = Script::new(REQUEUE)
+        let changed: Option<(String, String)> = Script::new(REQUEUE)
             .key(self.key(id))
             .arg(now)
             .invoke_async(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;
-        Ok(changed == 1)
+        Ok(changed.map(|(before, after)| Requeued {
+            id: *id,
+            before,
+            after,
+        }))
+    }
+
+    /// Puts back the status `requeued` replaced, unless it changed since;
+    /// for a replay that was not published.
+    pub async fn restore(&self, requeued: &Requeued) -> Result<bool, StoreError> {
+        let mut connection = self.store.connection();
+        let restored: i64 = Script::new(RESTORE)
+            .key(self.key(&requeued.id))
+            .arg(&requeued.before)
+            .arg(&requeued.after)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        Ok(restored == 1)
     }
 
     /// The status of `id`, if one is kept.

@@ -11,7 +11,8 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use mailroom_core::amqp::{AmqpError, Broker, Outgoing, PublishError};
-use mailroom_core::job::Lane;
+use mailroom_core::job::{JobId, Lane};
+use mailroom_core::status::{Requeued, StatusStore};
 use mailroom_core::wire::{DEAD_QUEUE, JOBS_EXCHANGE, headers};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -175,8 +176,14 @@ pub async fn list(broker: &Broker, limit: usize) -> Result<Vec<DeadLetter>, DlqE
 }
 
 /// Replays the selected dead letters to their work queues with attempts
-/// reset to 1. Returns the replayed ones.
-pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLetter>, DlqError> {
+/// reset to 1, each marked `queued` in `statuses` (if given) before it is
+/// published: a worker may take it at once, and what it records must not
+/// be overwritten. Returns the replayed ones.
+pub async fn replay(
+    broker: &Broker,
+    selection: &Selection,
+    statuses: Option<&StatusStore>,
+) -> Result<Vec<DeadLetter>, DlqError> {
     let channel = broker.channel().await?;
     let depth = depth(&channel).await?;
     let mut replayed = Vec::new();
@@ -201,6 +208,10 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
             properties,
             &[headers::REASON, headers::LAST_ERROR, headers::DEAD_AT],
         );
+        let requeued = match statuses {
+            Some(statuses) => requeue_status(statuses, &letter).await,
+            None => None,
+        };
         let published = broker
             .publish(Outgoing {
                 exchange: JOBS_EXCHANGE.to_owned(),
@@ -211,6 +222,11 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
             })
             .await;
         if let Err(source) = published {
+            if let (Some(statuses), Some(requeued)) = (statuses, &requeued)
+                && let Err(err) = statuses.restore(requeued).await
+            {
+                tracing::warn!(error = %err, job_id = %letter.id, "status left queued after a failed replay");
+            }
             held += 1;
             result = Err(DlqError::Replay {
                 id: letter.id.clone(),
@@ -227,6 +243,16 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> Result<Vec<DeadLe
     }
     give_back(broker, &channel, held).await?;
     result.map(|()| replayed)
+}
+
+/// Marks `letter`'s job queued again; a Redis problem is a warning, since
+/// statuses only inform and the replay goes ahead.
+async fn requeue_status(statuses: &StatusStore, letter: &DeadLetter) -> Option<Requeued> {
+    let id = letter.id.parse::<JobId>().ok()?;
+    statuses.requeue(&id).await.unwrap_or_else(|err| {
+        tracing::warn!(error = %err, job_id = %letter.id, "status not updated for the replay");
+        None
+    })
 }
 
 /// Deletes every dead letter. Returns how many there were.

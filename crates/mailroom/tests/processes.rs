@@ -275,7 +275,7 @@ async fn with_park_a_job_whose_worker_died_after_handing_it_over_is_parked_not_r
     assert_eq!(stack.smtp.seen().len(), 1, "not sent a second time");
 
     // Replaying both sends the job once.
-    let replayed = dlq::replay(producer.broker(), &dlq::Selection::All)
+    let replayed = dlq::replay(producer.broker(), &dlq::Selection::All, None)
         .await
         .expect("replay");
     assert_eq!(replayed.len(), 2);

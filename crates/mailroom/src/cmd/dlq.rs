@@ -3,12 +3,13 @@
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use mailroom_core::amqp::Broker;
-use mailroom_core::job::JobId;
 use mailroom_core::settings::Settings;
 use mailroom_core::status::StatusStore;
 use mailroom_core::store::RedisStore;
 use mailroom_worker::dlq::{self, DeadLetter, Selection};
 use mailroom_worker::verdict::DeadReason;
+
+use super::shown;
 use time::OffsetDateTime;
 
 /// `mailroom dlq ...`
@@ -116,8 +117,15 @@ fn selection(args: &ReplayArgs) -> anyhow::Result<Selection> {
 /// Replays `selection`; an `--id` that matched no dead letter is an error,
 /// where a reason or `--all` may match none.
 async fn replay(settings: &Settings, broker: &Broker, selection: &Selection) -> anyhow::Result<()> {
-    let replayed = dlq::replay(broker, selection).await?;
-    requeue_statuses(settings, &replayed).await;
+    // Statuses only inform: without Redis the replay goes ahead, unrecorded.
+    let statuses = match RedisStore::connect_once(&settings.redis).await {
+        Ok(store) => Some(StatusStore::new(store, settings.worker.status_retention)),
+        Err(err) => {
+            tracing::warn!(error = %err, "statuses will not show the replay");
+            None
+        }
+    };
+    let replayed = dlq::replay(broker, selection, statuses.as_ref()).await?;
     if let Selection::Id(id) = selection
         && replayed.is_empty()
     {
@@ -125,33 +133,6 @@ async fn replay(settings: &Settings, broker: &Broker, selection: &Selection) -> 
     }
     eprintln!("mailroom: replayed {} dead letter(s)", replayed.len());
     Ok(())
-}
-
-/// Logs each replayed job and marks its status `queued` again, so the
-/// worker may record what happens next. Statuses only inform: a Redis
-/// problem here is a warning, the replay itself has happened.
-async fn requeue_statuses(settings: &Settings, replayed: &[DeadLetter]) {
-    if replayed.is_empty() {
-        return;
-    }
-    for letter in replayed {
-        tracing::info!(job_id = %letter.id, reason = %letter.reason, attempts = letter.attempts, "dead letter replayed");
-    }
-    let store = match RedisStore::connect_once(&settings.redis).await {
-        Ok(store) => StatusStore::new(store, settings.worker.status_retention),
-        Err(err) => {
-            tracing::warn!(error = %err, "statuses not updated after the replay");
-            return;
-        }
-    };
-    for letter in replayed {
-        let Ok(id) = letter.id.parse::<JobId>() else {
-            continue;
-        };
-        if let Err(err) = store.requeue(&id).await {
-            tracing::warn!(error = %err, job_id = %letter.id, "status not updated after the replay");
-        }
-    }
 }
 
 fn table(letters: &[DeadLetter], now: OffsetDateTime) -> String {
@@ -167,9 +148,15 @@ fn table(letters: &[DeadLetter], now: OffsetDateTime) -> String {
                 humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
             },
         );
+        // Every header here is the publisher's to choose.
         out.push_str(&format!(
             "{:<36}  {:<16}  {:<14}  {:>8}  {:>8}  {}\n",
-            letter.id, letter.tenant, letter.reason, letter.attempts, age, letter.last_error
+            shown(&letter.id, 36),
+            shown(&letter.tenant, 64),
+            shown(&letter.reason, 32),
+            letter.attempts,
+            age,
+            shown(&letter.last_error, 300)
         ));
     }
     out
@@ -177,6 +164,7 @@ fn table(letters: &[DeadLetter], now: OffsetDateTime) -> String {
 
 #[cfg(test)]
 mod tests {
+    use mailroom_core::job::JobId;
     use mailroom_core::settings::Secret;
     use mailroom_tests::rabbit::TestVhost;
 

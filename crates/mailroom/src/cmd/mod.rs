@@ -16,6 +16,26 @@ pub mod status;
 pub mod topology;
 pub mod worker;
 
+/// `text` as a terminal may show it: control characters (escape
+/// sequences, line breaks) written as escapes, so a value a publisher or a
+/// relay chose cannot rewrite the screen or forge a line; cut to `max`
+/// characters with `…`.
+pub fn shown(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max * 4));
+    for (count, c) in text.chars().enumerate() {
+        if count == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Longest span a flag may add to now: far enough for any key or job,
 /// near enough that the date it gives exists (adding 10⁹ days panicked).
 const MAX_SPAN: Duration = Duration::from_hours(100 * 365 * 24);
@@ -42,6 +62,15 @@ pub fn parse_lifetime(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_text_cannot_drive_the_terminal() {
+        assert_eq!(shown("plain text", 80), "plain text");
+        assert_eq!(shown("a\x1b]0;title\x07b", 80), "a\\u{1b}]0;title\\u{7}b");
+        assert_eq!(shown("one\r\nfake row", 80), "one\\r\\nfake row");
+        assert_eq!(shown("\u{202e}txt.exe", 80), "\\u{202e}txt.exe");
+        assert_eq!(shown(&"é".repeat(10), 4), "éééé…");
+    }
 
     #[test]
     fn spans_are_bounded_and_lifetimes_above_zero() {

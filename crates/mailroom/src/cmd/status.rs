@@ -9,6 +9,8 @@ use mailroom_core::status::{JobStatus, StatusStore};
 use mailroom_core::store::RedisStore;
 use time::format_description::well_known::Rfc3339;
 
+use super::shown;
+
 /// Longest part of a refused job id that an error quotes.
 const SHOWN_CHARS: usize = 40;
 
@@ -67,18 +69,19 @@ fn render(status: &JobStatus) -> String {
     let mut out = format!(
         "job        {}\ntenant     {}\nstate      {}\nattempts   {}\nrecipients {}\ncreated    {}\nupdated    {}\n",
         status.job_id,
-        status.tenant,
+        shown(&status.tenant, 64),
         status.state,
         status.attempts,
-        status.recipients.join(", "),
+        shown(&status.recipients.join(", "), 1000),
         time(status.created_at),
         time(status.updated_at),
     );
     if let Some(reason) = &status.reason {
-        out.push_str(&format!("reason     {reason}\n"));
+        out.push_str(&format!("reason     {}\n", shown(reason, 32)));
     }
     if let Some(error) = &status.last_error {
-        out.push_str(&format!("last error {error}\n"));
+        // A relay's words: they may hold anything.
+        out.push_str(&format!("last error {}\n", shown(error, 1000)));
     }
     out
 }
