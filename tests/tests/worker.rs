@@ -551,6 +551,67 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_attempt() {
     stop(worker, producer).await;
 }
 
+/// A sealed job whose attempt header was rewritten to something no
+/// producer writes is refused, not read as attempt 1 (which would reset its
+/// retry budget); its replay, with the attempt reset, is sent.
+#[tokio::test]
+async fn a_job_with_a_bad_attempt_header_is_dead_lettered_invalid() {
+    let stack = Stack::new("bad-attempt", &SmtpOptions::default());
+    let producer = Producer::connect(&stack.settings).await.expect("producer");
+    let id = producer
+        .enqueue(job("odd attempt"))
+        .await
+        .expect("enqueued");
+    let channel = producer.broker().channel().await.expect("channel");
+    let message = channel
+        .basic_get(
+            wire::work_queue(Lane::Transactional).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+        .expect("the job");
+    let mut headers = message
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    headers.insert(
+        wire::headers::ATTEMPT.into(),
+        lapin::types::AMQPValue::LongString("abc".as_bytes().into()),
+    );
+    producer
+        .broker()
+        .publish(Outgoing {
+            exchange: wire::JOBS_EXCHANGE.to_owned(),
+            routing_key: Lane::Transactional.as_str().to_owned(),
+            body: message.delivery.data.clone(),
+            properties: message.delivery.properties.clone().with_headers(headers),
+            mandatory: true,
+        })
+        .await
+        .expect("republished");
+
+    let worker = start_worker(&stack.settings).await;
+    let letters = dead_lettered(&producer, 1).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, id.to_string());
+    assert_eq!(letters[0].reason, "invalid");
+    assert!(
+        letters[0].last_error.contains("mailroom-attempt"),
+        "{:?}",
+        letters[0]
+    );
+    assert!(stack.smtp.seen().is_empty(), "not sent");
+    let store = statuses(&stack.settings).await;
+    dlq::replay(producer.broker(), &dlq::Selection::All, Some(&store))
+        .await
+        .expect("replay");
+    assert_eq!(reached(&store, &id, JobState::Sent).await.attempts, 1);
+    stop(worker, producer).await;
+}
+
 #[tokio::test]
 async fn a_tampered_body_is_dead_lettered_and_the_worker_goes_on() {
     let stack = Stack::new("tamper", &SmtpOptions::default());

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::incoming::{Incoming, integer, text};
+use crate::incoming::{Incoming, integer, long_string, text};
 
 /// One dead letter, as `dlq list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,6 +203,9 @@ pub async fn replay(
         let mut properties = incoming.republish_properties(&[
             (headers::ATTEMPT, AMQPValue::LongLongInt(1)),
             (headers::REPLAYED, AMQPValue::Boolean(true)),
+            // What it is routed by: a lane header that named none is
+            // replaced, or the replay would be refused for it again.
+            (headers::LANE, long_string(incoming.lane.as_str())),
         ]);
         properties = strip(
             properties,

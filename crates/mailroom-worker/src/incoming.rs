@@ -25,6 +25,11 @@ pub struct Incoming {
     pub attempt: u32,
     /// `mailroom-replayed`: an operator replayed it from the dead letters.
     pub replayed: bool,
+    /// A header mailroom reads that is there but does not read as one
+    /// (an attempt that is no whole number from 1, an unknown lane): no
+    /// producer of ours writes that, and guessing would reset a retry
+    /// budget or send a job down the wrong lane.
+    pub bad_header: Option<&'static str>,
     /// Times the broker handed this message out before (quorum queues'
     /// `x-delivery-count`), when it says.
     pub delivery_count: Option<i64>,
@@ -40,13 +45,21 @@ impl Incoming {
     pub fn new(properties: BasicProperties, body: Vec<u8>) -> Self {
         let empty = FieldTable::default();
         let table = properties.headers().as_ref().unwrap_or(&empty);
-        let lane = text(table, headers::LANE)
-            .and_then(|lane| lane.parse().ok())
-            .unwrap_or_default();
+        let present = |name| table.inner().contains_key(name);
+        let lane = text(table, headers::LANE).and_then(|lane| lane.parse().ok());
+        // A number may come as text from a client that writes only strings.
         let attempt = integer(table, headers::ATTEMPT)
+            .or_else(|| text(table, headers::ATTEMPT)?.parse().ok())
             .and_then(|n| u32::try_from(n).ok())
-            .filter(|n| *n >= 1)
-            .unwrap_or(1);
+            .filter(|n| *n >= 1);
+        let bad_header = if present(headers::ATTEMPT) && attempt.is_none() {
+            Some("the mailroom-attempt header is not a whole number from 1")
+        } else if present(headers::LANE) && lane.is_none() {
+            Some("the mailroom-lane header names no lane")
+        } else {
+            None
+        };
+        let (lane, attempt) = (lane.unwrap_or_default(), attempt.unwrap_or(1));
         Self {
             message_id: properties
                 .message_id()
@@ -60,6 +73,7 @@ impl Incoming {
                 table.inner().get(headers::REPLAYED),
                 Some(AMQPValue::Boolean(true))
             ),
+            bad_header,
             delivery_count: integer(table, "x-delivery-count"),
             body,
             properties,
@@ -202,6 +216,37 @@ mod tests {
         assert_eq!(incoming.lane, Lane::Transactional);
         assert_eq!(incoming.kid, None);
         assert_eq!(incoming.tenant, None);
+        assert!(incoming.bad_header.is_some(), "and the job is refused");
+    }
+
+    #[test]
+    fn only_a_header_that_is_there_and_wrong_is_bad() {
+        let read = |entries: &[(&str, AMQPValue)]| Incoming::new(with_headers(entries), Vec::new());
+        let missing = read(&[]);
+        assert_eq!((missing.attempt, missing.lane), (1, Lane::Transactional));
+        assert_eq!(missing.bad_header, None);
+        let as_text = read(&[(headers::ATTEMPT, long_string("3"))]);
+        assert_eq!((as_text.attempt, as_text.bad_header), (3, None));
+        for attempt in [
+            long_string("abc"),
+            AMQPValue::LongLongInt(0),
+            AMQPValue::LongLongInt(-5),
+            AMQPValue::LongLongInt(1 << 40),
+            AMQPValue::Boolean(true),
+            AMQPValue::FieldArray(vec![AMQPValue::LongInt(2)].into()),
+        ] {
+            let odd = read(&[(headers::ATTEMPT, attempt.clone())]);
+            assert_eq!(
+                odd.bad_header,
+                Some("the mailroom-attempt header is not a whole number from 1"),
+                "{attempt:?}"
+            );
+        }
+        let lane = read(&[(headers::LANE, AMQPValue::LongInt(1))]);
+        assert_eq!(
+            lane.bad_header,
+            Some("the mailroom-lane header names no lane")
+        );
     }
 
     #[test]

@@ -173,6 +173,13 @@ impl Pipeline {
             Ok(job) => job,
             Err(verdict) => return end(None, None, verdict),
         };
+        if let Some(bad) = incoming.bad_header {
+            let verdict = Verdict::DeadLetter {
+                reason: DeadReason::Invalid,
+                detail: bad.to_owned(),
+            };
+            return end(Some(job), None, verdict);
+        }
         let checked = offload::heavy(size, || {
             check::check(
                 &job,

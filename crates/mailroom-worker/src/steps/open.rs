@@ -16,11 +16,11 @@ pub fn open(keyring: &Keyring, incoming: &Incoming) -> Result<SendJob, Verdict> 
     let kid = incoming
         .kid
         .as_deref()
-        .ok_or_else(|| refuse("no mailroom-kid header"))?;
+        .ok_or_else(|| refuse("no mailroom-kid header, or not text"))?;
     let tenant = incoming
         .tenant
         .as_deref()
-        .ok_or_else(|| refuse("no mailroom-tenant header"))?;
+        .ok_or_else(|| refuse("no mailroom-tenant header, or not text"))?;
     let id: JobId = incoming
         .message_id
         .as_deref()
@@ -92,7 +92,7 @@ mod tests {
         incoming.kid = None;
         assert_eq!(
             reason(open(&keyring, &incoming).expect_err("no kid")),
-            "seal: no mailroom-kid header"
+            "seal: no mailroom-kid header, or not text"
         );
         incoming.kid = Some("retired".to_owned());
         assert_eq!(
