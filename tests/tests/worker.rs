@@ -551,6 +551,19 @@ async fn a_permanent_rejection_is_dead_lettered_after_one_attempt() {
     stop(worker, producer).await;
 }
 
+/// The next message of the transactional work queue, taken off it.
+async fn take_queued(producer: &Producer) -> lapin::message::BasicGetMessage {
+    let channel = producer.broker().channel().await.expect("channel");
+    channel
+        .basic_get(
+            wire::work_queue(Lane::Transactional).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+        .expect("the job")
+}
+
 /// A sealed job whose attempt header was rewritten to something no
 /// producer writes is refused, not read as attempt 1 (which would reset its
 /// retry budget); its replay, with the attempt reset, is sent.
@@ -562,15 +575,7 @@ async fn a_job_with_a_bad_attempt_header_is_dead_lettered_invalid() {
         .enqueue(job("odd attempt"))
         .await
         .expect("enqueued");
-    let channel = producer.broker().channel().await.expect("channel");
-    let message = channel
-        .basic_get(
-            wire::work_queue(Lane::Transactional).into(),
-            BasicGetOptions { no_ack: true },
-        )
-        .await
-        .expect("get")
-        .expect("the job");
+    let message = take_queued(&producer).await;
     let mut headers = message
         .delivery
         .properties
@@ -618,15 +623,7 @@ async fn a_tampered_body_is_dead_lettered_and_the_worker_goes_on() {
     let producer = Producer::connect(&stack.settings).await.expect("producer");
     let bad = producer.enqueue(job("tampered")).await.expect("enqueued");
     // Take it off the queue, flip one bit, put it back.
-    let channel = producer.broker().channel().await.expect("channel");
-    let message = channel
-        .basic_get(
-            wire::work_queue(Lane::Transactional).into(),
-            BasicGetOptions { no_ack: true },
-        )
-        .await
-        .expect("get")
-        .expect("the job");
+    let message = take_queued(&producer).await;
     let mut body = message.delivery.data.clone();
     let middle = body.len() / 2;
     body[middle] ^= 0x01;
