@@ -126,11 +126,13 @@ enum Obtained {
     Handed(Box<Handed>),
 }
 
-/// Whether a transaction's MAIL, RCPT and DATA are still to be written.
+/// Whether a transaction's MAIL, RCPT and DATA are still to be written, or
+/// were written and their replies read in step by the connection's holder
+/// (see [`SmtpTransport::confirm`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Opening {
     ToWrite,
-    Written,
+    Read,
 }
 
 /// How a transaction ended, and the waiter whose commands followed its end
@@ -138,6 +140,9 @@ enum Opening {
 struct Ended {
     result: Result<Reply, (Step, Failure)>,
     next: Option<Waiter>,
+    /// A waiter's commands went out on the connection, and it was not
+    /// handed over: it holds their transaction, and is of no further use.
+    spent: bool,
 }
 
 impl Ended {
@@ -145,6 +150,7 @@ impl Ended {
         Self {
             result: Err((step, failure)),
             next: None,
+            spent: false,
         }
     }
 }
@@ -237,7 +243,7 @@ impl SmtpTransport {
         let (reused, permit, opening) = match self.obtain(message).await? {
             Obtained::Handed(handed) => {
                 let Handed { session, permit } = *handed;
-                (Some(session), permit, Opening::Written)
+                (Some(session), permit, Opening::Read)
             }
             // Stopping: no transaction starts (the permit goes back).
             Obtained::Permit(_) if self.stopping.is_cancelled() => {
@@ -262,6 +268,7 @@ impl SmtpTransport {
                 Ended {
                     result: Err((Step::Before, err)),
                     next: None,
+                    ..
                 } if err.is_network() || matches!(err, Failure::Refused(_)) => {
                     abort(&mut session.smtp).await;
                 }
@@ -287,7 +294,11 @@ impl SmtpTransport {
         permit: OwnedSemaphorePermit,
         ended: Ended,
     ) -> Result<Delivered, SendError> {
-        let Ended { result, next } = ended;
+        let Ended {
+            result,
+            next,
+            spent,
+        } = ended;
         if let Some(next) = next {
             next.hand(session, permit);
             return result
@@ -299,7 +310,7 @@ impl SmtpTransport {
                 // Bytes after our reply were asked for by no command: the
                 // reply was ours (the connection was in step when the body
                 // went), but the connection is no longer fit for another.
-                if session.smtp.check_in_step().is_ok() {
+                if !spent && session.smtp.check_in_step().is_ok() {
                     self.keep(session);
                 } else {
                     abort(&mut session.smtp).await;
@@ -482,21 +493,70 @@ impl SmtpTransport {
             return Ended {
                 result: self.end_data(&mut session.smtp, data).await,
                 next: None,
+                spent: false,
             };
         };
         let mut both = Vec::with_capacity(data.len() + group.len());
         both.extend_from_slice(data);
         both.extend_from_slice(group.as_bytes());
         let result = self.end_data(&mut session.smtp, &both).await;
-        // A reply with a 4xx or 5xx code leaves the connection in step
-        // for the waiter, and so does a 2xx (were it a stray line, the
-        // waiter's replies come one too many and its DATA's reply is not
-        // 354: it fails before its body). No usable reply leaves the
-        // waiter to wait for another connection.
-        let in_step = matches!(&result, Ok(_) | Err((_, Failure::Refused(_))));
+        // No usable reply leaves the waiter to wait for another connection.
+        if !matches!(&result, Ok(_) | Err((_, Failure::Refused(_)))) {
+            return Ended {
+                result,
+                next: None,
+                spent: true,
+            };
+        }
+        self.confirm(&mut session.smtp, result, waiter).await
+    }
+
+    /// Reads the replies to `waiter`'s commands, which followed our end of
+    /// DATA, before our `result` is believed. Fewer than those commands
+    /// were owed (some came, then none) means the relay did not answer our
+    /// end of DATA: its reply to the waiter's MAIL was read as ours, and
+    /// our outcome is uncertain. More (a stray line) leaves ours as read:
+    /// the connection was in step when our body went, so the stray came
+    /// after our reply. In step, the waiter gets the connection with its
+    /// replies read; otherwise it tries again on a connection of its own.
+    async fn confirm(
+        &self,
+        connection: &mut Wire,
+        result: Result<Reply, (Step, Failure)>,
+        waiter: Waiter,
+    ) -> Ended {
+        let count = waiter.outline.envelope.to().len() + 2;
+        let (replies, failure) = self.read_replies(connection, count).await;
+        let short = match failure {
+            None if judge_opening(connection, &replies).is_ok() => {
+                return Ended {
+                    result,
+                    next: Some(waiter),
+                    spent: false,
+                };
+            }
+            Some(
+                failure @ (Failure::Timeout { .. }
+                | Failure::Wire(WireError::Closed | WireError::Io(_))),
+            ) if !replies.is_empty() => Some(failure),
+            _ => None,
+        };
+        let result = match short {
+            None => result,
+            Some(failure) => Err((
+                Step::AfterData,
+                Failure::OutOfStep(format!(
+                    "{} of the {count} replies owed to the next message's commands came \
+                     ({failure}): the reply read as this message's may have been the first \
+                     of them",
+                    replies.len()
+                )),
+            )),
+        };
         Ended {
             result,
-            next: in_step.then_some(waiter),
+            next: None,
+            spent: true,
         }
     }
 
@@ -531,8 +591,8 @@ impl SmtpTransport {
         // the session (it is aborted), so no body follows a DATA that a
         // refused RCPT made fail.
         let replies = message.outline.envelope.to().len() + 2;
-        if opening == Opening::Written {
-            return self.read_opening(&mut session.smtp, replies).await;
+        if opening == Opening::Read {
+            return Ok(());
         }
         if session.pipelining {
             let group = opening_group(session, &message.outline)?;
@@ -555,35 +615,58 @@ impl SmtpTransport {
     /// reply comes one command late, which only the last one (a 2xx where
     /// DATA wants 354) or bytes left over can show.
     async fn read_opening(&self, connection: &mut Wire, count: usize) -> Result<(), Failure> {
+        let (replies, failure) = self.read_replies(connection, count).await;
+        match failure {
+            Some(failure) => Err(failure),
+            None => judge_opening(connection, &replies),
+        }
+    }
+
+    /// Up to `count` replies, each within `smtp.command_timeout`, and what
+    /// stopped the reading short.
+    async fn read_replies(
+        &self,
+        connection: &mut Wire,
+        count: usize,
+    ) -> (Vec<Reply>, Option<Failure>) {
         let mut replies = Vec::with_capacity(count);
         for _ in 0..count {
-            replies.push(self.timed(connection.read_reply()).await?);
-        }
-        connection.check_in_step().map_err(Failure::Wire)?;
-        let Some((data, envelope)) = replies.split_last() else {
-            return Ok(());
-        };
-        if !is_go_on(data.code()) && !is_refusal(data.code()) {
-            return Err(out_of_step(data, "DATA"));
-        }
-        for reply in envelope {
-            if !is_done(reply.code()) && !is_refusal(reply.code()) {
-                return Err(out_of_step(reply, "MAIL or RCPT"));
+            match self.timed(connection.read_reply()).await {
+                Ok(reply) => replies.push(reply),
+                Err(failure) => return (replies, Some(failure)),
             }
         }
-        let refused = envelope
-            .iter()
-            .chain([data])
-            .find(|reply| is_refusal(reply.code()));
-        match refused {
-            Some(reply) => Err(Failure::Refused(reply.clone())),
-            None => Ok(()),
-        }
+        (replies, None)
     }
 
     /// `io`, given `smtp.command_timeout`.
     async fn timed<T>(&self, io: impl Future<Output = Result<T, WireError>>) -> Result<T, Failure> {
         within(Wait::Command, self.relay.command_timeout, io).await
+    }
+}
+
+/// Judges the replies to a pipelined MAIL, RCPTs and DATA, all read, with
+/// nothing left over: a 354 last, a 2xx before it, or a refusal.
+fn judge_opening(connection: &mut Wire, replies: &[Reply]) -> Result<(), Failure> {
+    connection.check_in_step().map_err(Failure::Wire)?;
+    let Some((data, envelope)) = replies.split_last() else {
+        return Ok(());
+    };
+    if !is_go_on(data.code()) && !is_refusal(data.code()) {
+        return Err(out_of_step(data, "DATA"));
+    }
+    for reply in envelope {
+        if !is_done(reply.code()) && !is_refusal(reply.code()) {
+            return Err(out_of_step(reply, "MAIL or RCPT"));
+        }
+    }
+    let refused = envelope
+        .iter()
+        .chain([data])
+        .find(|reply| is_refusal(reply.code()));
+    match refused {
+        Some(reply) => Err(Failure::Refused(reply.clone())),
+        None => Ok(()),
     }
 }
 
@@ -1201,6 +1284,56 @@ mod tests {
                     assert_eq!(taken_saying(&taken, text), 1, "{text} {ehlo:?}");
                 }
             }
+            transport.shutdown().await;
+        }
+    }
+
+    /// A relay that does not answer one message's end of DATA: the reply
+    /// to the next message's MAIL, written after that end, is the next
+    /// thing read. The message is not marked sent (or refused) on it: the
+    /// next message's replies come one short, so its outcome is uncertain,
+    /// and the next message goes on a fresh connection.
+    #[tokio::test]
+    async fn a_missing_reply_to_the_end_of_data_is_not_taken_from_the_next_message() {
+        use std::sync::atomic::AtomicBool;
+        for next_mail in ["250 2.1.0 Ok\r\n", "550 5.7.1 sender refused\r\n"] {
+            let skipped = Arc::new(AtomicBool::new(false));
+            let script: Script = Arc::new(move |verb: &str, text: &str| {
+                let reply = match verb {
+                    "GREETING" => "220 relay ESMTP\r\n",
+                    "EHLO" => PIPELINING,
+                    "DATA" => "354 go on\r\n",
+                    "QUIT" => "221 bye\r\n",
+                    "." if text.contains("unanswered") => {
+                        skipped.store(true, Ordering::SeqCst);
+                        ""
+                    }
+                    "." => "250 2.0.0 Ok queued\r\n",
+                    "MAIL" if skipped.swap(false, Ordering::SeqCst) => next_mail,
+                    _ => "250 2.1.5 Ok\r\n",
+                };
+                reply.as_bytes().to_vec()
+            });
+            let (port, taken) = scripted_relay(script).await;
+            let transport = SmtpTransport::new(&SmtpSettings {
+                url: Secret::new(format!("smtp://127.0.0.1:{port}")),
+                tls: TlsMode::None,
+                pool_size: 1,
+                command_timeout: Duration::from_millis(500),
+                ..SmtpSettings::default()
+            })
+            .expect("transport");
+            let outcomes = send_all(&transport, &["m1 unanswered", "m2"], true).await;
+            assert!(
+                matches!(&outcomes[0], Err(SendError::Uncertain { .. })),
+                "{next_mail:?}: {:?}",
+                outcomes[0]
+            );
+            if next_mail.starts_with('2') {
+                assert_eq!(outcomes[1], Ok(Delivered { code: 250 }), "{next_mail:?}");
+                assert_eq!(taken_saying(&taken, "m2"), 1);
+            }
+            assert_eq!(taken_saying(&taken, "m1 unanswered"), 0);
             transport.shutdown().await;
         }
     }
