@@ -359,3 +359,60 @@ async fn the_producer_survives_its_connection_being_closed() {
     );
     producer.close().await;
 }
+
+/// RabbitMQ 3.10 keeps a channel that met a full quorum queue's
+/// `reject-publish` nacking after the limit is lifted, where a new channel
+/// publishes at once: the producer replaces a channel after a nack, so
+/// enqueueing works again as soon as the limit is gone.
+#[tokio::test]
+async fn enqueueing_works_again_once_a_full_queue_takes_messages() {
+    let vhost = TestVhost::new("producer-reject-publish");
+    let mut settings = vhost.settings();
+    settings.channels = 1;
+    let broker = Broker::connect_as(&settings, "producer-test")
+        .await
+        .expect("connect");
+    broker
+        .declare(&Topology::standard())
+        .await
+        .expect("declare");
+    let producer = Producer::from_parts(broker, keyring(), Limits::default());
+    let queue = wire::work_queue(Lane::Transactional);
+    let policy = r#"{"max-length":1,"overflow":"reject-publish"}"#;
+    mailroom_tests::rabbit::rabbitmqctl(&[
+        "set_policy",
+        "-p",
+        vhost.name(),
+        "full",
+        &format!("^{queue}$"),
+        policy,
+        "--apply-to",
+        "queues",
+    ]);
+    // The policy takes a moment to reach the queue.
+    let start = Instant::now();
+    let mut nacked = 0;
+    while nacked < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "never refused");
+        if let Err(err) = producer.enqueue(job(Lane::Transactional)).await {
+            assert!(
+                matches!(err, EnqueueError::Publish(PublishError::Nacked)),
+                "{err}"
+            );
+            nacked += 1;
+        }
+    }
+    mailroom_tests::rabbit::rabbitmqctl(&["clear_policy", "-p", vhost.name(), "full"]);
+    let start = Instant::now();
+    loop {
+        if producer.enqueue(job(Lane::Transactional)).await.is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "still refused after the limit was lifted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    producer.close().await;
+}

@@ -17,7 +17,8 @@ mod reconnect;
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use lapin::Confirmation;
 use lapin::message::BasicReturnMessage;
@@ -90,8 +91,11 @@ struct Session {
     connection: Connection,
     channels: Vec<Channel>,
     /// Channels replaced after a channel-level error (e.g. publishing to an
-    /// exchange that does not exist closes the channel).
-    replaced: Vec<Mutex<Option<Channel>>>,
+    /// exchange that does not exist closes the channel), or a nack, each
+    /// with when it was opened.
+    replaced: Vec<Mutex<Option<(Channel, Instant)>>>,
+    /// Slots whose original channel was retired after a nack.
+    retired: Vec<AtomicBool>,
 }
 
 impl Session {
@@ -208,6 +212,7 @@ impl Broker {
         }
         let slot = self.inner.next.fetch_add(1, Ordering::Relaxed) % session.channels.len();
         let channel = self.publishing_channel(&session, slot).await?;
+        let channel_id = channel.id();
         let options = BasicPublishOptions {
             mandatory: message.mandatory,
             ..BasicPublishOptions::default()
@@ -260,7 +265,10 @@ impl Broker {
                 exchange,
                 routing_key,
             }),
-            Confirmation::Nack(_) => Err(PublishError::Nacked),
+            Confirmation::Nack(_) => {
+                self.retire(&session, slot, channel_id).await;
+                Err(PublishError::Nacked)
+            }
             // Only on a channel without confirms, which ours never are; a
             // publish nobody confirmed is not reported as done.
             Confirmation::NotRequested => Err(PublishError::Connection(
@@ -354,11 +362,11 @@ impl Broker {
         slot: usize,
     ) -> Result<Cow<'s, Channel>, PublishError> {
         let original = &session.channels[slot];
-        if original.status().connected() {
+        if original.status().connected() && !session.retired[slot].load(Ordering::Acquire) {
             return Ok(Cow::Borrowed(original));
         }
         let mut replaced = session.replaced[slot].lock().await;
-        if let Some(channel) = replaced.as_ref()
+        if let Some((channel, _)) = replaced.as_ref()
             && channel.status().connected()
         {
             return Ok(Cow::Owned(channel.clone()));
@@ -366,10 +374,47 @@ impl Broker {
         let channel = confirm_channel(&session.connection)
             .await
             .map_err(|err| PublishError::Connection(err.to_string()))?;
-        *replaced = Some(channel.clone());
+        *replaced = Some((channel.clone(), Instant::now()));
         Ok(Cow::Owned(channel))
     }
+
+    /// Stops publishing on `slot`'s channel `id` after the broker nacked a
+    /// message on it: RabbitMQ 3.10 keeps a channel that met a full quorum
+    /// queue's `reject-publish` nacking after the limit is lifted, until
+    /// it is closed, where a new channel publishes at once. The next
+    /// publish opens a new channel; the old one is closed once every
+    /// confirm it owes has come or timed out. A replacement is replaced at
+    /// most once a [`RENEW_AFTER`], so a queue that stays full does not
+    /// churn channels.
+    async fn retire(&self, session: &Session, slot: usize, id: u16) {
+        let old = if session.channels[slot].id() == id {
+            (!session.retired[slot].swap(true, Ordering::AcqRel))
+                .then(|| session.channels[slot].clone())
+        } else {
+            let mut replaced = session.replaced[slot].lock().await;
+            match replaced.as_ref() {
+                Some((channel, opened))
+                    if channel.id() == id && opened.elapsed() >= RENEW_AFTER =>
+                {
+                    replaced.take().map(|(channel, _)| channel)
+                }
+                _ => None,
+            }
+        };
+        let Some(old) = old else {
+            return;
+        };
+        tracing::info!(channel = id, "publishing channel replaced after a nack");
+        let owed = self.inner.settings.confirm_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(owed).await;
+            let _ = old.close(200, "replaced after a nack".into()).await;
+        });
+    }
 }
+
+/// The least a replacement channel lives before a nack replaces it too.
+const RENEW_AFTER: Duration = Duration::from_secs(1);
 
 async fn open_session(settings: &AmqpSettings, name: &str) -> Result<Session, AmqpError> {
     let connection = connect::connect(settings, name).await?;
@@ -382,10 +427,12 @@ async fn open_session(settings: &AmqpSettings, name: &str) -> Result<Session, Am
         );
     }
     let replaced = channels.iter().map(|_| Mutex::new(None)).collect();
+    let retired = channels.iter().map(|_| AtomicBool::new(false)).collect();
     Ok(Session {
         connection,
         channels,
         replaced,
+        retired,
     })
 }
 
