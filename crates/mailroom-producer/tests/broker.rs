@@ -40,7 +40,11 @@ fn job(lane: Lane) -> SendJob {
 }
 
 async fn producer(vhost: &TestVhost, keyring: Keyring) -> Producer {
-    let broker = Broker::connect_as(&vhost.settings(), "producer-test")
+    producer_with(&vhost.settings(), keyring).await
+}
+
+async fn producer_with(settings: &AmqpSettings, keyring: Keyring) -> Producer {
+    let broker = Broker::connect_as(settings, "producer-test")
         .await
         .expect("connect");
     broker
@@ -369,14 +373,7 @@ async fn enqueueing_works_again_once_a_full_queue_takes_messages() {
     let vhost = TestVhost::new("producer-reject-publish");
     let mut settings = vhost.settings();
     settings.channels = 1;
-    let broker = Broker::connect_as(&settings, "producer-test")
-        .await
-        .expect("connect");
-    broker
-        .declare(&Topology::standard())
-        .await
-        .expect("declare");
-    let producer = Producer::from_parts(broker, keyring(), Limits::default());
+    let producer = producer_with(&settings, keyring()).await;
     let queue = wire::work_queue(Lane::Transactional);
     let policy = r#"{"max-length":1,"overflow":"reject-publish"}"#;
     mailroom_tests::rabbit::rabbitmqctl(&[
