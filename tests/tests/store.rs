@@ -162,3 +162,51 @@ async fn a_command_line_connection_fails_at_once_when_redis_is_away() {
         start.elapsed()
     );
 }
+
+/// A write of the work that Redis refused keeps readiness failing for a
+/// moment even where the probe's own small write goes through: right at
+/// its memory limit, Redis took the probe on a busy connection while it
+/// refused every claim.
+#[tokio::test]
+async fn a_refused_write_of_the_work_fails_readiness_for_a_moment() {
+    let redis = PrivateRedis::start();
+    let store = RedisStore::connect(&redis.settings("mailroom-test:"))
+        .await
+        .expect("connected");
+    let statuses =
+        mailroom_core::status::StatusStore::new(store.clone(), std::time::Duration::from_mins(1));
+    let config = |value: &str| {
+        let mut command = redis::cmd("CONFIG");
+        command.arg("SET").arg("maxmemory").arg(value);
+        command
+    };
+    let mut admin = store.connection();
+    let _: () = config("1").query_async(&mut admin).await.expect("set");
+    let job = mailroom_core::job::SendJob::from_request(
+        mailroom_core::job::JobRequest {
+            tenant: None,
+            idempotency_key: None,
+            lane: mailroom_core::job::Lane::Transactional,
+            expires_at: None,
+            message: mailroom_core::job::EmailMessage {
+                from: "shop@example.com".to_owned(),
+                to: vec!["ada@example.org".to_owned()],
+                subject: "hi".to_owned(),
+                text: Some("hi".to_owned()),
+                ..Default::default()
+            },
+        },
+        "acme",
+    );
+    let update =
+        mailroom_core::status::StatusUpdate::new(&job, mailroom_core::status::JobState::Queued);
+    statuses.record(&update).await.expect_err("out of memory");
+    let _: () = config("0").query_async(&mut admin).await.expect("reset");
+    let err = store
+        .takes_writes()
+        .await
+        .expect_err("refused a moment ago");
+    assert!(err.to_string().contains("OOM"), "{err}");
+    tokio::time::sleep(mailroom_core::store::REFUSALS_KEPT).await;
+    store.takes_writes().await.expect("taking writes again");
+}

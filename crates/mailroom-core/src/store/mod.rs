@@ -7,7 +7,7 @@ mod hash;
 mod setup;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable as _};
 use redis::Script;
@@ -93,6 +93,9 @@ pub struct RedisStore {
     manager: ConnectionManager,
     prefix: Arc<str>,
     url: Arc<str>,
+    /// The last write Redis refused (out of memory, read-only, ...), and
+    /// when: see [`RedisStore::takes_writes`].
+    refused: Arc<std::sync::Mutex<Option<(Instant, String)>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -152,6 +155,7 @@ impl RedisStore {
             manager,
             prefix: settings.key_prefix.as_str().into(),
             url,
+            refused: Arc::default(),
         })
     }
 
@@ -167,7 +171,11 @@ impl RedisStore {
 
     /// Whether Redis takes a scripted write now, as the worker's and the
     /// API's every step needs: a Redis that answers `PING` but is out of
-    /// memory, read-only, or refuses scripts to this user fails it.
+    /// memory, read-only, or refuses scripts to this user fails it. So does
+    /// one that refused a write of the work in the last [`REFUSALS_KEPT`]:
+    /// right at its memory limit, Redis took this small overwrite on a
+    /// busy connection while it refused every claim (a black-box run,
+    /// 2026-12-06).
     pub async fn takes_writes(&self) -> Result<(), StoreError> {
         let probe = Script::new("return redis.call('SET', KEYS[1], '1', 'PX', 60000)");
         let mut connection = self.manager.clone();
@@ -175,7 +183,21 @@ impl RedisStore {
             .key(self.key("ready"))
             .invoke_async::<()>(&mut connection)
             .await
-            .map_err(|err| self.error(&err))
+            .map_err(|err| classify(&self.url, &err))?;
+        let refused = self.lock_refused().clone();
+        match refused {
+            Some((at, why)) if at.elapsed() < REFUSALS_KEPT => Err(StoreError::Command(format!(
+                "a write was refused {} ms ago: {why}",
+                at.elapsed().as_millis()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn lock_refused(&self) -> std::sync::MutexGuard<'_, Option<(Instant, String)>> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The full key for `name`, under the prefix.
@@ -188,8 +210,15 @@ impl RedisStore {
         self.manager.clone()
     }
 
-    /// `err` as a [`StoreError`] naming this store's (redacted) URL.
+    /// `err` as a [`StoreError`] naming this store's (redacted) URL; a
+    /// refused write is remembered for [`RedisStore::takes_writes`].
     pub fn error(&self, err: &redis::RedisError) -> StoreError {
+        if matches!(
+            err.code(),
+            Some("OOM" | "READONLY" | "MISCONF" | "NOPERM" | "NOAUTH" | "NOREPLICAS")
+        ) {
+            *self.lock_refused() = Some((Instant::now(), err.to_string()));
+        }
         classify(&self.url, err)
     }
 }
@@ -205,6 +234,9 @@ impl RedisSettings {
         })
     }
 }
+
+/// How long a refused write keeps [`RedisStore::takes_writes`] failing.
+pub const REFUSALS_KEPT: Duration = Duration::from_secs(2);
 
 fn classify(url: &str, err: &redis::RedisError) -> StoreError {
     // Before the reachability tests: the client counts a refused login as
