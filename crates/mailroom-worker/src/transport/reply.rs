@@ -4,7 +4,9 @@
 //!
 //! lettre's parser wants text after every code and refuses a line over
 //! 1,000 bytes; either made a relay's `250` after the end of DATA read as a
-//! lost connection, so an accepted message was sent again.
+//! lost connection, so an accepted message was sent again. For the same
+//! reason a line ending in a bare LF is taken as ended: a relay that ends
+//! its replies so had each accepted message sent `max_attempts` times.
 
 use std::fmt;
 
@@ -90,17 +92,19 @@ pub fn parse(input: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
     let mut lines = Vec::new();
     let mut at = 0;
     loop {
-        let Some(end) = memchr::memmem::find(&input[at..], b"\r\n").map(|end| at + end) else {
+        let Some(end) = memchr::memchr(b'\n', &input[at..]).map(|end| at + end) else {
             return if input.len() > MAX_REPLY {
                 Err(ReplyError::TooLong)
             } else {
                 Ok(None)
             };
         };
-        if end + 2 > MAX_REPLY {
+        if end + 1 > MAX_REPLY {
             return Err(ReplyError::TooLong);
         }
-        let (line_code, last, text) = parse_line(&input[at..end])?;
+        let line = &input[at..end];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let (line_code, last, text) = parse_line(line)?;
         match code {
             None => code = Some(line_code),
             Some(first) if first != line_code => {
@@ -114,7 +118,7 @@ pub fn parse(input: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         if lines.len() < KEPT_LINES {
             lines.push(kept(text));
         }
-        at = end + 2;
+        at = end + 1;
         if last {
             let code = line_code;
             return Ok(Some((Reply { code, lines }, at)));
@@ -190,6 +194,16 @@ mod tests {
         assert_eq!(&input[used..], b"250 next\r\n");
         assert_eq!(parse(b"250-a\r\n250 b"), Ok(None));
         assert_eq!(parse(b""), Ok(None));
+    }
+
+    #[test]
+    fn a_bare_line_feed_ends_a_line() {
+        let input = b"250-2.0.0 a\n250 2.0.0 queued\n250 next\r\n";
+        let (reply, used) = parse(input).expect("parses").expect("complete");
+        assert_eq!(reply.to_string(), "250 2.0.0 a 2.0.0 queued");
+        assert_eq!(&input[used..], b"250 next\r\n");
+        assert_eq!(whole("354 go on\n").code(), 354);
+        assert_eq!(parse(b"250 ok\r"), Ok(None), "its end may be on the way");
     }
 
     #[test]
