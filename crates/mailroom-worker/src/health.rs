@@ -32,18 +32,33 @@ struct Probe {
     publisher: Broker,
     store: RedisStore,
     metrics: Option<PrometheusHandle>,
+    stopping: CancellationToken,
 }
 
-/// Serves the health endpoints on `bind` until `shutdown`. Returns the
-/// address bound (port 0 picks a free one).
+/// Where the health endpoints listen, and until when.
+pub struct Serve {
+    /// The address to bind (port 0 picks a free one).
+    pub bind: SocketAddr,
+    /// Cancelled when the worker starts to stop: `/readyz` says so from
+    /// then on, while `/healthz` and `/metrics` still answer.
+    pub stopping: CancellationToken,
+    /// Cancelled once the worker has stopped: the listener closes.
+    pub stopped: CancellationToken,
+}
+
+/// Serves the health endpoints as `serve` says. Returns the address bound.
 pub async fn serve(
-    bind: SocketAddr,
+    serve: Serve,
     consumer: Broker,
     publisher: Broker,
     store: RedisStore,
     metrics: Option<PrometheusHandle>,
-    shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    let Serve {
+        bind,
+        stopping,
+        stopped,
+    } = serve;
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let local = listener.local_addr()?;
     let app = Router::new()
@@ -55,9 +70,10 @@ pub async fn serve(
             publisher,
             store,
             metrics,
+            stopping,
         });
     tokio::spawn(async move {
-        if let Err(err) = listener::serve(listener, app, LIMITS, Plain, shutdown).await {
+        if let Err(err) = listener::serve(listener, app, LIMITS, Plain, stopped).await {
             tracing::error!(error = %err, "health listener stopped");
         }
     });
@@ -65,6 +81,10 @@ pub async fn serve(
 }
 
 async fn ready(State(probe): State<Probe>) -> (StatusCode, String) {
+    // Draining: in-flight jobs finish, no new ones are taken.
+    if probe.stopping.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n".to_owned());
+    }
     // The pool reconnects its consumers itself; republishing needs the
     // other connection.
     let broker = if probe.consumer.is_connected() {

@@ -111,21 +111,29 @@ impl Worker {
         self.pipeline.transport().describe()
     }
 
-    /// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
+    /// Serves `/healthz`, `/readyz` and `/metrics`: all of them until
+    /// `stopped`, and `/readyz` says the worker is stopping once
+    /// `stopping` is cancelled (the drain may take `worker.shutdown_grace`,
+    /// during which a liveness probe and a scrape still get answers).
     pub async fn serve_health(
         &self,
-        shutdown: CancellationToken,
+        stopping: CancellationToken,
+        stopped: CancellationToken,
     ) -> Result<SocketAddr, WorkerError> {
         // Installs the recorder, which must exist before the series are put in it.
         let recorder = mailroom_core::telemetry::prometheus();
         crate::metrics::register();
+        let serve = health::Serve {
+            bind: self.health_bind,
+            stopping,
+            stopped,
+        };
         health::serve(
-            self.health_bind,
+            serve,
             self.broker.clone(),
             self.publisher.clone(),
             self.store.clone(),
             recorder,
-            shutdown,
         )
         .await
         .map_err(|source| WorkerError::Health {

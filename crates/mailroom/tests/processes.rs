@@ -367,6 +367,41 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     second_worker_sends_each_once(&stack, dir.path(), &ids, Duration::from_secs(1)).await;
 }
 
+/// Between SIGTERM and its exit the worker still answers a liveness probe
+/// and a scrape (a drain may take `worker.shutdown_grace`, and a probe
+/// that failed meanwhile would have it killed mid-send), and `/readyz`
+/// says it is stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_it_drains_the_worker_answers_probes_and_says_it_is_stopping() {
+    let stack = Stack::new(
+        "drain-probes",
+        &SmtpOptions {
+            delay: Duration::from_millis(1500),
+            ..SmtpOptions::default()
+        },
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    enqueue(&stack, 4).await;
+    let mut worker = MailroomProcess::worker(&stack, dir.path(), "worker");
+    let started = worker.wait_for_line("worker started").await;
+    let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON log line");
+    let health = line["fields"]["health"].as_str().expect("health address");
+    // The jobs are in the relay's hands, which answers slowly.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n");
+    let alive = exchange(health, &get("/healthz")).await;
+    assert!(alive.starts_with("HTTP/1.1 200"), "{alive}");
+    let ready = exchange(health, &get("/readyz")).await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.ends_with("stopping\n"), "{ready}");
+    let metrics = exchange(health, &get("/metrics")).await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(worker.wait(PATIENCE).success(), "{}", worker.log_text());
+}
+
 /// Every counter a dashboard or an alert reads is exported at 0 before its
 /// first event: `increase()` over a series that appears at 1 is 0, so the
 /// first dead letter after a restart would raise no alert.

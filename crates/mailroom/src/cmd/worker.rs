@@ -13,7 +13,10 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
         .await
         .context("worker could not start")?;
     let shutdown = CancellationToken::new();
-    let health = worker.serve_health(shutdown.clone()).await?;
+    let stopped = CancellationToken::new();
+    let health = worker
+        .serve_health(shutdown.clone(), stopped.clone())
+        .await?;
     tracing::info!(
         transport = %worker.describe_transport(),
         concurrency = settings.worker.concurrency,
@@ -27,6 +30,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
     let drained = worker.run(shutdown.clone()).await;
     shutdown.cancel();
+    stopped.cancel();
     signals.abort();
     tracing::info!(clean = drained.clean, "worker stopped");
     Ok(())
