@@ -281,6 +281,41 @@ async fn declaring_twice_is_fine_and_a_clashing_queue_is_named() {
     }
 }
 
+/// A vhost the user has no permissions on, and one at its connection
+/// limit, are refused with the broker's reason: the operator's fix
+/// differs (only the limit passes with time).
+#[tokio::test]
+async fn a_refused_vhost_says_why() {
+    let vhost = TestVhost::new("refused-vhost");
+    let rabbitmqctl = mailroom_tests::rabbit::rabbitmqctl;
+    rabbitmqctl(&[
+        "set_vhost_limits",
+        "-p",
+        vhost.name(),
+        r#"{"max-connections": 0}"#,
+    ]);
+    let err = Broker::connect(&vhost.settings())
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, AmqpError::NotAllowed { .. }), "{err:?}");
+    assert!(err.to_string().contains("connection limit"), "{err}");
+    assert!(
+        err.is_transient(),
+        "a place frees up when a connection closes"
+    );
+
+    rabbitmqctl(&["clear_vhost_limits", "-p", vhost.name()]);
+    rabbitmqctl(&["clear_permissions", "-p", vhost.name(), "guest"]);
+    let err = Broker::connect(&vhost.settings())
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, AmqpError::NotAllowed { .. }), "{err:?}");
+    assert!(err.to_string().contains("set_permissions"), "{err}");
+    assert!(!err.is_transient());
+}
+
 #[tokio::test]
 async fn a_wrong_password_is_refused_quickly_and_without_the_password() {
     let vhost = TestVhost::new("password");

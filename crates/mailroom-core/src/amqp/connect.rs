@@ -124,8 +124,11 @@ async fn one_round(
                 Refusal::AccessRefused => {
                     return Err(AmqpError::AccessRefused { url: shown.clone() });
                 }
-                Refusal::NotAllowed => {
-                    return Err(AmqpError::NotAllowed { url: shown.clone() });
+                Refusal::NotAllowed(reason) => {
+                    return Err(AmqpError::NotAllowed {
+                        url: shown.clone(),
+                        reason,
+                    });
                 }
                 // Connecting from the parsed URI, lapin's errors are the
                 // socket's, TLS's or the broker's: none quotes the URL.

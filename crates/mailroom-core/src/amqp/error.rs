@@ -28,11 +28,17 @@ pub enum AmqpError {
         /// The URL, password masked.
         url: String,
     },
-    /// The user may not use the vhost.
-    #[error("RabbitMQ at {url}: the user may not use this vhost (rabbitmqctl set_permissions)")]
+    /// The broker refused the vhost: the user has no permissions there,
+    /// or the vhost (or user) is at its connection limit.
+    #[error(
+        "RabbitMQ at {url} refused the vhost: {reason} (permissions: rabbitmqctl \
+         set_permissions; a connection limit: rabbitmqctl list_vhost_limits)"
+    )]
     NotAllowed {
         /// The URL, password masked.
         url: String,
+        /// The broker's words (they name the user and the vhost).
+        reason: String,
     },
     /// No broker answered.
     #[error("RabbitMQ unreachable at {urls}: {reason}")]
@@ -60,7 +66,12 @@ pub enum AmqpError {
 impl AmqpError {
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unreachable { .. } | Self::Broker(_))
+        match self {
+            Self::Unreachable { .. } | Self::Broker(_) => true,
+            // A connection frees a place under the limit when it closes.
+            Self::NotAllowed { reason, .. } => reason.contains("limit"),
+            _ => false,
+        }
     }
 }
 
@@ -109,8 +120,8 @@ impl PublishError {
 pub(crate) enum Refusal {
     /// Wrong user name or password.
     AccessRefused,
-    /// The user may not use the vhost.
-    NotAllowed,
+    /// The broker refused the vhost, for the reason given.
+    NotAllowed(String),
     /// A declaration clashed with what exists.
     PreconditionFailed(String),
     /// Anything else.
@@ -121,7 +132,9 @@ pub(crate) fn refusal(err: &lapin::Error) -> Refusal {
     match err.kind() {
         ErrorKind::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Refusal::AccessRefused,
-            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Refusal::NotAllowed,
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                Refusal::NotAllowed(amqp.get_message().to_string())
+            }
             AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => {
                 Refusal::PreconditionFailed(amqp.get_message().to_string())
             }
