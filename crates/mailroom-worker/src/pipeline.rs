@@ -22,7 +22,7 @@ use mailroom_core::job::SendJob;
 use mailroom_core::offload;
 use mailroom_core::seal::Keyring;
 use mailroom_core::settings::OnUncertain;
-use mailroom_core::telemetry::extract_context;
+use mailroom_core::telemetry::{OncePerSecond, extract_context};
 use mailroom_core::validate::Limits;
 use time::OffsetDateTime;
 use tracing::{Instrument as _, debug_span, field, info_span};
@@ -228,7 +228,10 @@ impl Pipeline {
                 return end(Some(job), None, verdict);
             }
             Err(err) => {
-                tracing::warn!(error = %err, "Redis unavailable: job deferred, not sent blind");
+                static THROTTLE: OncePerSecond = OncePerSecond::new();
+                if let Some(held) = THROTTLE.pass() {
+                    tracing::warn!(error = %err, held, "Redis unavailable: job deferred, not sent blind");
+                }
                 let verdict = Verdict::Defer {
                     delay: REDIS_DOWN_DELAY,
                     why: "redis unavailable",
@@ -344,7 +347,10 @@ impl Pipeline {
     /// inform, the queue and the dedup key are what must be durable.
     pub(crate) async fn record(&self, update: StatusUpdate) {
         if let Err(err) = self.status.record(&update).await {
-            tracing::warn!(error = %err, "job status not recorded");
+            static THROTTLE: OncePerSecond = OncePerSecond::new();
+            if let Some(held) = THROTTLE.pass() {
+                tracing::warn!(error = %err, held, "job status not recorded");
+            }
         }
     }
 }

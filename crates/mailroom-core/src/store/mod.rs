@@ -241,8 +241,11 @@ pub const REFUSALS_KEPT: Duration = Duration::from_secs(2);
 fn classify(url: &str, err: &redis::RedisError) -> StoreError {
     // Before the reachability tests: the client counts a refused login as
     // a reason to reconnect.
+    // A Redis that began to want a password closes the connection of a
+    // client that sends it a long command unauthenticated, and says so.
     if err.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(err.code(), Some("NOAUTH" | "WRONGPASS"))
+        || err.to_string().contains("unauthenticated")
     {
         return StoreError::AuthFailed {
             url: url.to_owned(),

@@ -11,8 +11,10 @@
 mod amqp;
 mod batched;
 mod redact;
+mod throttle;
 
 pub use redact::{ERROR_TEXT_MAX, hide_known, mask_email, redact_error};
+pub use throttle::OncePerSecond;
 
 use std::io::IsTerminal as _;
 use std::time::Duration;

@@ -6,11 +6,11 @@
 //! failures all read alike, so a caller cannot tell a missing key from an
 //! unknown, expired or revoked one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use mailroom_core::telemetry::OncePerSecond;
 use mailroom_core::validate::ValidationErrors;
 use serde::Serialize;
 
@@ -258,12 +258,9 @@ impl Problem {
     /// [`unavailable`](Self::unavailable), saying in the log why: at most
     /// a line a second, since an outage fails every request alike.
     pub fn unavailable_because(what: &str, cause: &dyn std::fmt::Display) -> Self {
-        static LAST: AtomicU64 = AtomicU64::new(0);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
-        if LAST.swap(now, Ordering::Relaxed) != now {
-            tracing::warn!(error = %cause, "{what} is unavailable: answering 503");
+        static THROTTLE: OncePerSecond = OncePerSecond::new();
+        if let Some(held) = THROTTLE.pass() {
+            tracing::warn!(error = %cause, held, "{what} is unavailable: answering 503");
         }
         Self::unavailable(what)
     }
