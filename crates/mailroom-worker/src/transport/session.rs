@@ -171,12 +171,23 @@ impl Relay {
     }
 }
 
-/// Says EHLO and learns what the relay offers.
+/// Says EHLO and learns what the relay offers; to a relay that does not
+/// know EHLO, HELO, which offers nothing.
 async fn ehlo(mut wire: Wire, hello: &ClientId) -> Result<Session, SendError> {
-    let reply = wire
+    let mut reply = wire
         .command(Ehlo::new(hello.clone()))
         .await
         .map_err(Failure::Wire);
+    // RFC 5321 §4.1.4: a server that does not take EHLO refuses it with
+    // 500, 502, 504 or 550, and the client falls back to HELO.
+    if let Ok(refused) = &reply
+        && matches!(refused.code(), 500 | 502 | 504 | 550)
+    {
+        reply = wire
+            .command(format!("HELO {hello}\r\n"))
+            .await
+            .map_err(Failure::Wire);
+    }
     let learned = expect(reply, is_done, "EHLO").and_then(|reply| {
         let pipelining = reply
             .lines()

@@ -1338,6 +1338,24 @@ mod tests {
         }
     }
 
+    /// A relay that refuses EHLO (RFC 821 only) is greeted with HELO, and
+    /// takes messages without any extension.
+    #[tokio::test]
+    async fn a_relay_that_refuses_ehlo_is_greeted_with_helo() {
+        let script: Script = Arc::new(|verb: &str, _: &str| {
+            let reply = match verb {
+                "GREETING" => "220 old relay\r\n",
+                "EHLO" => "502 5.5.2 command not recognized\r\n",
+                "HELO" => "250 old relay\r\n",
+                "DATA" => "354 go on\r\n",
+                "QUIT" => "221 bye\r\n",
+                _ => "250 ok\r\n",
+            };
+            reply.as_bytes().to_vec()
+        });
+        each_taken_once(script, &["one", "two"], true, "no EHLO").await;
+    }
+
     /// A refusal that comes late for one message is read as the reply to
     /// the next one's MAIL on the same connection: that refusal is asked
     /// again on a fresh connection, where the relay accepts the message.
