@@ -172,6 +172,25 @@ async fn an_invalid_message_exits_non_zero_and_publishes_nothing() {
     assert_eq!(env.vhost.work_depth().await, 0);
 }
 
+/// With stderr captured, as a script has it, every rejected line is
+/// named, not the first 50.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejected_line_is_named_to_a_script() {
+    let env = Env::new("cli-rejections");
+    let input = "not json\n".repeat(120);
+    let out = env.run(&["send", "--json", "-"], Some(&input));
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for line in [1, 50, 51, 120] {
+        assert!(
+            stderr.contains(&format!("line {line}: ")),
+            "line {line}: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("more"), "{stderr}");
+    assert!(stderr.contains("enqueued 0, rejected 120"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ndjson_is_sent_with_a_summary_by_line() {
     let env = Env::new("cli-ndjson");

@@ -249,25 +249,41 @@ fn guessed_type(path: &Path) -> String {
     }
 }
 
-/// Rejections: the first [`MAX_SHOWN_REJECTIONS`] said as they happen
-/// (a job piped in is answered at once, not at the end of the input), the
-/// rest counted.
-#[derive(Default)]
+/// Rejections, each said as it happens (a job piped in is answered at
+/// once, not at the end of the input): every one when stderr goes to a
+/// file or a pipe, where a script needs them all; on a terminal the first
+/// [`MAX_SHOWN_REJECTIONS`], the rest counted.
 struct Rejections {
     count: usize,
+    shown: usize,
+}
+
+impl Default for Rejections {
+    fn default() -> Self {
+        use std::io::IsTerminal as _;
+        let shown = if std::io::stderr().is_terminal() {
+            MAX_SHOWN_REJECTIONS
+        } else {
+            usize::MAX
+        };
+        Self { count: 0, shown }
+    }
 }
 
 impl Rejections {
     fn add(&mut self, line: usize, reason: &str, progress: &ProgressBar) {
         self.count += 1;
-        if self.count <= MAX_SHOWN_REJECTIONS {
+        if self.count <= self.shown {
             progress.suspend(|| eprintln!("line {line}: {}", shorten(reason)));
         }
     }
 
     fn print(&self) {
-        if self.count > MAX_SHOWN_REJECTIONS {
-            eprintln!("... and {} more", self.count - MAX_SHOWN_REJECTIONS);
+        if self.count > self.shown {
+            eprintln!(
+                "... and {} more (all are listed when stderr is not a terminal: 2> rejected.txt)",
+                self.count - self.shown
+            );
         }
     }
 }
