@@ -1,7 +1,8 @@
 //! Log lines captured from the code under test, for tests that check what
 //! the logs say (and what they must never say).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, Once, PoisonError};
 
 use serde_json::Value;
 
@@ -23,18 +24,60 @@ impl std::io::Write for Captured {
     }
 }
 
+thread_local! {
+    // Where this thread's log lines go while a capture's guard lives.
+    static CURRENT: RefCell<Option<Captured>> = const { RefCell::new(None) };
+}
+
+/// Writes to this thread's capture, if any.
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CURRENT.with(|current| match current.borrow_mut().as_mut() {
+            Some(captured) => captured.write(buf),
+            None => Ok(buf.len()),
+        })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Ends a capture when dropped.
+pub struct CaptureGuard {
+    previous: Option<Captured>,
+}
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        CURRENT.with(|current| *current.borrow_mut() = previous);
+    }
+}
+
 impl Captured {
     /// Captures this thread's logs, as JSON lines, until the guard is
     /// dropped (an in-process API on a current-thread runtime runs its
-    /// tasks on it).
-    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    /// tasks on it). One process-wide subscriber writes every thread's
+    /// lines to that thread's capture: a subscriber set for one thread
+    /// only lost events now and then, when another test's thread
+    /// registered the same call sites at the same moment (tracing caches
+    /// whether a call site is wanted process-wide).
+    pub fn install(&self) -> CaptureGuard {
+        static GLOBAL: Once = Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(|| ThreadWriter)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in a test that captures logs");
+        });
+        let previous = CURRENT.with(|current| current.replace(Some(self.clone())));
+        CaptureGuard { previous }
     }
 
     /// Everything written so far.
