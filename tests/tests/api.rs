@@ -1011,6 +1011,44 @@ fn assert_unavailable(answer: &Answer) {
     assert!(answer.headers.contains_key("retry-after"));
 }
 
+/// A full work queue (the broker nacks) is a 503 that says so, not a
+/// broker "unavailable"; once it takes messages again, so does the API.
+#[tokio::test]
+async fn a_full_work_queue_is_503_saying_so_and_passes() {
+    let stack = Stack::new("api-full");
+    let api = stack.api().await;
+    let router = api.router();
+    let key = key(&api, "acme").await;
+    let queue = mailroom_core::wire::work_queue(mailroom_core::job::Lane::Transactional);
+    rabbitmqctl(&[
+        "set_policy",
+        "-p",
+        stack.vhost.name(),
+        "full",
+        &format!("^{queue}$"),
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let start = std::time::Instant::now();
+    let refused = loop {
+        let answer = send_as(&router, &key).await;
+        if answer.status != StatusCode::ACCEPTED {
+            break answer;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never refused");
+    };
+    assert_unavailable(&refused);
+    let detail = refused.body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("refused the job"), "{detail}");
+    rabbitmqctl(&["clear_policy", "-p", stack.vhost.name(), "full"]);
+    let start = std::time::Instant::now();
+    while send_as(&router, &key).await.status != StatusCode::ACCEPTED {
+        assert!(start.elapsed() < Duration::from_secs(20), "still refused");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_broker_out_of_reach_is_503_with_retry_after_and_nothing_done() {
     let stack = Stack::new("api-503");

@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use mailroom_core::amqp::PublishError;
 use mailroom_core::job::{JobId, JobRequest};
 use mailroom_core::offload;
 use mailroom_core::settings::ApiSettings;
@@ -455,7 +456,18 @@ async fn accept(
         .await
         .map_err(|err| match err {
             EnqueueError::Invalid(errors) => Problem::invalid(&errors),
-            EnqueueError::Publish(err) => Problem::unavailable_because("the broker", &err),
+            EnqueueError::Publish(err) => {
+                // Said as the client can act on it; the log has the rest.
+                let what = match err {
+                    PublishError::Nacked => "the broker's work queue (it refused the job: full?)",
+                    PublishError::Unroutable { .. } => {
+                        "the broker's work queue (none is bound for the job)"
+                    }
+                    PublishError::Blocked => "the broker (a memory or disk alarm)",
+                    _ => "the broker",
+                };
+                Problem::unavailable_because(what, &err)
+            }
             EnqueueError::Seal(_) => {
                 tracing::error!(error = %err, "a job could not be sealed");
                 Problem::unavailable("sealing")
