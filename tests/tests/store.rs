@@ -9,10 +9,25 @@ use mailroom_tests::redis::{PrivateRedis, TestPrefix};
 use mailroom_tests::stack::base_settings;
 
 async fn risks(redis: &PrivateRedis) -> Result<Vec<Risk>, StoreError> {
-    let store = RedisStore::connect(&redis.settings("mailroom-test:"))
+    connected(redis).await.setup_risks().await
+}
+
+async fn connected(redis: &PrivateRedis) -> RedisStore {
+    RedisStore::connect(&redis.settings("mailroom-test:"))
         .await
-        .expect("connected");
-    store.setup_risks().await
+        .expect("connected")
+}
+
+/// `CONFIG SET setting value` on the server behind `store`.
+async fn config_set(store: &RedisStore, setting: &str, value: &str) {
+    let mut admin = store.connection();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(setting)
+        .arg(value)
+        .query_async(&mut admin)
+        .await
+        .expect("CONFIG SET");
 }
 
 #[tokio::test]
@@ -117,9 +132,7 @@ async fn a_refused_login_fails_at_once_and_says_so() {
 #[tokio::test]
 async fn readiness_needs_a_redis_that_takes_writes_not_one_that_answers_ping() {
     let redis = PrivateRedis::start();
-    let store = RedisStore::connect(&redis.settings("mailroom-test:"))
-        .await
-        .expect("connected");
+    let store = connected(&redis).await;
     store
         .takes_writes()
         .await
@@ -131,17 +144,11 @@ async fn readiness_needs_a_redis_that_takes_writes_not_one_that_answers_ping() {
         // missing.
         ("min-replicas-to-write", "1", "0"),
     ] {
-        let set = |value: &str| {
-            let mut command = redis::cmd("CONFIG");
-            command.arg("SET").arg(setting).arg(value);
-            command
-        };
-        let mut admin = store.connection();
-        let _: () = set(value).query_async(&mut admin).await.expect("set");
+        config_set(&store, setting, value).await;
         store.ping().await.expect("it still answers PING");
         let err = store.takes_writes().await.expect_err(setting);
         assert!(matches!(err, StoreError::Command(_)), "{setting}: {err:?}");
-        let _: () = set(then).query_async(&mut admin).await.expect("reset");
+        config_set(&store, setting, then).await;
         store.takes_writes().await.expect(setting);
     }
 }
@@ -170,18 +177,10 @@ async fn a_command_line_connection_fails_at_once_when_redis_is_away() {
 #[tokio::test]
 async fn a_refused_write_of_the_work_fails_readiness_for_a_moment() {
     let redis = PrivateRedis::start();
-    let store = RedisStore::connect(&redis.settings("mailroom-test:"))
-        .await
-        .expect("connected");
+    let store = connected(&redis).await;
     let statuses =
         mailroom_core::status::StatusStore::new(store.clone(), std::time::Duration::from_mins(1));
-    let config = |value: &str| {
-        let mut command = redis::cmd("CONFIG");
-        command.arg("SET").arg("maxmemory").arg(value);
-        command
-    };
-    let mut admin = store.connection();
-    let _: () = config("1").query_async(&mut admin).await.expect("set");
+    config_set(&store, "maxmemory", "1").await;
     let job = mailroom_core::job::SendJob::from_request(
         mailroom_core::job::JobRequest {
             tenant: None,
@@ -201,7 +200,7 @@ async fn a_refused_write_of_the_work_fails_readiness_for_a_moment() {
     let update =
         mailroom_core::status::StatusUpdate::new(&job, mailroom_core::status::JobState::Queued);
     statuses.record(&update).await.expect_err("out of memory");
-    let _: () = config("0").query_async(&mut admin).await.expect("reset");
+    config_set(&store, "maxmemory", "0").await;
     let err = store
         .takes_writes()
         .await

@@ -281,6 +281,16 @@ async fn declaring_twice_is_fine_and_a_clashing_queue_is_named() {
     }
 }
 
+/// The error connecting to `vhost` gives: the broker refused the vhost.
+async fn refused(vhost: &TestVhost) -> AmqpError {
+    let err = Broker::connect(&vhost.settings())
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, AmqpError::NotAllowed { .. }), "{err:?}");
+    err
+}
+
 /// A vhost the user has no permissions on, and one at its connection
 /// limit, are refused with the broker's reason: the operator's fix
 /// differs (only the limit passes with time).
@@ -294,11 +304,7 @@ async fn a_refused_vhost_says_why() {
         vhost.name(),
         r#"{"max-connections": 0}"#,
     ]);
-    let err = Broker::connect(&vhost.settings())
-        .await
-        .err()
-        .expect("refused");
-    assert!(matches!(err, AmqpError::NotAllowed { .. }), "{err:?}");
+    let err = refused(&vhost).await;
     assert!(err.to_string().contains("connection limit"), "{err}");
     assert!(
         err.is_transient(),
@@ -307,11 +313,7 @@ async fn a_refused_vhost_says_why() {
 
     rabbitmqctl(&["clear_vhost_limits", "-p", vhost.name()]);
     rabbitmqctl(&["clear_permissions", "-p", vhost.name(), "guest"]);
-    let err = Broker::connect(&vhost.settings())
-        .await
-        .err()
-        .expect("refused");
-    assert!(matches!(err, AmqpError::NotAllowed { .. }), "{err:?}");
+    let err = refused(&vhost).await;
     assert!(err.to_string().contains("set_permissions"), "{err}");
     assert!(!err.is_transient());
 }

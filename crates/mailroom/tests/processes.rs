@@ -106,6 +106,16 @@ impl MailroomProcess {
         }
     }
 
+    /// The health port's address, as the worker's start line gives it.
+    async fn health_address(&self) -> String {
+        let started = self.wait_for_line("worker started").await;
+        let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON log line");
+        line["fields"]["health"]
+            .as_str()
+            .expect("health address")
+            .to_owned()
+    }
+
     /// The log's ERROR lines: a clean stop has none.
     fn errors(&self) -> Vec<String> {
         let text = self.log_text();
@@ -383,15 +393,12 @@ async fn while_it_drains_the_worker_answers_probes_and_says_it_is_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
     enqueue(&stack, 4).await;
     let mut worker = MailroomProcess::worker(&stack, dir.path(), "worker");
-    let started = worker.wait_for_line("worker started").await;
-    let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON log line");
-    let health = line["fields"]["health"].as_str().expect("health address");
+    let health = worker.health_address().await;
+    let health = health.as_str();
     // The jobs are in the relay's hands, which answers slowly.
     tokio::time::sleep(Duration::from_millis(500)).await;
     worker.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let get =
-        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n");
     let alive = exchange(health, &get("/healthz")).await;
     assert!(alive.starts_with("HTTP/1.1 200"), "{alive}");
     let ready = exchange(health, &get("/readyz")).await;
@@ -410,14 +417,9 @@ async fn a_fresh_worker_exports_every_counter_at_zero_and_refuses_oversized_head
     let stack = Stack::new("metrics", &SmtpOptions::default());
     let dir = tempfile::tempdir().expect("tempdir");
     let mut worker = MailroomProcess::worker(&stack, dir.path(), "worker");
-    let started = worker.wait_for_line("worker started").await;
-    let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON log line");
-    let health = line["fields"]["health"].as_str().expect("health address");
-    let metrics = exchange(
-        health,
-        "GET /metrics HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let health = worker.health_address().await;
+    let health = health.as_str();
+    let metrics = exchange(health, &get("/metrics")).await;
     for series in [
         r#"mailroom_jobs_total{outcome="sent"} 0"#,
         r#"mailroom_jobs_total{outcome="dead"} 0"#,
@@ -508,6 +510,11 @@ impl Collector {
 
 /// Sends `request` (one that asks to close the connection) to `address`;
 /// the whole answer.
+/// A `GET` of `path` on the health port, closing the connection after it.
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n")
+}
+
 async fn exchange(address: &str, request: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await

@@ -1133,11 +1133,20 @@ mod tests {
     const NO_PIPELINING: &str = "250 relay\r\n";
 
     fn plain_transport(port: u16, pool_size: u32) -> SmtpTransport {
+        plain_transport_within(port, pool_size, Duration::from_secs(5))
+    }
+
+    /// [`plain_transport`] with `command_timeout`.
+    fn plain_transport_within(
+        port: u16,
+        pool_size: u32,
+        command_timeout: Duration,
+    ) -> SmtpTransport {
         SmtpTransport::new(&SmtpSettings {
             url: Secret::new(format!("smtp://127.0.0.1:{port}")),
             tls: TlsMode::None,
             pool_size,
-            command_timeout: Duration::from_secs(5),
+            command_timeout,
             ..SmtpSettings::default()
         })
         .expect("transport")
@@ -1315,14 +1324,7 @@ mod tests {
                 reply.as_bytes().to_vec()
             });
             let (port, taken) = scripted_relay(script).await;
-            let transport = SmtpTransport::new(&SmtpSettings {
-                url: Secret::new(format!("smtp://127.0.0.1:{port}")),
-                tls: TlsMode::None,
-                pool_size: 1,
-                command_timeout: Duration::from_millis(500),
-                ..SmtpSettings::default()
-            })
-            .expect("transport");
+            let transport = plain_transport_within(port, 1, Duration::from_millis(500));
             let outcomes = send_all(&transport, &["m1 unanswered", "m2"], true).await;
             assert!(
                 matches!(&outcomes[0], Err(SendError::Uncertain { .. })),
