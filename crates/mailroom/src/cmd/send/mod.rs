@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::shown;
 use lines::Entries;
 use queued::Queued;
 
@@ -31,10 +32,11 @@ const CHUNK: usize = 2_000;
 /// Longest a job read from a file waits for its chunk to fill.
 const LINGER: Duration = Duration::from_millis(50);
 
-/// Rejections printed in full; the rest are counted.
+/// Rejections printed on a terminal; the rest are counted.
 const MAX_SHOWN_REJECTIONS: usize = 50;
 
-/// Longest reason said for one refused line.
+/// Longest reason said for one refused line: a job with hundreds of bad
+/// fields is not worth a screenful each.
 const MAX_REASON_CHARS: usize = 1_000;
 
 /// Files at least this large (bytes) get a progress bar on a terminal.
@@ -274,7 +276,7 @@ impl Rejections {
     fn add(&mut self, line: usize, reason: &str, progress: &ProgressBar) {
         self.count += 1;
         if self.count <= self.shown {
-            progress.suspend(|| eprintln!("line {line}: {}", shorten(reason)));
+            progress.suspend(|| eprintln!("line {line}: {}", shown(reason, MAX_REASON_CHARS)));
         }
     }
 
@@ -285,15 +287,6 @@ impl Rejections {
                 self.count - self.shown
             );
         }
-    }
-}
-
-/// `reason` cut to [`MAX_REASON_CHARS`]: a job with hundreds of bad
-/// fields is not worth a screenful each.
-fn shorten(reason: &str) -> std::borrow::Cow<'_, str> {
-    match reason.char_indices().nth(MAX_REASON_CHARS) {
-        Some((end, _)) => format!("{}…", &reason[..end]).into(),
-        None => reason.into(),
     }
 }
 
