@@ -39,21 +39,48 @@ pub async fn settle(pipeline: &Pipeline, incoming: &Incoming, trip: Trip) -> Dis
         verdict,
         smtp,
     } = trip;
+    match verdict {
+        Verdict::Sent { code } => sent(pipeline, incoming, job, claim, smtp, code).await,
+        // Boxed: the other outcomes republish through the broker, a large
+        // future the common path, inline, would carry and move every time.
+        verdict => Box::pin(unsent(pipeline, incoming, job, claim, smtp, verdict)).await,
+    }
+}
+
+/// Makes a `Sent` verdict durable: the claim becomes `sent`.
+async fn sent(
+    pipeline: &Pipeline,
+    incoming: &Incoming,
+    job: Option<SendJob>,
+    claim: Option<ClaimToken>,
+    smtp: Option<Duration>,
+    code: u16,
+) -> Disposition {
+    tracing::Span::current().record("mailroom.outcome", "sent");
+    if let (Some(job), Some(token)) = (&job, claim) {
+        mark_sent(pipeline, job, token, incoming.attempt).await;
+        let end_to_end = (OffsetDateTime::now_utc() - job.created_at)
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        metrics::delivered(end_to_end, smtp.unwrap_or_default());
+    }
+    tracing::info!(code, attempt = incoming.attempt, "sent");
+    metrics::job("sent");
+    Disposition::Ack
+}
+
+/// Makes a verdict other than `Sent` durable.
+async fn unsent(
+    pipeline: &Pipeline,
+    incoming: &Incoming,
+    job: Option<SendJob>,
+    claim: Option<ClaimToken>,
+    smtp: Option<Duration>,
+    verdict: Verdict,
+) -> Disposition {
     let span = tracing::Span::current();
     match verdict {
-        Verdict::Sent { code } => {
-            span.record("mailroom.outcome", "sent");
-            if let (Some(job), Some(token)) = (&job, claim) {
-                mark_sent(pipeline, job, token, incoming.attempt).await;
-                let end_to_end = (OffsetDateTime::now_utc() - job.created_at)
-                    .try_into()
-                    .unwrap_or(Duration::ZERO);
-                metrics::delivered(end_to_end, smtp.unwrap_or_default());
-            }
-            tracing::info!(code, attempt = incoming.attempt, "sent");
-            metrics::job("sent");
-            Disposition::Ack
-        }
+        Verdict::Sent { code } => sent(pipeline, incoming, job, claim, smtp, code).await,
         Verdict::Duplicate { first } => {
             span.record("mailroom.outcome", "duplicate");
             if let Some(job) = &job {

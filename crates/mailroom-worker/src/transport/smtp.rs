@@ -278,7 +278,9 @@ impl SmtpTransport {
         if self.stopping.is_cancelled() {
             return Err(SendError::Withheld(Withheld::Stopping));
         }
-        let mut session = self.relay.connect().await?;
+        // Boxed: opening a session (TCP, STARTTLS, AUTH) is a large future,
+        // rarely run; inline, every send would carry (and move) its space.
+        let mut session = Box::pin(self.relay.connect()).await?;
         let ended = self
             .transact(&mut session, message, &mut hand_over, Opening::ToWrite)
             .await;

@@ -43,8 +43,10 @@ pub enum WireError {
 
 /// A connection to a relay and the bytes read from it, not yet replies.
 pub struct Wire {
+    /// Boxed: with its TLS state it is over a kilobyte, and a session is
+    /// moved (pooled, handed over) and held in every send's future.
     #[allow(deprecated)]
-    stream: AsyncNetworkStream,
+    stream: Box<AsyncNetworkStream>,
     unread: Vec<u8>,
     /// Kept to read into, so a read dropped at a timeout loses nothing.
     chunk: Vec<u8>,
@@ -59,7 +61,7 @@ impl Wire {
     #[allow(deprecated)]
     pub fn new(stream: AsyncNetworkStream) -> Self {
         Self {
-            stream,
+            stream: Box::new(stream),
             unread: Vec::new(),
             chunk: vec![0; READ_CHUNK],
             broken: false,
