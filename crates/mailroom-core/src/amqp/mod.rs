@@ -339,6 +339,14 @@ impl Broker {
         if current.alive() {
             return Ok(current);
         }
+        // Boxed: reconnecting is a large future, rarely run; inline, every
+        // publish would carry (and move) its space.
+        Box::pin(self.reconnect()).await
+    }
+
+    /// A session in place of the lost one: opened here, or by the caller
+    /// already reconnecting.
+    async fn reconnect(&self) -> Result<Arc<Session>, AmqpError> {
         let inner = &self.inner;
         let alive = async {
             let current = inner.session.read().await.clone();
@@ -371,7 +379,7 @@ impl Broker {
         {
             return Ok(Cow::Owned(channel.clone()));
         }
-        let channel = confirm_channel(&session.connection)
+        let channel = Box::pin(confirm_channel(&session.connection))
             .await
             .map_err(|err| PublishError::Connection(err.to_string()))?;
         *replaced = Some((channel.clone(), Instant::now()));
