@@ -181,22 +181,7 @@ async fn a_refused_write_of_the_work_fails_readiness_for_a_moment() {
     let statuses =
         mailroom_core::status::StatusStore::new(store.clone(), std::time::Duration::from_mins(1));
     config_set(&store, "maxmemory", "1").await;
-    let job = mailroom_core::job::SendJob::from_request(
-        mailroom_core::job::JobRequest {
-            tenant: None,
-            idempotency_key: None,
-            lane: mailroom_core::job::Lane::Transactional,
-            expires_at: None,
-            message: mailroom_core::job::EmailMessage {
-                from: "shop@example.com".to_owned(),
-                to: vec!["ada@example.org".to_owned()],
-                subject: "hi".to_owned(),
-                text: Some("hi".to_owned()),
-                ..Default::default()
-            },
-        },
-        "acme",
-    );
+    let job = mailroom_tests::job("ada@example.org", "hi", "hi");
     let update =
         mailroom_core::status::StatusUpdate::new(&job, mailroom_core::status::JobState::Queued);
     statuses.record(&update).await.expect_err("out of memory");

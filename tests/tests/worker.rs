@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use lapin::options::BasicGetOptions;
 use mailroom_core::amqp::{Broker, Outgoing};
-use mailroom_core::job::{Attachment, EmailMessage, JobId, JobRequest, Lane, SendJob};
+use mailroom_core::job::{Attachment, JobId, Lane, SendJob};
 use mailroom_core::settings::{OnUncertain, Secret, Settings};
 use mailroom_core::status::{JobState, JobStatus, StatusStore, StatusUpdate};
 use mailroom_core::store::RedisStore;
@@ -75,18 +75,10 @@ async fn start_worker(settings: &Settings) -> Running {
 }
 
 fn job(subject: &str) -> SendJob {
-    SendJob::from_request(
-        JobRequest {
-            message: EmailMessage {
-                from: "Shop <shop@example.com>".to_owned(),
-                to: vec!["Ada <ada@example.org>".to_owned()],
-                subject: subject.to_owned(),
-                text: Some(format!("Body of {subject}")),
-                ..EmailMessage::default()
-            },
-            ..JobRequest::default()
-        },
-        "acme",
+    mailroom_tests::job(
+        "Ada <ada@example.org>",
+        subject,
+        &format!("Body of {subject}"),
     )
 }
 

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use mailroom_core::job::{EmailMessage, JobId, JobRequest, SendJob};
+use mailroom_core::job::{JobId, SendJob};
 use mailroom_core::settings::OnUncertain;
 use mailroom_producer::Producer;
 use mailroom_producer::api::Api;
@@ -138,18 +138,10 @@ impl Drop for MailroomProcess {
 }
 
 fn job(n: usize) -> SendJob {
-    SendJob::from_request(
-        JobRequest {
-            message: EmailMessage {
-                from: "Shop <shop@example.com>".to_owned(),
-                to: vec![format!("reader{n}@example.org")],
-                subject: format!("message {n}"),
-                text: Some(format!("body {n}")),
-                ..EmailMessage::default()
-            },
-            ..JobRequest::default()
-        },
-        "acme",
+    mailroom_tests::job(
+        &format!("reader{n}@example.org"),
+        &format!("message {n}"),
+        &format!("body {n}"),
     )
 }
 
