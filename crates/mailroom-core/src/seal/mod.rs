@@ -92,7 +92,10 @@ impl Keyring {
         let mut body = Vec::with_capacity(HEADER_LEN + encoded_len_hint(job) + TAG_LEN);
         body.push(version);
         body.extend_from_slice(&nonce);
-        let encoded = serde_json::to_writer(&mut body, job);
+        // sonic-rs, not serde_json: the same JSON (the worker reads it with
+        // serde_json), but its SIMD escaping of the bodies' text is about
+        // 4x faster, and this is most of a producer's own CPU per job.
+        let encoded = sonic_rs::to_writer(&mut body, job);
         let tag = encoded
             .ok()
             .and_then(|()| xchacha::seal(key.bytes(), &nonce, &ad, &mut body[HEADER_LEN..]));
