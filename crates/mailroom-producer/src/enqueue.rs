@@ -32,6 +32,30 @@ struct Inner {
     limits: Limits,
 }
 
+/// A job sealed and addressed by [`Producer::seal`], for
+/// [`Producer::publish`].
+pub struct ReadyJob {
+    id: JobId,
+    span: tracing::Span,
+    outgoing: Outgoing,
+}
+
+impl std::fmt::Debug for ReadyJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the body: even sealed, kilobytes of it say nothing here.
+        f.debug_struct("ReadyJob")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadyJob {
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        self.id
+    }
+}
+
 /// A job that passed validation, so [`Producer::enqueue_checked`] need not
 /// check it again. Made only by [`prepare`].
 #[derive(Clone, Debug)]
@@ -110,15 +134,30 @@ impl Producer {
     /// enqueued when it was not, and an error may be retried as it is (the
     /// worker's dedup absorbs a job published twice).
     pub async fn enqueue(&self, job: SendJob) -> Result<JobId, EnqueueError> {
-        offload::heavy(job.message.size(), || {
-            validate_job(&job, &self.inner.limits)
-        })
-        .map_err(EnqueueError::Invalid)?;
-        self.enqueue_checked(Checked(job)).await
+        let ready = self.check(job).and_then(|job| self.seal(job))?;
+        self.publish(ready).await
     }
 
     /// [`Producer::enqueue`] for a job [`prepare`] checked already.
     pub async fn enqueue_checked(&self, job: Checked) -> Result<JobId, EnqueueError> {
+        let ready = self.seal(job)?;
+        self.publish(ready).await
+    }
+
+    /// Validates `job` against this producer's limits.
+    pub fn check(&self, job: SendJob) -> Result<Checked, EnqueueError> {
+        offload::heavy(job.message.size(), || {
+            validate_job(&job, &self.inner.limits)
+        })
+        .map_err(EnqueueError::Invalid)?;
+        Ok(Checked(job))
+    }
+
+    /// The first half of an enqueue, all CPU: seals `job` and makes its
+    /// message, under a `mailroom.enqueue` span that [`Producer::publish`]
+    /// continues. Apart so that a batch can be sealed first and then
+    /// published back to back (see [`Producer::enqueue_many`]).
+    pub fn seal(&self, job: Checked) -> Result<ReadyJob, EnqueueError> {
         let job = job.0;
         let span = tracing::debug_span!(
             "mailroom.enqueue",
@@ -129,59 +168,65 @@ impl Producer {
             messaging.rabbitmq.destination.routing_key = tracing::field::Empty,
             messaging.message.id = %job.id,
         );
-        let id = job.id;
-        async {
-            let sealed = offload::heavy(job.message.size(), || self.inner.keyring.seal(&job))?;
-            let routing_key = WorkQueue::of(job.lane, sealed.body.len()).routing_key();
-            tracing::Span::current()
-                .record("messaging.rabbitmq.destination.routing_key", routing_key);
-            let mut table = FieldTable::default();
-            table.insert(
-                ShortString::from(headers::KID),
-                AMQPValue::LongString(LongString::from(sealed.kid.as_bytes())),
-            );
-            table.insert(
-                ShortString::from(headers::ATTEMPT),
-                AMQPValue::LongLongInt(1),
-            );
-            table.insert(
-                ShortString::from(headers::TENANT),
-                AMQPValue::LongString(LongString::from(job.tenant.as_bytes())),
-            );
-            table.insert(
-                ShortString::from(headers::LANE),
-                AMQPValue::LongString(LongString::from(job.lane.as_str().as_bytes())),
-            );
-            inject_span(&tracing::Span::current(), &mut table);
-            let properties = BasicProperties::default()
-                .with_delivery_mode(PERSISTENT)
-                .with_message_id(ShortString::from(id.to_string()))
-                .with_content_type(ShortString::from(CONTENT_TYPE))
-                .with_timestamp(u64::try_from(job.created_at.unix_timestamp()).unwrap_or(0))
-                .with_headers(table);
-            // Freed now, not after the confirm: a window of hundreds of
-            // large jobs awaiting theirs would otherwise hold every one.
-            drop(job);
-            self.inner
-                .broker
-                .publish(Outgoing {
-                    exchange: JOBS_EXCHANGE.to_owned(),
-                    routing_key: routing_key.to_owned(),
-                    body: sealed.body,
-                    properties,
-                    mandatory: true,
-                })
-                .await?;
-            Ok(id)
-        }
-        .instrument(span)
-        .await
+        let outgoing = span.in_scope(|| self.outgoing(&job))?;
+        Ok(ReadyJob {
+            id: job.id,
+            span,
+            outgoing,
+        })
+    }
+
+    /// The message that carries `job`, sealed, with the wire contract's
+    /// properties and headers and the current span's context.
+    fn outgoing(&self, job: &SendJob) -> Result<Outgoing, EnqueueError> {
+        let sealed = offload::heavy(job.message.size(), || self.inner.keyring.seal(job))?;
+        let routing_key = WorkQueue::of(job.lane, sealed.body.len()).routing_key();
+        tracing::Span::current().record("messaging.rabbitmq.destination.routing_key", routing_key);
+        let mut table = FieldTable::default();
+        table.insert(
+            ShortString::from(headers::KID),
+            AMQPValue::LongString(LongString::from(sealed.kid.as_bytes())),
+        );
+        table.insert(
+            ShortString::from(headers::ATTEMPT),
+            AMQPValue::LongLongInt(1),
+        );
+        table.insert(
+            ShortString::from(headers::TENANT),
+            AMQPValue::LongString(LongString::from(job.tenant.as_bytes())),
+        );
+        table.insert(
+            ShortString::from(headers::LANE),
+            AMQPValue::LongString(LongString::from(job.lane.as_str().as_bytes())),
+        );
+        inject_span(&tracing::Span::current(), &mut table);
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_message_id(ShortString::from(job.id.to_string()))
+            .with_content_type(ShortString::from(CONTENT_TYPE))
+            .with_timestamp(u64::try_from(job.created_at.unix_timestamp()).unwrap_or(0))
+            .with_headers(table);
+        Ok(Outgoing {
+            exchange: JOBS_EXCHANGE.to_owned(),
+            routing_key: routing_key.to_owned(),
+            body: sealed.body,
+            properties,
+            mandatory: true,
+        })
+    }
+
+    /// The second half of an enqueue: publishes a sealed job and returns
+    /// its id once the broker confirmed it (see [`Producer::enqueue`]).
+    pub async fn publish(&self, ready: ReadyJob) -> Result<JobId, EnqueueError> {
+        let ReadyJob { id, span, outgoing } = ready;
+        self.inner.broker.publish(outgoing).instrument(span).await?;
+        Ok(id)
     }
 
     /// Enqueues many jobs, keeping up to `amqp.publish_window` unconfirmed
     /// at once. One result a job, in order.
     pub async fn enqueue_many(&self, jobs: Vec<SendJob>) -> Vec<Result<JobId, EnqueueError>> {
-        self.pipelined(jobs, |job| self.enqueue(job)).await
+        self.pipelined(jobs, |job| self.check(job)).await
     }
 
     /// [`Producer::enqueue_many`] for jobs [`prepare`] checked already.
@@ -189,21 +234,33 @@ impl Producer {
         &self,
         jobs: Vec<Checked>,
     ) -> Vec<Result<JobId, EnqueueError>> {
-        self.pipelined(jobs, |job| self.enqueue_checked(job)).await
+        self.pipelined(jobs, Ok).await
     }
 
-    /// Runs `one` on each job, up to `amqp.publish_window` at once; the
-    /// results in the jobs' order.
-    async fn pipelined<T, F>(
+    /// Checks and seals each job, and publishes it, up to
+    /// `amqp.publish_window` unconfirmed at once; the results in the jobs'
+    /// order.
+    ///
+    /// Sealing is done as the stream is pulled, which `buffered` does for
+    /// every free place in the window before it polls a publish: when a
+    /// group of confirms frees places, their successors are sealed first
+    /// and then published back to back. lapin's I/O thread then writes
+    /// them in a few writes rather than one each, which costs the broker
+    /// less (measured in the README's producer benchmark).
+    async fn pipelined<T>(
         &self,
         jobs: Vec<T>,
-        one: impl FnMut(T) -> F,
-    ) -> Vec<Result<JobId, EnqueueError>>
-    where
-        F: Future<Output = Result<JobId, EnqueueError>>,
-    {
+        mut check: impl FnMut(T) -> Result<Checked, EnqueueError>,
+    ) -> Vec<Result<JobId, EnqueueError>> {
         let window = self.inner.broker.publish_window().max(1);
-        stream::iter(jobs).map(one).buffered(window).collect().await
+        stream::iter(jobs)
+            .map(|job| {
+                let ready = check(job).and_then(|job| self.seal(job));
+                async move { self.publish(ready?).await }
+            })
+            .buffered(window)
+            .collect()
+            .await
     }
 
     /// Closes the broker connection.

@@ -12,5 +12,5 @@ pub mod api;
 mod enqueue;
 mod error;
 
-pub use enqueue::{Checked, Producer, prepare};
+pub use enqueue::{Checked, Producer, ReadyJob, prepare};
 pub use error::{EnqueueError, ProducerError};
