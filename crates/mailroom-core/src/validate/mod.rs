@@ -208,7 +208,8 @@ fn longer_than(max: usize) -> String {
 }
 
 fn exceeds_chars(value: &str, max: usize) -> bool {
-    value.chars().nth(max).is_some()
+    // No more characters than bytes: most values need no count.
+    value.len() > max && value.chars().nth(max).is_some()
 }
 
 /// Checks text bound for a header: no CR, LF, NUL or other control character
@@ -340,7 +341,10 @@ fn check_bodies(message: &EmailMessage, report: &mut Report) {
             report.add(path, RULE_EMPTY);
         }
         // SMTP forbids NUL in a message, and a 7bit body carries it raw.
-        if body.as_deref().is_some_and(|b| b.contains('\0')) {
+        if body
+            .as_deref()
+            .is_some_and(|b| memchr::memchr(0, b.as_bytes()).is_some())
+        {
             report.add(path, "must not contain NUL characters");
         }
     }

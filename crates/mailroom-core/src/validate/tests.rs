@@ -712,3 +712,12 @@ fn field_error_display() {
     };
     assert_eq!(error.to_string(), "message.to[2]: not a valid mailbox");
 }
+
+#[test]
+fn limits_count_characters_not_bytes() {
+    let ten = "é".repeat(10);
+    assert!(!exceeds_chars(&ten, 10), "20 bytes, 10 characters");
+    assert!(exceeds_chars(&ten, 9));
+    assert!(!exceeds_chars("", 0));
+    assert!(exceeds_chars("a", 0));
+}
