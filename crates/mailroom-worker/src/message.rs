@@ -5,6 +5,7 @@
 //! same message: a receiver that sees a retry after an uncertain outcome
 //! can tell it is one. Bcc recipients are in the envelope, not the headers.
 
+use std::io::Write as _;
 use std::time::SystemTime;
 
 use lettre::address::{Address, Envelope};
@@ -91,12 +92,15 @@ pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
     }
     head.set(header::MIME_VERSION_1_0);
 
-    let mut raw = head.to_string().into_bytes();
-    raw.extend(body(
+    let mut raw = Vec::with_capacity(raw_len_hint(job));
+    // Writing into a Vec cannot fail.
+    let _ = write!(raw, "{head}");
+    body(
         message.text.as_deref(),
         message.html.as_deref(),
         &message.attachments,
-    )?);
+        &mut raw,
+    )?;
     Ok(OutgoingMessage {
         envelope,
         message_id,
@@ -104,13 +108,35 @@ pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
     })
 }
 
-/// The MIME body, its own headers first: the readable part or parts, then
-/// the attachments.
+/// Roughly the size of `job`'s message, so it is written into one buffer:
+/// the bodies, a third more for escapes, base64's third, and the headers.
+fn raw_len_hint(job: &SendJob) -> usize {
+    let message = &job.message;
+    let text =
+        message.text.as_ref().map_or(0, String::len) + message.html.as_ref().map_or(0, String::len);
+    let attachments: usize = message
+        .attachments
+        .iter()
+        .map(|a| a.content.len() / 3 * 4 + a.content.len() / 38 + 256)
+        .sum();
+    text + text / 3 + attachments + 1024
+}
+
+/// Writes the MIME body onto `raw`, its own headers first: the readable
+/// part or parts, then the attachments.
 fn body(
     text: Option<&str>,
     html: Option<&str>,
     attachments: &[JobAttachment],
-) -> Result<Vec<u8>, MessageError> {
+    raw: &mut Vec<u8>,
+) -> Result<(), MessageError> {
+    if attachments.is_empty() && (text.is_none() || html.is_none()) {
+        match (text, html) {
+            (None, Some(markup)) => text::write_part(markup, ContentType::TEXT_HTML, raw),
+            (text, _) => text::write_part(text.unwrap_or_default(), ContentType::TEXT_PLAIN, raw),
+        }
+        return Ok(());
+    }
     let plain = |text: &str| text::part(text, ContentType::TEXT_PLAIN);
     let html_part = |html: &str| text::part(html, ContentType::TEXT_HTML);
     let readable = match (text, html) {
@@ -123,10 +149,11 @@ fn body(
         (text, None) => Body::Single(plain(text.unwrap_or_default())),
     };
     if attachments.is_empty() {
-        return Ok(match readable {
+        raw.extend(match readable {
             Body::Single(part) => part.formatted(),
             Body::Alternative(parts) => parts.formatted(),
         });
+        return Ok(());
     }
     let mut mixed = match readable {
         Body::Single(part) => MultiPart::mixed().singlepart(part),
@@ -135,7 +162,8 @@ fn body(
     for (i, attachment) in attachments.iter().enumerate() {
         mixed = mixed.singlepart(attachment_part(i, attachment)?);
     }
-    Ok(mixed.formatted())
+    raw.extend(mixed.formatted());
+    Ok(())
 }
 
 /// An attachment, always base64: its bytes arrive as they were. lettre
