@@ -184,6 +184,26 @@ pub struct EmailMessage {
 }
 
 impl EmailMessage {
+    /// Roughly how many bytes the message takes written out, to size a
+    /// buffer once: [`EmailMessage::size`], plus one byte in `escapes` of
+    /// the bodies (for their escapes) and half the attachments (for
+    /// base64 and its line breaks).
+    pub fn written_len_hint(&self, escapes: usize) -> usize {
+        let bodies = [&self.text, &self.html]
+            .into_iter()
+            .map(|b| b.as_ref().map_or(0, String::len))
+            .fold(0, usize::saturating_add);
+        let attachments = self
+            .attachments
+            .iter()
+            .map(|a| a.content.len())
+            .fold(0, usize::saturating_add);
+        self.size()
+            .saturating_add(bodies / escapes.max(1))
+            .saturating_add(attachments / 2)
+            .saturating_add(1024)
+    }
+
     /// The message's size as counted against
     /// [`crate::validate::Limits::max_message_bytes`]: bodies, attachments
     /// (before base64), and everything that becomes a header.

@@ -92,7 +92,8 @@ pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
     }
     head.set(header::MIME_VERSION_1_0);
 
-    let mut raw = Vec::with_capacity(raw_len_hint(job));
+    // Quoted-printable escapes a third of a text at most.
+    let mut raw = Vec::with_capacity(message.written_len_hint(3));
     // Writing into a Vec cannot fail.
     let _ = write!(raw, "{head}");
     body(
@@ -106,20 +107,6 @@ pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
         message_id,
         raw,
     })
-}
-
-/// Roughly the size of `job`'s message, so it is written into one buffer:
-/// the bodies, a third more for escapes, base64's third, and the headers.
-fn raw_len_hint(job: &SendJob) -> usize {
-    let message = &job.message;
-    let text =
-        message.text.as_ref().map_or(0, String::len) + message.html.as_ref().map_or(0, String::len);
-    let attachments: usize = message
-        .attachments
-        .iter()
-        .map(|a| a.content.len() / 3 * 4 + a.content.len() / 38 + 256)
-        .sum();
-    text + text / 3 + attachments + 1024
 }
 
 /// Writes the MIME body onto `raw`, its own headers first: the readable

@@ -63,20 +63,6 @@ fn associated_data(version: u8, kid: &str, id: &JobId, tenant: &str) -> Vec<u8> 
     ad
 }
 
-/// Roughly the JSON size of `job`, so the body is allocated once.
-fn encoded_len_hint(job: &SendJob) -> usize {
-    let message = &job.message;
-    let text =
-        message.text.as_ref().map_or(0, String::len) + message.html.as_ref().map_or(0, String::len);
-    let attachments: usize = message
-        .attachments
-        .iter()
-        .map(|a| a.content.len() / 3 * 4 + a.filename.len() + 64)
-        .sum();
-    // Escapes (quotes, newlines) grow text a little; the rest is small.
-    text + text / 8 + attachments + 1024
-}
-
 impl Keyring {
     /// Seals `job` under the active key.
     pub fn seal(&self, job: &SendJob) -> Result<Sealed, SealError> {
@@ -89,7 +75,9 @@ impl Keyring {
         let ad = associated_data(version, key.kid(), &job.id, &job.tenant);
         // The job is encoded straight into the body and encrypted where it
         // lies: one buffer, and no plaintext copy left behind once sealed.
-        let mut body = Vec::with_capacity(HEADER_LEN + encoded_len_hint(job) + TAG_LEN);
+        // JSON escapes (quotes, line breaks) grow a text a little.
+        let hint = job.message.written_len_hint(8);
+        let mut body = Vec::with_capacity(HEADER_LEN + hint + TAG_LEN);
         body.push(version);
         body.extend_from_slice(&nonce);
         // sonic-rs, not serde_json: the same JSON (the worker reads it with
