@@ -21,6 +21,11 @@ use crate::job::{JobId, SCHEMA_VERSION, SendJob};
 
 const HEADER_LEN: usize = 1 + NONCE_LEN;
 
+/// Jobs up to this size are written with sonic-rs, whose worst-case
+/// reservation (6 bytes a character) is then at most a few hundred KiB;
+/// larger ones with serde_json, into a buffer of about their size.
+const SONIC_MAX: usize = 64 * 1024;
+
 /// Why a body did not open. Deliberately says no more than which of three
 /// things went wrong: details would help an attacker, not an operator.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -74,19 +79,30 @@ impl Keyring {
         rand::fill(&mut nonce[..]);
         let ad = associated_data(version, key.kid(), &job.id, &job.tenant);
         // The job is encoded straight into the body and encrypted where it
-        // lies: one buffer, and no plaintext copy left behind once sealed.
+        // lies: one buffer, and no plaintext copy left behind once sealed,
+        // so the buffer is sized up front and never moved by growing.
         // JSON escapes (quotes, line breaks) grow a text a little.
         let hint = job.message.written_len_hint(8);
-        let mut body = Vec::with_capacity(HEADER_LEN + hint + TAG_LEN);
+        let small = job.message.size() <= SONIC_MAX;
+        // sonic-rs reserves room for every character of a string escaped
+        // (6 bytes each) before it writes one: give it that room now.
+        let room = if small { hint.saturating_mul(6) } else { hint };
+        let mut body = Vec::with_capacity(HEADER_LEN + room + TAG_LEN);
         body.push(version);
         body.extend_from_slice(&nonce);
-        // sonic-rs, not serde_json: the same JSON (the worker reads it with
-        // serde_json), but its SIMD escaping of the bodies' text is about
-        // 4x faster, and this is most of a producer's own CPU per job.
-        let encoded = sonic_rs::to_writer(&mut body, job);
-        let tag = encoded
-            .ok()
-            .and_then(|()| xchacha::seal(key.bytes(), &nonce, &ad, &mut body[HEADER_LEN..]));
+        // Both write the same JSON, and the worker reads it with
+        // serde_json; sonic-rs escapes text with SIMD, about 4x faster,
+        // which is most of a producer's own CPU a job.
+        let encoded = if small {
+            sonic_rs::to_writer(&mut body, job).is_ok()
+        } else {
+            serde_json::to_writer(&mut body, job).is_ok()
+        };
+        let tag = if encoded {
+            xchacha::seal(key.bytes(), &nonce, &ad, &mut body[HEADER_LEN..])
+        } else {
+            None
+        };
         let Some(tag) = tag else {
             body.zeroize();
             return Err(SealError::Encode);

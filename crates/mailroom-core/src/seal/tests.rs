@@ -150,6 +150,24 @@ fn rotation_keeps_old_jobs_and_retiring_drops_them() {
 }
 
 #[test]
+fn the_body_is_written_where_it_was_allocated() {
+    // A buffer that grew would have left a plaintext copy behind.
+    let ring = ring(&["k1"], "k1");
+    for (text, escaped) in [("\u{1}".repeat(2000), true), ("a".repeat(100_000), false)] {
+        let mut job = job();
+        job.message.text = Some(text);
+        job.message.to = (0..50).map(|i| format!("r{i}@example.org")).collect();
+        let hint = job.message.written_len_hint(8);
+        let small = job.message.size() <= SONIC_MAX;
+        assert_eq!(small, escaped);
+        let room = if small { hint * 6 } else { hint };
+        let sealed = ring.seal(&job).expect("seals");
+        assert_eq!(sealed.body.capacity(), HEADER_LEN + room + TAG_LEN);
+        assert_eq!(open(&ring, &job, &sealed), Ok(job));
+    }
+}
+
+#[test]
 fn errors_say_no_more_than_what_failed() {
     for (err, text) in [
         (SealError::UnknownKid, "unknown kid"),
