@@ -49,13 +49,6 @@ impl std::fmt::Debug for ReadyJob {
     }
 }
 
-impl ReadyJob {
-    /// The job's id.
-    pub fn id(&self) -> JobId {
-        self.id
-    }
-}
-
 /// A job that passed validation, so [`Producer::enqueue_checked`] need not
 /// check it again. Made only by [`prepare`].
 #[derive(Clone, Debug)]

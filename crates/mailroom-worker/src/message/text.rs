@@ -9,9 +9,7 @@
 //! when it can be, quoted-printable while at most a third of the bytes
 //! need escaping, base64 past that.
 
-use std::io::Write as _;
-
-use lettre::message::header::{ContentTransferEncoding, ContentType, Headers};
+use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Body, SinglePart};
 
 use crate::transport::{crlf_breaks, lines, rejoined};
@@ -30,20 +28,6 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 /// bare CR or bare LF) made CRLF.
 pub fn part(text: &str, content_type: ContentType) -> SinglePart {
     SinglePart::builder().header(content_type).body(body(text))
-}
-
-/// [`part`], formatted onto the end of `out`: the bytes of lettre's
-/// `SinglePart::formatted`, without the buffer it grows from empty and
-/// the copy into `out` (the readable part of most messages).
-pub fn write_part(text: &str, content_type: ContentType, out: &mut Vec<u8>) {
-    let body = body(text);
-    let mut headers = Headers::new();
-    headers.set(content_type);
-    headers.set(body.encoding());
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{headers}\r\n");
-    out.extend_from_slice(body.as_ref());
-    out.extend_from_slice(b"\r\n");
 }
 
 fn body(text: &str) -> Body {
@@ -169,19 +153,6 @@ mod tests {
     }
 
     proptest! {
-        #[test]
-        fn write_part_writes_what_lettre_formats(
-            text in "[a =\t.\r\né€😀\u{1}]{0,200}|[a-z \n]{0,300}",
-            html in any::<bool>(),
-        ) {
-            let kind = if html { ContentType::TEXT_HTML } else { ContentType::TEXT_PLAIN };
-            let mut out = b"head".to_vec();
-            write_part(&text, kind.clone(), &mut out);
-            let mut expected = b"head".to_vec();
-            expected.extend(part(&text, kind).formatted());
-            prop_assert_eq!(out, expected);
-        }
-
         /// Decoded, the encoding is the text with CRLF breaks; no line is
         /// over 76 characters or ends in whitespace.
         #[test]
