@@ -68,9 +68,60 @@ fn associated_data(version: u8, kid: &str, id: &JobId, tenant: &str) -> Vec<u8> 
     ad
 }
 
+thread_local! {
+    /// Where jobs up to `SONIC_MAX` are written and sealed, then copied
+    /// out at their size: the room sonic-rs wants (6 bytes a character) is
+    /// a large allocation each seal would otherwise make and free. Between
+    /// seals it holds only ciphertext, as it is encrypted in place.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The room `seal_into` needs for `job`, so it never grows its buffer.
+fn room(job: &SendJob) -> usize {
+    // JSON escapes (quotes, line breaks) grow a text a little.
+    let hint = job.message.written_len_hint(8);
+    // sonic-rs reserves room for every character of a string escaped
+    // (6 bytes each) before it writes one.
+    let hint = if small(job) {
+        hint.saturating_mul(6)
+    } else {
+        hint
+    };
+    HEADER_LEN + hint + TAG_LEN
+}
+
+/// Whether `job` is written with sonic-rs (or else serde_json).
+fn small(job: &SendJob) -> bool {
+    job.message.size() <= SONIC_MAX
+}
+
 impl Keyring {
     /// Seals `job` under the active key.
     pub fn seal(&self, job: &SendJob) -> Result<Sealed, SealError> {
+        let room = room(job);
+        if small(job) {
+            SCRATCH.with_borrow_mut(|scratch| {
+                scratch.clear();
+                scratch.reserve(room);
+                let kid = self.seal_into(job, scratch)?.to_owned();
+                Ok(Sealed {
+                    kid,
+                    // A clone is allocated at its length, not the scratch's room.
+                    body: scratch.clone(),
+                })
+            })
+        } else {
+            let mut body = Vec::with_capacity(room);
+            let kid = self.seal_into(job, &mut body)?.to_owned();
+            Ok(Sealed { kid, body })
+        }
+    }
+
+    /// Appends `job` sealed to `body`, which has `room(job)` to spare: the
+    /// job is encoded straight into it and encrypted where it lies, so no
+    /// plaintext copy is left behind by a buffer that grew and moved.
+    /// Returns the id of the key that sealed it.
+    fn seal_into(&self, job: &SendJob, body: &mut Vec<u8>) -> Result<&str, SealError> {
         let version = u8::try_from(job.schema).map_err(|_| SealError::Encode)?;
         let key = self.active();
         // From the thread's CSPRNG (ChaCha, reseeded from the OS): a
@@ -78,40 +129,29 @@ impl Keyring {
         let mut nonce = [0u8; NONCE_LEN];
         rand::fill(&mut nonce[..]);
         let ad = associated_data(version, key.kid(), &job.id, &job.tenant);
-        // The job is encoded straight into the body and encrypted where it
-        // lies: one buffer, and no plaintext copy left behind once sealed,
-        // so the buffer is sized up front and never moved by growing.
-        // JSON escapes (quotes, line breaks) grow a text a little.
-        let hint = job.message.written_len_hint(8);
-        let small = job.message.size() <= SONIC_MAX;
-        // sonic-rs reserves room for every character of a string escaped
-        // (6 bytes each) before it writes one: give it that room now.
-        let room = if small { hint.saturating_mul(6) } else { hint };
-        let mut body = Vec::with_capacity(HEADER_LEN + room + TAG_LEN);
+        let start = body.len();
         body.push(version);
         body.extend_from_slice(&nonce);
         // Both write the same JSON, and the worker reads it with
         // serde_json; sonic-rs escapes text with SIMD, about 4x faster,
         // which is most of a producer's own CPU a job.
-        let encoded = if small {
-            sonic_rs::to_writer(&mut body, job).is_ok()
+        let encoded = if small(job) {
+            sonic_rs::to_writer(&mut *body, job).is_ok()
         } else {
-            serde_json::to_writer(&mut body, job).is_ok()
+            serde_json::to_writer(&mut *body, job).is_ok()
         };
         let tag = if encoded {
-            xchacha::seal(key.bytes(), &nonce, &ad, &mut body[HEADER_LEN..])
+            xchacha::seal(key.bytes(), &nonce, &ad, &mut body[start + HEADER_LEN..])
         } else {
             None
         };
         let Some(tag) = tag else {
-            body.zeroize();
+            body[start..].zeroize();
+            body.truncate(start);
             return Err(SealError::Encode);
         };
         body.extend_from_slice(&tag);
-        Ok(Sealed {
-            kid: key.kid().to_owned(),
-            body,
-        })
+        Ok(key.kid())
     }
 
     /// Opens a body sealed for job `id` of `tenant` under key `kid`.

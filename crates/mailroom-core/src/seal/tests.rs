@@ -157,14 +157,31 @@ fn the_body_is_written_where_it_was_allocated() {
         let mut job = job();
         job.message.text = Some(text);
         job.message.to = (0..50).map(|i| format!("r{i}@example.org")).collect();
-        let hint = job.message.written_len_hint(8);
-        let small = job.message.size() <= SONIC_MAX;
-        assert_eq!(small, escaped);
-        let room = if small { hint * 6 } else { hint };
-        let sealed = ring.seal(&job).expect("seals");
-        assert_eq!(sealed.body.capacity(), HEADER_LEN + room + TAG_LEN);
+        assert_eq!(small(&job), escaped);
+        let mut body = Vec::with_capacity(room(&job));
+        let (capacity, at) = (body.capacity(), body.as_ptr());
+        ring.seal_into(&job, &mut body).expect("seals");
+        assert_eq!((body.capacity(), body.as_ptr()), (capacity, at));
+        let sealed = Sealed {
+            kid: "k1".into(),
+            body,
+        };
         assert_eq!(open(&ring, &job, &sealed), Ok(job));
     }
+}
+
+#[test]
+fn the_scratch_holds_only_ciphertext() {
+    let ring = ring(&["k1"], "k1");
+    let mut job = job();
+    job.message.text = Some("one-time code 481516 ".repeat(100));
+    let sealed = ring.seal(&job).expect("seals");
+    SCRATCH.with_borrow(|scratch| {
+        assert_eq!(scratch[..], sealed.body[..]);
+        assert!(!scratch.windows(6).any(|w| w == b"481516"));
+    });
+    assert_eq!(sealed.body.capacity(), sealed.body.len());
+    assert_eq!(open(&ring, &job, &sealed), Ok(job));
 }
 
 #[test]
