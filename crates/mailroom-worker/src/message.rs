@@ -57,7 +57,7 @@ pub struct OutgoingMessage {
 /// such an address vanished from `To` and such a sender failed the build.
 pub fn build_message(job: &SendJob) -> Result<OutgoingMessage, MessageError> {
     let message = &job.message;
-    let from = mailbox("from", &message.from)?;
+    let from = mailbox(&message.from, || "from".to_owned())?;
     let message_id = format!("<{}@{}>", job.id, from.email.domain());
     let to = mailboxes("to", &message.to)?;
     let cc = mailboxes("cc", &message.cc)?;
@@ -179,17 +179,17 @@ enum Body {
     Alternative(MultiPart),
 }
 
-fn mailbox(field: &str, text: &str) -> Result<Mailbox, MessageError> {
-    parse_mailbox(text).map_err(|_| MessageError::Mailbox {
-        field: field.to_owned(),
-    })
+/// `text` parsed; `field` names it only if it does not parse, so an
+/// address that does costs no name.
+fn mailbox(text: &str, field: impl FnOnce() -> String) -> Result<Mailbox, MessageError> {
+    parse_mailbox(text).map_err(|_| MessageError::Mailbox { field: field() })
 }
 
 /// Every mailbox of the list `field`.
 fn mailboxes(field: &str, list: &[String]) -> Result<Vec<Mailbox>, MessageError> {
     list.iter()
         .enumerate()
-        .map(|(i, text)| mailbox(&format!("{field}[{i}]"), text))
+        .map(|(i, text)| mailbox(text, || format!("{field}[{i}]")))
         .collect()
 }
 

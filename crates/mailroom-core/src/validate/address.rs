@@ -110,7 +110,9 @@ fn plain_mailbox(s: &str) -> Option<Mailbox> {
     if !plain {
         return None;
     }
-    let address = Address::new(user, domain).ok()?;
+    // Checked as `Address::new(user, domain)` checks it (the text holds one
+    // `@`), without its `format!`.
+    let address: Address = address.parse().ok()?;
     Some(Mailbox::new(name.map(str::to_owned), address))
 }
 
