@@ -320,7 +320,14 @@ impl SmtpTransport {
                 Ok(delivered(&reply))
             }
             Err((step, err)) => {
-                abort(&mut session.smtp).await;
+                // Refused here, before any of the message went: the
+                // connection is as it was, and a flood of such messages
+                // does not open one each.
+                if err.is_ours() && session.smtp.check_in_step().is_ok() {
+                    self.keep(session);
+                } else {
+                    abort(&mut session.smtp).await;
+                }
                 Err(err.into_send_error(step))
             }
         }
@@ -748,6 +755,12 @@ impl Failure {
     /// fresh one would not send again.
     fn is_network(&self) -> bool {
         matches!(self, Self::Wire(_) | Self::OutOfStep(_))
+    }
+
+    /// Decided here, from what the relay stated, before anything of the
+    /// message was written.
+    fn is_ours(&self) -> bool {
+        matches!(self, Self::TooLarge { .. } | Self::Unsupported(_))
     }
 
     fn into_send_error(self, step: Step) -> SendError {
@@ -1487,15 +1500,21 @@ mod tests {
     }
 
     /// A relay that states a `SIZE` limit gets `SIZE=` with MAIL, and a
-    /// message over the limit is refused for good before any of it goes;
-    /// a relay whose `SIZE` states no limit takes any.
+    /// message over the limit is refused for good before any of it goes,
+    /// on a connection kept for the next; a relay whose `SIZE` states no
+    /// limit takes any.
     #[tokio::test]
     async fn a_message_over_the_relays_size_is_refused_before_it_goes() {
         const LIMITED: &str = "250-relay\r\n250-PIPELINING\r\n250 SIZE 100\r\n";
         const UNLIMITED: &str = "250-relay\r\n250 SIZE\r\n";
         for (ehlo, big_goes) in [(LIMITED, false), (UNLIMITED, true)] {
             let usual = usual(ehlo, |_| "250 ok\r\n".to_owned());
+            let connections = Arc::new(AtomicU64::new(0));
+            let counted = Arc::clone(&connections);
             let script: Script = Arc::new(move |verb: &str, line: &str| {
+                if verb == "GREETING" {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
                 if verb == "MAIL" && !line.contains(" SIZE=") {
                     return b"555 5.5.4 SIZE= expected\r\n".to_vec();
                 }
@@ -1512,10 +1531,13 @@ mod tests {
                 raw: format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(200)).into_bytes(),
             });
             let sent = transport.send(&big, None).await;
+            let after = transport.send(&one_message(), None).await;
+            assert_eq!(after, Ok(Delivered { code: 250 }), "{ehlo:?}");
             transport.shutdown().await;
+            assert_eq!(connections.load(Ordering::Relaxed), 1, "{ehlo:?}");
             if big_goes {
                 assert_eq!(sent, Ok(Delivered { code: 250 }));
-                assert_eq!(taken.lock().expect("lock").len(), 2);
+                assert_eq!(taken.lock().expect("lock").len(), 3);
             } else {
                 match sent {
                     Err(SendError::Permanent { code: 552, detail }) => {
@@ -1523,7 +1545,7 @@ mod tests {
                     }
                     other => panic!("expected a 552, got {other:?}"),
                 }
-                assert_eq!(taken.lock().expect("lock").len(), 1, "only the small one");
+                assert_eq!(taken.lock().expect("lock").len(), 2, "only the small ones");
             }
         }
     }
