@@ -76,52 +76,74 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The room `seal_into` needs for `job`, so it never grows its buffer.
-fn room(job: &SendJob) -> usize {
-    // JSON escapes (quotes, line breaks) grow a text a little.
-    let hint = job.message.written_len_hint(8);
-    // sonic-rs reserves room for every character of a string escaped
-    // (6 bytes each) before it writes one.
-    let hint = if small(job) {
-        hint.saturating_mul(6)
-    } else {
-        hint
-    };
-    HEADER_LEN + hint + TAG_LEN
+/// How a job is written. Both write the same JSON, and the worker reads it
+/// with serde_json; sonic-rs escapes text with SIMD, about 4x faster, which
+/// is most of a producer's own CPU a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoder {
+    /// Jobs up to `SONIC_MAX`.
+    Sonic,
+    /// Larger ones, into a buffer of about their size.
+    SerdeJson,
 }
 
-/// Whether `job` is written with sonic-rs (or else serde_json).
-fn small(job: &SendJob) -> bool {
-    job.message.size() <= SONIC_MAX
+impl Encoder {
+    fn of(job: &SendJob) -> Self {
+        if job.message.size() <= SONIC_MAX {
+            Self::Sonic
+        } else {
+            Self::SerdeJson
+        }
+    }
+
+    /// The room `seal_into` needs for `job`, so it never grows its buffer.
+    fn room(self, job: &SendJob) -> usize {
+        // JSON escapes (quotes, line breaks) grow a text a little.
+        let hint = job.message.written_len_hint(8);
+        let hint = match self {
+            // sonic-rs reserves room for every character of a string
+            // escaped (6 bytes each) before it writes one.
+            Self::Sonic => hint.saturating_mul(6),
+            Self::SerdeJson => hint,
+        };
+        HEADER_LEN + hint + TAG_LEN
+    }
 }
 
 impl Keyring {
     /// Seals `job` under the active key.
     pub fn seal(&self, job: &SendJob) -> Result<Sealed, SealError> {
-        let room = room(job);
-        if small(job) {
-            SCRATCH.with_borrow_mut(|scratch| {
+        let encoder = Encoder::of(job);
+        let room = encoder.room(job);
+        match encoder {
+            Encoder::Sonic => SCRATCH.with_borrow_mut(|scratch| {
                 scratch.clear();
                 scratch.reserve(room);
-                let kid = self.seal_into(job, scratch)?.to_owned();
+                let kid = self.seal_into(job, encoder, scratch)?.to_owned();
                 Ok(Sealed {
                     kid,
                     // A clone is allocated at its length, not the scratch's room.
                     body: scratch.clone(),
                 })
-            })
-        } else {
-            let mut body = Vec::with_capacity(room);
-            let kid = self.seal_into(job, &mut body)?.to_owned();
-            Ok(Sealed { kid, body })
+            }),
+            Encoder::SerdeJson => {
+                let mut body = Vec::with_capacity(room);
+                let kid = self.seal_into(job, encoder, &mut body)?.to_owned();
+                Ok(Sealed { kid, body })
+            }
         }
     }
 
-    /// Appends `job` sealed to `body`, which has `room(job)` to spare: the
-    /// job is encoded straight into it and encrypted where it lies, so no
-    /// plaintext copy is left behind by a buffer that grew and moved.
-    /// Returns the id of the key that sealed it.
-    fn seal_into(&self, job: &SendJob, body: &mut Vec<u8>) -> Result<&str, SealError> {
+    /// Appends `job` sealed to `body`, which has `encoder.room(job)` to
+    /// spare: the job is encoded straight into it and encrypted where it
+    /// lies, so no plaintext copy is left behind by a buffer that grew and
+    /// moved. Returns the id of the key that sealed it.
+    fn seal_into(
+        &self,
+        job: &SendJob,
+        encoder: Encoder,
+        body: &mut Vec<u8>,
+    ) -> Result<&str, SealError> {
         let version = u8::try_from(job.schema).map_err(|_| SealError::Encode)?;
         let key = self.active();
         // From the thread's CSPRNG (ChaCha, reseeded from the OS): a
@@ -132,15 +154,11 @@ impl Keyring {
         let start = body.len();
         body.push(version);
         body.extend_from_slice(&nonce);
-        // Both write the same JSON, and the worker reads it with
-        // serde_json; sonic-rs escapes text with SIMD, about 4x faster,
-        // which is most of a producer's own CPU a job.
-        let encoded = if small(job) {
-            sonic_rs::to_writer(&mut *body, job).is_ok()
-        } else {
-            serde_json::to_writer(&mut *body, job).is_ok()
+        let written = match encoder {
+            Encoder::Sonic => sonic_rs::to_writer(&mut *body, job).is_ok(),
+            Encoder::SerdeJson => serde_json::to_writer(&mut *body, job).is_ok(),
         };
-        let tag = if encoded {
+        let tag = if written {
             xchacha::seal(key.bytes(), &nonce, &ad, &mut body[start + HEADER_LEN..])
         } else {
             None
