@@ -303,34 +303,27 @@ impl SmtpTransport {
         } = ended;
         if let Some(next) = next {
             next.hand(session, permit);
-            return result
-                .map(|reply| delivered(&reply))
-                .map_err(|(step, err)| err.into_send_error(step));
-        }
-        match result {
-            Ok(reply) => {
-                // Bytes after our reply were asked for by no command: the
-                // reply was ours (the connection was in step when the body
-                // went), but the connection is no longer fit for another.
-                if !spent && session.smtp.check_in_step().is_ok() {
-                    self.keep(session);
-                } else {
-                    abort(&mut session.smtp).await;
-                }
-                Ok(delivered(&reply))
-            }
-            Err((step, err)) => {
+        } else {
+            let fit = match &result {
+                Ok(_) => !spent,
                 // Refused here, before any of the message went: the
-                // connection is as it was, and a flood of such messages
-                // does not open one each.
-                if err.is_ours() && session.smtp.check_in_step().is_ok() {
-                    self.keep(session);
-                } else {
-                    abort(&mut session.smtp).await;
-                }
-                Err(err.into_send_error(step))
+                // connection is as it was, and a flood of such messages does
+                // not open one each. Any other failure may have left it out
+                // of step.
+                Err((_, err)) => err.is_ours(),
+            };
+            // Bytes after our reply were asked for by no command: the reply
+            // was ours (the connection was in step when the body went), but
+            // the connection is no longer fit for another.
+            if fit && session.smtp.check_in_step().is_ok() {
+                self.keep(session);
+            } else {
+                abort(&mut session.smtp).await;
             }
         }
+        result
+            .map(|reply| delivered(&reply))
+            .map_err(|(step, err)| err.into_send_error(step))
     }
 
     /// A permit to use a connection, or a busy connection handed over with
