@@ -8,9 +8,11 @@
 //!
 //! [`api`] is the HTTP API on top of it.
 
+mod ahead;
 pub mod api;
 mod enqueue;
 mod error;
 
+pub use ahead::seal_ahead;
 pub use enqueue::{Checked, Producer, ReadyJob, prepare};
 pub use error::{EnqueueError, ProducerError};

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use futures_util::StreamExt as _;
 use lapin::BasicProperties;
 use lapin::options::BasicGetOptions;
 use mailroom_core::amqp::Broker;
@@ -19,7 +18,7 @@ use mailroom_core::job::Lane;
 use mailroom_core::seal::{Keyring, SealKey};
 use mailroom_core::settings::Settings;
 use mailroom_core::wire::{self, work_queue};
-use mailroom_producer::Producer;
+use mailroom_producer::{Producer, ReadyJob, seal_ahead};
 
 use super::measure::{Run, cpu_time, cpu_used_since, parse_size, peak_rss_kib, reset_peak_rss};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
@@ -188,21 +187,23 @@ async fn run_mailroom(
     window: usize,
 ) -> anyhow::Result<Run> {
     let started = Instant::now();
-    // As `Producer::enqueue_many` does it: each job checked and sealed as
-    // the window pulls it, published by the future (see `pipelined`
-    // there), but each one timed.
-    let results: Vec<_> = futures_util::stream::iter(0..count)
-        .map(|_| {
-            let start = Instant::now();
+    // `Producer::enqueue_many`'s way, with each confirm timed from its
+    // publish, as the plain publishers time theirs.
+    let results = seal_ahead(
+        0..count,
+        window,
+        |_| {
             let ready = producer.check(job(body)).and_then(|job| producer.seal(job));
-            async move {
-                producer.publish(ready?).await?;
-                anyhow::Ok(start.elapsed())
-            }
-        })
-        .buffer_unordered(window)
-        .collect()
-        .await;
+            let bytes = ready.as_ref().map_or(0, ReadyJob::bytes);
+            (ready, bytes)
+        },
+        |ready| async move {
+            let start = Instant::now();
+            producer.publish(ready?).await?;
+            anyhow::Ok(start.elapsed())
+        },
+    )
+    .await;
     let elapsed = started.elapsed();
     let latencies = results.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok(Run::new("mailroom enqueue (sealed)", latencies, elapsed))
