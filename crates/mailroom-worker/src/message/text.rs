@@ -68,10 +68,7 @@ fn encode_line(line: &[u8], out: &mut Vec<u8>) {
         // One column is kept for a soft break's `=`.
         let room = MAX_QP_LINE - 1 - width;
         let fits = rest.len().min(room);
-        let run = rest[..fits]
-            .iter()
-            .position(|&b| !is_literal(b))
-            .unwrap_or(fits);
+        let run = literal_run(&rest[..fits]);
         if run > 0 {
             out.extend_from_slice(&rest[..run]);
             width += run;
@@ -94,6 +91,24 @@ fn encode_line(line: &[u8], out: &mut Vec<u8>) {
     } else {
         escape(end, out);
     }
+}
+
+/// How many bytes at the start of `bytes` stand for themselves. Checked
+/// 16 at a time without an early exit, which the compiler vectorizes: a
+/// byte-wise search was a fifth of building the bench's 2 KiB message.
+fn literal_run(bytes: &[u8]) -> usize {
+    let mut run = 0;
+    for chunk in bytes.chunks_exact(16) {
+        if !chunk.iter().fold(true, |all, &b| all & is_literal(b)) {
+            break;
+        }
+        run += 16;
+    }
+    let tail = &bytes[run..];
+    run + tail
+        .iter()
+        .position(|&b| !is_literal(b))
+        .unwrap_or(tail.len())
 }
 
 /// Whether `byte` stands for itself inside a quoted-printable line.
@@ -176,6 +191,15 @@ mod tests {
         fn unprintable_counts_as_one_sum_would(bytes in proptest::collection::vec(any::<u8>(), 0..1000)) {
             let expected = bytes.iter().filter(|&&b| !matches!(b, b'\t' | b' '..=b'~')).count();
             prop_assert_eq!(unprintable(&bytes), expected);
+        }
+
+        #[test]
+        fn a_literal_run_ends_at_the_first_byte_to_escape(
+            // Mostly literal, so runs cross the 16-byte chunks.
+            bytes in proptest::collection::vec(prop_oneof![20 => 32u8..127, 1 => any::<u8>()], 0..200)
+        ) {
+            let expected = bytes.iter().position(|&b| !is_literal(b)).unwrap_or(bytes.len());
+            prop_assert_eq!(literal_run(&bytes), expected);
         }
     }
 
