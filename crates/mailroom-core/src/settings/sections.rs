@@ -253,8 +253,8 @@ impl Default for RetrySettings {
 pub struct WorkerSettings {
     /// Jobs processed at once.
     pub concurrency: u16,
-    /// Unacked deliveries the broker may push; defaults to `concurrency`
-    /// and a quarter.
+    /// Unacked deliveries the broker may push; defaults to twice
+    /// `concurrency`.
     pub prefetch: Option<u16>,
     /// Prefetch of the transactional lane's large-job queue (jobs over
     /// `wire::LARGE_JOB_BYTES` sealed; the bulk lane's takes three

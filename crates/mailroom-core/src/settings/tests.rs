@@ -28,7 +28,7 @@ fn defaults_work_locally() {
     let settings = load(&[]).expect("defaults load");
     assert_eq!(settings, Settings::default());
     assert_eq!(settings.worker.concurrency, 64);
-    assert_eq!(settings.worker_prefetch(), 80);
+    assert_eq!(settings.worker_prefetch(), 128);
     assert_eq!(settings.worker.large_prefetch, 4);
     assert_eq!(
         settings.amqp.urls[0].expose(),
