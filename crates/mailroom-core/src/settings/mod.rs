@@ -536,9 +536,10 @@ impl Settings {
     /// that is done but not yet acked still holds its place in the window.
     /// With a quarter more, that window was full at most acks of a drain
     /// and the pool short of work: twice drained ~6 % faster and left the
-    /// machine idle 7 % of the time instead of 11 % (README, "Found through
-    /// this benchmark"). Only jobs up to `wire::LARGE_JOB_BYTES` sealed are
-    /// prefetched this many; larger ones have `worker.large_prefetch`.
+    /// cores idle 5–7 % of the time instead of 8–10 % (README, "Found
+    /// through this benchmark"). Only jobs up to `wire::LARGE_JOB_BYTES`
+    /// sealed are prefetched this many; larger ones have
+    /// `worker.large_prefetch`.
     pub fn worker_prefetch(&self) -> u16 {
         let concurrency = self.worker.concurrency;
         self.worker
