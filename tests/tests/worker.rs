@@ -1357,6 +1357,73 @@ async fn the_handed_marker_is_written_only_while_the_claim_is_ours() {
     assert!(dedup.renew(&next).await.expect("renew"));
 }
 
+#[tokio::test]
+async fn a_free_key_is_claimed_without_a_script_and_any_other_goes_to_it() {
+    let redis = TestPrefix::new("dedup-free");
+    let job = job("free");
+    let (dedup, sending) = dedup_for(&redis, SHORT_LEASE, &job).await;
+    let statuses = StatusStore::new(
+        RedisStore::connect(&redis.settings()).await.expect("redis"),
+        Duration::from_mins(10),
+    );
+    let first = dedup.token("worker-a/1", &job);
+    assert!(dedup.claim_free(&first).await.expect("claim"));
+    assert_eq!(
+        statuses.get(&job.id).await.expect("status"),
+        None,
+        "the sending status waits for a slow send"
+    );
+    // Held: the transaction leaves it as it is, and the script says so.
+    let copy = dedup.token("worker-b/1", &job);
+    assert!(!dedup.claim_free(&copy).await.expect("claim"));
+    assert!(matches!(
+        dedup.claim(&copy, false, &sending).await.expect("claim"),
+        Claim::HeldByOther { .. }
+    ));
+    assert!(dedup.renew(&first).await.expect("still ours"));
+    // Sent: a duplicate.
+    dedup.mark_sent(&first, None, false).await.expect("mark");
+    let later = dedup.token("worker-c/1", &job);
+    assert!(!dedup.claim_free(&later).await.expect("claim"));
+    assert_eq!(
+        dedup.claim(&later, false, &sending).await.expect("claim"),
+        Claim::AlreadySent {
+            job_id: job.id.to_string()
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_free_key_beside_a_dead_owners_marker_is_parked_not_claimed() {
+    let redis = TestPrefix::new("dedup-free-marker");
+    let job = job("handed");
+    let (dedup, sending) = dedup_for(&redis, SHORT_LEASE, &job).await;
+    let dead = dedup.token("worker-a/1", &job);
+    assert!(dedup.claim_free(&dead).await.expect("claim"));
+    assert!(dedup.hand_over(&dead).await.expect("hand over"));
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    // The key is free again, but the marker says the relay may have the
+    // message: the transaction takes the key, and the script parks it.
+    let next = dedup.token("worker-b/1", &job);
+    assert!(!dedup.claim_free(&next).await.expect("claim"));
+    assert_eq!(
+        dedup.claim(&next, false, &sending).await.expect("claim"),
+        Claim::Uncertain
+    );
+    let copy = dedup.token("worker-c/1", &job);
+    assert!(!dedup.claim_free(&copy).await.expect("claim"));
+    assert_eq!(
+        dedup.claim(&copy, false, &sending).await.expect("claim"),
+        Claim::Uncertain
+    );
+    let replay = dedup.token("worker-d/1", &job);
+    assert!(!dedup.claim_free(&replay).await.expect("claim"));
+    assert_eq!(
+        dedup.claim(&replay, true, &sending).await.expect("claim"),
+        Claim::Acquired
+    );
+}
+
 /// A TCP relay to the broker that can be frozen: from then on it passes
 /// nothing either way, as a broker that stopped answering but kept its
 /// connections would.

@@ -4,7 +4,8 @@
 //!
 //! States move `queued` → `sending` → `sent` | `retrying` | `failed` | `dead`
 //! | `duplicate` | `suppressed` | `expired`; `retrying` goes back to
-//! `sending`. A final state stays, so a late or duplicate delivery of the
+//! `sending`. A worker may skip `sending` for a send that is over quickly
+//! (see the worker's pipeline). A final state stays, so a late or duplicate delivery of the
 //! same job cannot turn `sent` into `duplicate`; only an operator's replay
 //! ([`StatusStore::requeue`]) moves `failed`, `dead` or `expired` back to
 //! `queued`. `queued` is written only where there is no status yet (the API

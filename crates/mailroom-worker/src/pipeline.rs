@@ -47,6 +47,18 @@ pub const REDIS_DOWN_DELAY: Duration = Duration::from_secs(5);
 /// out in `worker.dedup_lease`, and the job is then claimed here.
 pub const HELD_RECHECK: Duration = Duration::from_secs(1);
 
+/// How long a send goes on before its `sending` status is written, where
+/// the claim did not write it: a quick send goes from `queued` (or
+/// `retrying`) straight to `sent`, and spares Redis a write a message that
+/// nobody would see; a slow or stuck one shows `sending`.
+pub const SENDING_AFTER: Duration = Duration::from_millis(250);
+
+/// A claim of ours, and whether its `sending` status is still to write.
+struct Claimed {
+    lease: Lease,
+    status_waits: bool,
+}
+
 /// What the pool does with a delivery once the pipeline is done with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Disposition {
@@ -196,56 +208,72 @@ impl Pipeline {
         }
         // Step 4, the suppression list, comes with the next issue.
         let token = self.dedup.token(&self.delivery_owner(), &job);
-        let sending = match self.prepare(&job, JobState::Sending, incoming.attempt) {
-            Ok(sending) => sending,
+        let claimed = match self
+            .claim(&job, &token, incoming)
+            .instrument(debug_span!("mailroom.dedup"))
+            .await
+        {
+            Ok(claimed) => claimed,
             Err(verdict) => return end(Some(job), None, verdict),
         };
-        let asked = Instant::now();
-        let claim = self
-            .dedup
-            .claim(&token, incoming.replayed, &sending)
-            .instrument(debug_span!("mailroom.dedup"))
-            .await;
-        let lease = match claim {
-            Ok(Claim::Acquired) => Lease::new(asked, self.dedup.lease()),
-            Ok(Claim::AlreadySent { job_id }) => {
-                return end(Some(job), None, Verdict::Duplicate { first: job_id });
-            }
-            Ok(Claim::Uncertain) => {
-                let verdict = Verdict::DeadLetter {
-                    reason: DeadReason::Uncertain,
-                    detail: "an earlier delivery stopped after handing the message to the relay, \
-                             before its reply: replay it to send it"
-                        .to_owned(),
-                };
-                return end(Some(job), None, verdict);
-            }
-            Ok(Claim::HeldByOther { retry_after }) => {
-                let verdict = Verdict::Defer {
-                    delay: retry_after.min(HELD_RECHECK),
-                    why: "claimed by another worker",
-                };
-                return end(Some(job), None, verdict);
-            }
-            Err(err) => {
-                static THROTTLE: OncePerSecond = OncePerSecond::new();
-                if let Some(held) = THROTTLE.pass() {
-                    tracing::warn!(error = %err, held, "Redis unavailable: job deferred, not sent blind");
-                }
-                let verdict = Verdict::Defer {
-                    delay: REDIS_DOWN_DELAY,
-                    why: "redis unavailable",
-                };
-                return end(Some(job), None, verdict);
-            }
-        };
         // Step 6, rate limits, comes with the next issue.
-        let sent = self.send_holding_claim(&job, size, &token, &lease).await;
+        let sent = self
+            .send_holding_claim(&job, size, &token, &claimed, incoming.attempt)
+            .await;
         Trip {
             job: Some(job),
             claim: Some(token),
             verdict: sent.verdict,
             smtp: Some(sent.elapsed),
+        }
+    }
+
+    /// Step 5: claims `job` for this delivery. A free key is taken without
+    /// a script, and the `sending` status waits (see [`SENDING_AFTER`]);
+    /// otherwise the script decides, and records `sending` with the claim.
+    /// Any outcome but a claim of ours ends the trip with its verdict.
+    async fn claim(
+        &self,
+        job: &SendJob,
+        token: &ClaimToken,
+        incoming: &Incoming,
+    ) -> Result<Claimed, Verdict> {
+        let asked = Instant::now();
+        let (claim, status_waits) = match self.dedup.claim_free(token).await {
+            Ok(true) => (Ok(Claim::Acquired), true),
+            Ok(false) => {
+                let sending = self.prepare(job, JobState::Sending, incoming.attempt)?;
+                let claim = self.dedup.claim(token, incoming.replayed, &sending).await;
+                (claim, false)
+            }
+            Err(err) => (Err(err), false),
+        };
+        match claim {
+            Ok(Claim::Acquired) => Ok(Claimed {
+                lease: Lease::new(asked, self.dedup.lease()),
+                status_waits,
+            }),
+            Ok(Claim::AlreadySent { job_id }) => Err(Verdict::Duplicate { first: job_id }),
+            Ok(Claim::Uncertain) => Err(Verdict::DeadLetter {
+                reason: DeadReason::Uncertain,
+                detail: "an earlier delivery stopped after handing the message to the relay, \
+                         before its reply: replay it to send it"
+                    .to_owned(),
+            }),
+            Ok(Claim::HeldByOther { retry_after }) => Err(Verdict::Defer {
+                delay: retry_after.min(HELD_RECHECK),
+                why: "claimed by another worker",
+            }),
+            Err(err) => {
+                static THROTTLE: OncePerSecond = OncePerSecond::new();
+                if let Some(held) = THROTTLE.pass() {
+                    tracing::warn!(error = %err, held, "Redis unavailable: job deferred, not sent blind");
+                }
+                Err(Verdict::Defer {
+                    delay: REDIS_DOWN_DELAY,
+                    why: "redis unavailable",
+                })
+            }
         }
     }
 
@@ -256,9 +284,10 @@ impl Pipeline {
         job: &SendJob,
         size: usize,
         token: &ClaimToken,
-        lease: &Lease,
+        claimed: &Claimed,
+        attempt: u32,
     ) -> send::Sent {
-        let hand_over: HandOver<'_> = Box::pin(self.before_end_of_data(token, lease));
+        let hand_over: HandOver<'_> = Box::pin(self.before_end_of_data(token, &claimed.lease));
         let sending = send::send(
             &self.transport,
             job,
@@ -268,18 +297,26 @@ impl Pipeline {
         )
         .instrument(debug_span!("mailroom.smtp", otel.kind = "client"));
         tokio::pin!(sending);
+        let mut status_waits = claimed.status_waits;
+        let status = async {
+            tokio::time::sleep(SENDING_AFTER).await;
+            self.record(StatusUpdate::new(job, JobState::Sending).attempts(attempt))
+                .await;
+        };
+        tokio::pin!(status);
         let mut renew = tokio::time::interval(self.dedup.lease() / 3);
         renew.tick().await;
         loop {
             tokio::select! {
                 sent = &mut sending => return sent,
+                () = &mut status, if status_waits => status_waits = false,
                 _ = renew.tick() => {
                     let asked = Instant::now();
                     match self.dedup.renew(token).await {
-                        Ok(true) => lease.renewed(asked),
+                        Ok(true) => claimed.lease.renewed(asked),
                         Ok(false) => {
                             tracing::warn!("claim lease lost: another delivery may own the job");
-                            lease.lost();
+                            claimed.lease.lost();
                         }
                         Err(err) => tracing::warn!(error = %err, "claim lease not renewed"),
                     }

@@ -2,7 +2,9 @@
 //!
 //! One key per (tenant, idempotency key or job id), stored as an HMAC under
 //! `redis.hash_key` (the idempotency key may hold an address). Each change
-//! is one atomic step, a script or a single `SET … GET`:
+//! is one atomic step: a script, a transaction, or a single `SET … GET`.
+//! A free key is claimed by a transaction of plain commands; anything else
+//! goes to the script:
 //!
 //! - absent (or released, or its lease ran out) → `sending`, owned by this
 //!   delivery, for `worker.dedup_lease`;
@@ -283,6 +285,33 @@ impl Dedup {
             )
             .await?;
         Ok(())
+    }
+
+    /// Claims `token`'s key where it is free (nothing held, no handed
+    /// marker beside it), as nearly every first delivery finds it: one
+    /// transaction of plain commands, a fraction of the script's cost to
+    /// Redis, and no status. `false`: the key was not free, and
+    /// [`Dedup::claim`] decides. It may then find the key holding our own
+    /// claim (taken here beside another's marker), which it treats as it
+    /// would an absent one, so the two steps decide as the script alone.
+    pub async fn claim_free(&self, token: &ClaimToken) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("GET")
+            .arg(&token.handed)
+            .cmd("SET")
+            .arg(&token.key)
+            .arg(&token.value)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(self.lease))
+            .arg("GET");
+        let mut connection = self.store.connection();
+        let (handed, held): (Option<String>, Option<String>) = pipe
+            .query_async(&mut connection)
+            .await
+            .map_err(|err| self.store.error(&err))?;
+        Ok(handed.is_none() && held.is_none())
     }
 
     /// Claims `job` for `token`; once it is ours, records `sending` in the
