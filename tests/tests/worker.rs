@@ -1358,7 +1358,7 @@ async fn the_handed_marker_is_written_only_while_the_claim_is_ours() {
 }
 
 #[tokio::test]
-async fn a_free_key_is_claimed_without_a_script_and_any_other_goes_to_it() {
+async fn a_free_key_is_claimed_and_a_sent_one_found_without_a_script() {
     let redis = TestPrefix::new("dedup-free");
     let job = job("free");
     let (dedup, sending) = dedup_for(&redis, SHORT_LEASE, &job).await;
@@ -1367,7 +1367,10 @@ async fn a_free_key_is_claimed_without_a_script_and_any_other_goes_to_it() {
         Duration::from_mins(10),
     );
     let first = dedup.token("worker-a/1", &job);
-    assert!(dedup.claim_free(&first).await.expect("claim"));
+    assert_eq!(
+        dedup.claim_plain(&first).await.expect("claim"),
+        Some(Claim::Acquired)
+    );
     assert_eq!(
         statuses.get(&job.id).await.expect("status"),
         None,
@@ -1375,7 +1378,7 @@ async fn a_free_key_is_claimed_without_a_script_and_any_other_goes_to_it() {
     );
     // Held: the transaction leaves it as it is, and the script says so.
     let copy = dedup.token("worker-b/1", &job);
-    assert!(!dedup.claim_free(&copy).await.expect("claim"));
+    assert_eq!(dedup.claim_plain(&copy).await.expect("claim"), None);
     assert!(matches!(
         dedup.claim(&copy, false, &sending).await.expect("claim"),
         Claim::HeldByOther { .. }
@@ -1384,12 +1387,16 @@ async fn a_free_key_is_claimed_without_a_script_and_any_other_goes_to_it() {
     // Sent: a duplicate.
     dedup.mark_sent(&first, None, false).await.expect("mark");
     let later = dedup.token("worker-c/1", &job);
-    assert!(!dedup.claim_free(&later).await.expect("claim"));
+    let duplicate = Claim::AlreadySent {
+        job_id: job.id.to_string(),
+    };
+    assert_eq!(
+        dedup.claim_plain(&later).await.expect("claim"),
+        Some(duplicate.clone())
+    );
     assert_eq!(
         dedup.claim(&later, false, &sending).await.expect("claim"),
-        Claim::AlreadySent {
-            job_id: job.id.to_string()
-        }
+        duplicate
     );
 }
 
@@ -1399,25 +1406,28 @@ async fn a_free_key_beside_a_dead_owners_marker_is_parked_not_claimed() {
     let job = job("handed");
     let (dedup, sending) = dedup_for(&redis, SHORT_LEASE, &job).await;
     let dead = dedup.token("worker-a/1", &job);
-    assert!(dedup.claim_free(&dead).await.expect("claim"));
+    assert_eq!(
+        dedup.claim_plain(&dead).await.expect("claim"),
+        Some(Claim::Acquired)
+    );
     assert!(dedup.hand_over(&dead).await.expect("hand over"));
     tokio::time::sleep(SHORT_LEASE * 2).await;
     // The key is free again, but the marker says the relay may have the
     // message: the transaction takes the key, and the script parks it.
     let next = dedup.token("worker-b/1", &job);
-    assert!(!dedup.claim_free(&next).await.expect("claim"));
+    assert_eq!(dedup.claim_plain(&next).await.expect("claim"), None);
     assert_eq!(
         dedup.claim(&next, false, &sending).await.expect("claim"),
         Claim::Uncertain
     );
     let copy = dedup.token("worker-c/1", &job);
-    assert!(!dedup.claim_free(&copy).await.expect("claim"));
+    assert_eq!(dedup.claim_plain(&copy).await.expect("claim"), None);
     assert_eq!(
         dedup.claim(&copy, false, &sending).await.expect("claim"),
         Claim::Uncertain
     );
     let replay = dedup.token("worker-d/1", &job);
-    assert!(!dedup.claim_free(&replay).await.expect("claim"));
+    assert_eq!(dedup.claim_plain(&replay).await.expect("claim"), None);
     assert_eq!(
         dedup.claim(&replay, true, &sending).await.expect("claim"),
         Claim::Acquired

@@ -229,8 +229,9 @@ impl Pipeline {
     }
 
     /// Step 5: claims `job` for this delivery. A free key is taken without
-    /// a script, and the `sending` status waits (see [`SENDING_AFTER`]);
-    /// otherwise the script decides, and records `sending` with the claim.
+    /// a script, and the `sending` status waits (see [`SENDING_AFTER`]); so
+    /// is a sent one found. Otherwise the script decides, and records
+    /// `sending` with the claim.
     /// Any outcome but a claim of ours ends the trip with its verdict.
     async fn claim(
         &self,
@@ -239,9 +240,9 @@ impl Pipeline {
         incoming: &Incoming,
     ) -> Result<Claimed, Verdict> {
         let asked = Instant::now();
-        let (claim, status_waits) = match self.dedup.claim_free(token).await {
-            Ok(true) => (Ok(Claim::Acquired), true),
-            Ok(false) => {
+        let (claim, status_waits) = match self.dedup.claim_plain(token).await {
+            Ok(Some(claim)) => (Ok(claim), true),
+            Ok(None) => {
                 let sending = self.prepare(job, JobState::Sending, incoming.attempt)?;
                 let claim = self.dedup.claim(token, incoming.replayed, &sending).await;
                 (claim, false)

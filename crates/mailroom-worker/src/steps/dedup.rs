@@ -287,14 +287,15 @@ impl Dedup {
         Ok(())
     }
 
-    /// Claims `token`'s key where it is free (nothing held, no handed
-    /// marker beside it), as nearly every first delivery finds it: one
-    /// transaction of plain commands, a fraction of the script's cost to
-    /// Redis, and no status. `false`: the key was not free, and
-    /// [`Dedup::claim`] decides. It may then find the key holding our own
-    /// claim (taken here beside another's marker), which it treats as it
-    /// would an absent one, so the two steps decide as the script alone.
-    pub async fn claim_free(&self, token: &ClaimToken) -> Result<bool, StoreError> {
+    /// Claims `token`'s key with plain commands where they suffice, as
+    /// they do for nearly every delivery: one transaction, a fraction of
+    /// the script's cost to Redis. A free key (nothing held, no handed
+    /// marker beside it) is taken, without a status; a `sent` one is a
+    /// duplicate. `None`: [`Dedup::claim`] decides. It may then find the
+    /// key holding our own claim (taken here beside another's marker),
+    /// which it treats as it would an absent one, so the two steps decide
+    /// as the script alone.
+    pub async fn claim_plain(&self, token: &ClaimToken) -> Result<Option<Claim>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("GET")
@@ -311,7 +312,13 @@ impl Dedup {
             .query_async(&mut connection)
             .await
             .map_err(|err| self.store.error(&err))?;
-        Ok(handed.is_none() && held.is_none())
+        Ok(match (handed, held) {
+            (None, None) => Some(Claim::Acquired),
+            (_, Some(held)) => held.strip_prefix("sent ").map(|job_id| Claim::AlreadySent {
+                job_id: job_id.to_owned(),
+            }),
+            (Some(_), None) => None,
+        })
     }
 
     /// Claims `job` for `token`; once it is ours, records `sending` in the
