@@ -1574,3 +1574,35 @@ async fn a_job_still_in_work_after_the_grace_is_left_to_its_requeue() {
     assert_eq!(stack.vhost.work_depth().await, 1);
     producer.close().await;
 }
+
+/// The claim's transaction, refused for memory, fails readiness as a
+/// refused script did: Redis may still take the probe's small write.
+#[tokio::test]
+async fn a_claim_refused_for_memory_fails_readiness_for_a_moment() {
+    let redis = mailroom_tests::redis::PrivateRedis::start();
+    let store = RedisStore::connect(&redis.settings("mailroom-test:"))
+        .await
+        .expect("redis");
+    let dedup = Dedup::new(
+        store.clone(),
+        b"test-hash-key",
+        Duration::from_mins(10),
+        SHORT_LEASE,
+    );
+    let job = job("refused");
+    let token = dedup.token("worker-a/1", &job);
+    let set = |value: &'static str| {
+        let mut command = redis::cmd("CONFIG");
+        command.arg("SET").arg("maxmemory").arg(value);
+        command
+    };
+    let mut admin = store.connection();
+    let _: () = set("1").query_async(&mut admin).await.expect("config");
+    let err = dedup.claim_plain(&token).await.expect_err("out of memory");
+    let _: () = set("0").query_async(&mut admin).await.expect("config");
+    let refused = store
+        .takes_writes()
+        .await
+        .expect_err("refused a moment ago");
+    assert!(refused.to_string().contains("OOM"), "{err} / {refused}");
+}

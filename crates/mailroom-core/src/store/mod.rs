@@ -213,14 +213,27 @@ impl RedisStore {
     /// `err` as a [`StoreError`] naming this store's (redacted) URL; a
     /// refused write is remembered for [`RedisStore::takes_writes`].
     pub fn error(&self, err: &redis::RedisError) -> StoreError {
-        if matches!(
-            err.code(),
-            Some("OOM" | "READONLY" | "MISCONF" | "NOPERM" | "NOAUTH" | "NOREPLICAS")
-        ) {
+        if refuses_write(err) {
             *self.lock_refused() = Some((Instant::now(), err.to_string()));
         }
         classify(&self.url, err)
     }
+}
+
+/// Whether `err` is Redis refusing a write: its own code, or for a
+/// transaction Redis aborted (`EXECABORT`), the code of a command in it.
+fn refuses_write(err: &redis::RedisError) -> bool {
+    let refusal = |code: &str| {
+        matches!(
+            code,
+            "OOM" | "READONLY" | "MISCONF" | "NOPERM" | "NOAUTH" | "NOREPLICAS"
+        )
+    };
+    err.code().is_some_and(refusal)
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, error)| refusal(error.code())))
 }
 
 impl RedisSettings {
