@@ -296,17 +296,20 @@ impl Dedup {
     /// which it treats as it would an absent one, so the two steps decide
     /// as the script alone.
     pub async fn claim_plain(&self, token: &ClaimToken) -> Result<Option<Claim>, StoreError> {
+        // `SET … NX GET` would save the second `GET`, but needs Redis 7.
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("GET")
             .arg(&token.handed)
+            .cmd("GET")
+            .arg(&token.key)
             .cmd("SET")
             .arg(&token.key)
             .arg(&token.value)
             .arg("NX")
             .arg("PX")
             .arg(millis(self.lease))
-            .arg("GET");
+            .ignore();
         let mut connection = self.store.connection();
         let (handed, held): (Option<String>, Option<String>) = pipe
             .query_async(&mut connection)
