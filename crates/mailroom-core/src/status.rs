@@ -5,13 +5,13 @@
 //! States move `queued` → `sending` → `sent` | `retrying` | `failed` | `dead`
 //! | `duplicate` | `suppressed` | `expired`; `retrying` goes back to
 //! `sending`. A worker may skip `sending` for a send that is over quickly
-//! (see the worker's pipeline). A final state stays, so a late or duplicate delivery of the
-//! same job cannot turn `sent` into `duplicate`; only an operator's replay
-//! ([`StatusStore::requeue`]) moves `failed`, `dead` or `expired` back to
-//! `queued`. `queued` is written only where there is no status yet (the API
-//! writes it on acceptance, and a fast worker may have been quicker). The
-//! check and the write are one Redis script, so racing writers cannot
-//! interleave them.
+//! (see the worker's pipeline). A final state stays, so a late or
+//! duplicate delivery of the same job cannot turn `sent` into `duplicate`;
+//! only an operator's replay ([`StatusStore::requeue`]) moves `failed`,
+//! `dead` or `expired` back to `queued`. `queued` is written only where
+//! there is no status yet (the API writes it on acceptance, and a fast
+//! worker may have been quicker). The check and the write are one Redis
+//! script, so racing writers cannot interleave them.
 
 use std::fmt;
 use std::time::Duration;

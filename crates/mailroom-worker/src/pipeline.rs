@@ -228,11 +228,11 @@ impl Pipeline {
         }
     }
 
-    /// Step 5: claims `job` for this delivery. A free key is taken without
-    /// a script, and the `sending` status waits (see [`SENDING_AFTER`]); so
-    /// is a sent one found. Otherwise the script decides, and records
-    /// `sending` with the claim.
-    /// Any outcome but a claim of ours ends the trip with its verdict.
+    /// Step 5: claims `job` for this delivery. A free key is taken, and a
+    /// sent one found, without a script; the `sending` status then waits
+    /// (see [`SENDING_AFTER`]). Otherwise the script decides, and records
+    /// `sending` with the claim. Any outcome but a claim of ours ends the
+    /// trip with its verdict.
     async fn claim(
         &self,
         job: &SendJob,
