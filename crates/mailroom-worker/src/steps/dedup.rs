@@ -3,8 +3,8 @@
 //! One key per (tenant, idempotency key or job id), stored as an HMAC under
 //! `redis.hash_key` (the idempotency key may hold an address). Each change
 //! is one atomic step: a script, a transaction, or a single `SET … GET`.
-//! A free key is claimed by a transaction of plain commands; anything else
-//! goes to the script:
+//! A claim finds one of these (a free key and a `sent` one through a
+//! transaction of plain commands, the rest through the script):
 //!
 //! - absent (or released, or its lease ran out) → `sending`, owned by this
 //!   delivery, for `worker.dedup_lease`;
