@@ -2,13 +2,16 @@
 //! process, an SMTP sink on loopback) against two ceilings measured in the
 //! same run: the broker's (a plain lapin consumer acking messages of the
 //! same size, each on its own) and the sink's (the same messages over the
-//! same concurrency, connections reused, no queue). The plain consumer runs
-//! once more acking in batches, as the worker does, for comparison.
+//! same concurrency, connections reused, no queue).
 //!
-//! Then the mailroom phases:
-//! - the worker alone draining a backlog, as fast as it goes: the
-//!   throughput set against the ceilings, which are a consumer alone and a
-//!   sender alone;
+//! The throughput runs go in rounds, each of the two ceilings and the
+//! worker alone draining a backlog (a worker process started after the
+//! backlog was enqueued), in an order that rotates from round to round: the
+//! broker slows as a run loads it, so whatever ran first would be favoured.
+//! The plain consumer then runs once more acking in batches, as the worker
+//! does, for comparison.
+//!
+//! Then the latency phases, on a worker process of their own:
 //! - enqueue and delivery at once, as fast as they go: the most the whole
 //!   path sustains, with the producer on the same cores;
 //! - paced at half that rate, then at half the drain rate: the latency from
@@ -18,7 +21,7 @@
 //!   that workload sustains on a shared 2-core machine, so it is printed
 //!   for comparison, as the load near saturation.
 //!
-//! The worker runs as its own process, so its peak RSS is its own.
+//! The workers run as processes of their own, so their RSS is their own.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
@@ -40,7 +43,7 @@ use mailroom_producer::Producer;
 use mailroom_worker::message::build_message;
 use mailroom_worker::transport::{SmtpMessage, SmtpTransport};
 
-use super::measure::{Run, cpu_time_of, parse_size, peak_rss_kib_of};
+use super::measure::{Run, cpu_time_of, parse_size, peak_rss_kib_of, print_rates, print_ratios};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
 use super::setup::{bench_broker, body_text, clean_up, job, purge_work_queues};
 
@@ -78,6 +81,15 @@ pub struct E2eArgs {
     /// Vhost the benchmark uses (made with `rabbitmqctl add_vhost`).
     #[arg(long, default_value = "mailroom-bench")]
     vhost: String,
+    /// Rounds of the throughput runs (the two ceilings and the worker's
+    /// drain), each round in a rotating order, so that the broker's drift
+    /// over the run favours none of them.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// SMTP connections, of the worker and of the sink's ceiling alike; a
+    /// quarter of the concurrency by default.
+    #[arg(long)]
+    connections: Option<u32>,
 }
 
 /// Runs the benchmark and prints its figures.
@@ -89,70 +101,202 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
     let body = body_text(args.size);
     let sealed_len = keyring.seal(&job(&body))?.body.len();
     println!(
-        "mailroom bench e2e: {} jobs, {} B text body ({sealed_len} B sealed), concurrency {}, sink {}, vhost {}",
-        args.count, args.size, args.concurrency, args.smtp, args.vhost
+        "mailroom bench e2e: {} jobs, {} B text body ({sealed_len} B sealed), concurrency {}, {} SMTP connections, sink {}, vhost {}, {} rounds",
+        args.count,
+        args.size,
+        args.concurrency,
+        settings.smtp.pool_size,
+        args.smtp,
+        args.vhost,
+        args.rounds.max(1)
     );
-
-    let sink = sink_ceiling(&settings, &job(&body), args.count, args.concurrency).await?;
-    println!("{}", sink.report());
-    let plain = Plain::open(&url, settings.amqp.channels).await?;
-    let bare = Shape {
-        label: "plain publish",
-        exchange: "",
-        routing_key: PLAIN_QUEUE,
-        properties: BasicProperties::default().with_delivery_mode(2),
-    };
-    let mut consumers = Vec::new();
-    for ack_every in [1, BATCHED_ACKS] {
-        plain
-            .publish(&bare, sealed_len, args.count, settings.amqp.publish_window)
-            .await?;
-        consumers.push(
-            plain
-                .consume(args.count, args.concurrency, ack_every)
-                .await?,
-        );
-    }
-    plain.close().await?;
-    for consumer in &consumers {
-        println!("{}", consumer.report());
-    }
-    let batched = consumers.pop().context("no batched-ack run")?;
-    let consumer = consumers.swap_remove(0);
-
     let store = RedisStore::connect(&settings.redis).await?;
-    let producer = Producer::from_parts(broker.clone(), keyring, settings.limits.clone());
-    // The backlog is enqueued before the worker starts, so the flat-out
-    // phase measures the worker alone, like the two ceilings.
-    enqueue_all(&producer, &body, args.count).await?;
-    let mut worker = WorkerProcess::spawn(&settings, &seal_line)?;
-    let outcome = measure(&settings, &args, &producer, &body, &mut worker, &store).await;
-    let rss = worker.peak_rss_kib();
-    let worker_cpu = worker.cpu_time();
-    worker.stop();
+    let bench = Bench {
+        settings: &settings,
+        seal_line: &seal_line,
+        producer: Producer::from_parts(broker.clone(), keyring, settings.limits.clone()),
+        body: &body,
+        args: &args,
+        workers: Workers::default(),
+    };
+    let outcome = bench.run(&url, sealed_len, &store).await;
     clean_up(&store, &settings.redis.key_prefix).await;
     purge_work_queues(&broker).await?;
     broker.close().await;
-    let phases = outcome?;
-    report(
-        sink.rate().min(consumer.rate()),
-        &batched,
-        &phases,
-        rss,
-        worker_cpu,
-    );
-    Ok(())
+    outcome
 }
 
-/// Prints the mailroom phases' figures and the targets' ratios.
-fn report(
-    lower: f64,
-    batched: &Run,
-    phases: &Phases,
-    rss: Option<u64>,
-    worker_cpu: Option<Duration>,
-) {
-    println!("{}", phases.drained.report());
+/// What the runs share.
+struct Bench<'a> {
+    settings: &'a Settings,
+    seal_line: &'a str,
+    producer: Producer,
+    body: &'a str,
+    args: &'a E2eArgs,
+    workers: Workers,
+}
+
+/// Every worker process's peak RSS, CPU and deliveries, summed over the
+/// run.
+#[derive(Default)]
+struct Workers {
+    peak_rss_kib: Option<u64>,
+    cpu: Option<Duration>,
+    sent: usize,
+}
+
+impl Workers {
+    /// Takes a worker's figures just before it stops.
+    fn add(&mut self, worker: &WorkerProcess, sent: usize) {
+        self.peak_rss_kib = self.peak_rss_kib.max(worker.peak_rss_kib());
+        self.cpu = match (self.cpu, worker.cpu_time()) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.sent += sent;
+    }
+}
+
+impl Bench<'_> {
+    /// The rounds of the throughput runs, then the latency phases.
+    async fn run(mut self, url: &str, sealed_len: usize, store: &RedisStore) -> anyhow::Result<()> {
+        let args = self.args;
+        let plain = Plain::open(url, self.settings.amqp.channels).await?;
+        let bare = Shape {
+            label: "plain publish",
+            exchange: "",
+            routing_key: PLAIN_QUEUE,
+            properties: BasicProperties::default().with_delivery_mode(2),
+        };
+        let window = self.settings.amqp.publish_window;
+        let mut runs: [Vec<Run>; 3] = Default::default();
+        for round in 0..args.rounds.max(1) {
+            for step in 0..3 {
+                let which = (round + step) % 3;
+                let run = match which {
+                    0 => self.drain().await?,
+                    1 => {
+                        sink_ceiling(self.settings, &job(self.body), args.count, args.concurrency)
+                            .await?
+                    }
+                    _ => {
+                        plain.publish(&bare, sealed_len, args.count, window).await?;
+                        plain.consume(args.count, args.concurrency, 1).await?
+                    }
+                };
+                runs[which].push(run);
+            }
+        }
+        plain.publish(&bare, sealed_len, args.count, window).await?;
+        let batched = plain
+            .consume(args.count, args.concurrency, BATCHED_ACKS)
+            .await?;
+        plain.close().await?;
+
+        let [drains, sinks, consumers] = runs;
+        print_rates("drain", &drains);
+        print_rates("sink", &sinks);
+        print_rates("plain consumer", &consumers);
+        let lower: Vec<f64> = sinks
+            .iter()
+            .zip(&consumers)
+            .map(|(sink, consumer)| sink.rate().min(consumer.rate()))
+            .collect();
+        print_ratios("the lower ceiling", &drains, &lower);
+        let sink = Run::merge("sink ceiling: SMTP, no queue", sinks);
+        let consumer = Run::merge("broker ceiling: plain consumer", consumers);
+        let drained = Run::merge("mailroom worker, backlog drained", drains);
+        for run in [&sink, &consumer, &batched] {
+            println!("{}", run.report());
+        }
+
+        let mut worker = WorkerProcess::spawn(self.settings, self.seal_line)?;
+        let phases = self.latency_phases(&mut worker, &drained, store).await;
+        let sent = phases.as_ref().map_or(0, Phases::sent);
+        self.workers.add(&worker, sent);
+        worker.stop();
+        report(
+            sink.rate().min(consumer.rate()),
+            &batched,
+            &drained,
+            &phases?,
+            &self.workers,
+        );
+        Ok(())
+    }
+
+    /// A backlog of `count` jobs, enqueued first, drained by a worker
+    /// process started afterwards: the worker alone, like the two ceilings,
+    /// which are a consumer alone and a sender alone.
+    async fn drain(&mut self) -> anyhow::Result<Run> {
+        let count = self.args.count;
+        enqueue_all(&self.producer, self.body, count).await?;
+        let mut worker = WorkerProcess::spawn(self.settings, self.seal_line)?;
+        worker.wait_ready()?;
+        let started = Instant::now();
+        worker.wait_sent(count)?;
+        let drained = Run::counted("mailroom worker, backlog drained", count, started.elapsed());
+        self.workers.add(&worker, count);
+        worker.stop();
+        // Nothing is left but what a stopping worker may not have acked:
+        // sent already, it would only come back as a duplicate.
+        purge_work_queues(self.producer.broker()).await?;
+        Ok(drained)
+    }
+
+    /// The latency phases, on a worker of their own: enqueue and delivery
+    /// at once, then the two paced phases.
+    async fn latency_phases(
+        &self,
+        worker: &mut WorkerProcess,
+        drained: &Run,
+        store: &RedisStore,
+    ) -> anyhow::Result<Phases> {
+        worker.wait_ready()?;
+        // Each phase starts after the broker finished the last one's
+        // housekeeping (quorum-queue segment clean-up), in a steady state.
+        tokio::time::sleep(SETTLE).await;
+        let both = (self.args.count / 2).max(1);
+        let started = Instant::now();
+        enqueue_all(&self.producer, self.body, both).await?;
+        worker.wait_sent(both)?;
+        let at_once = Run::counted("mailroom, enqueue + send at once", both, started.elapsed());
+        let mut sent = both;
+
+        let path = Path {
+            producer: &self.producer,
+            body: self.body,
+            statuses: StatusStore::new(store.clone(), self.settings.worker.status_retention),
+            length: self.args.paced,
+        };
+        let half_at_once = path
+            .paced(
+                worker,
+                sent,
+                at_once.rate() / 2.0,
+                "mailroom at half the at-once rate",
+            )
+            .await?;
+        sent += half_at_once.end_to_end.count;
+        let half_drained = path
+            .paced(
+                worker,
+                sent,
+                drained.rate() / 2.0,
+                "mailroom at half the drain rate",
+            )
+            .await?;
+        Ok(Phases {
+            at_once,
+            half_at_once,
+            half_drained,
+        })
+    }
+}
+
+/// Prints the mailroom runs' figures and the targets' ratios.
+fn report(lower: f64, batched: &Run, drained: &Run, phases: &Phases, workers: &Workers) {
+    println!("{}", drained.report());
     println!("{}", phases.at_once.report());
     for latency in [&phases.half_at_once, &phases.half_drained] {
         println!("{}", latency.end_to_end.report());
@@ -163,30 +307,26 @@ fn report(
             latency.pauses.sends.as_secs_f64() * 1e3
         );
     }
-    let rss_mib = rss.map(|kib| kib as f64 / 1024.0);
+    let rss_mib = workers.peak_rss_kib.map(|kib| kib as f64 / 1024.0);
     println!(
         "worker peak RSS: {}",
         rss_mib.map_or_else(|| "n/a".to_owned(), |mib| format!("{mib:.1} MiB"))
     );
-    if let Some(cpu) = worker_cpu {
-        let jobs = phases.drained.count
-            + phases.at_once.count
-            + phases.half_at_once.end_to_end.count
-            + phases.half_drained.end_to_end.count;
+    if let Some(cpu) = workers.cpu {
         println!(
-            "worker CPU: {:.0} us/job (user + system, all phases)",
-            cpu.as_secs_f64() * 1e6 / jobs.max(1) as f64
+            "worker CPU: {:.0} us/job (user + system, every worker process of the run)",
+            cpu.as_secs_f64() * 1e6 / workers.sent.max(1) as f64
         );
     }
     println!(
         "ratio mailroom (drain) / lower ceiling ({:.0} /s): {:.2} (target >= 0.6)",
         lower,
-        phases.drained.rate() / lower
+        drained.rate() / lower
     );
     println!(
         "ratio mailroom / plain consumer with batched acks ({:.0} /s): {:.2} (for comparison: the worker batches its acks too)",
         batched.rate(),
-        phases.drained.rate() / batched.rate()
+        drained.rate() / batched.rate()
     );
     let p99 = |latency: &Latency| {
         latency.end_to_end.percentile(99.0).map_or_else(
@@ -198,7 +338,7 @@ fn report(
         "p99 at half the at-once rate: {} (target < 100 ms); at half the drain rate: {} (the whole path at {:.0} % of what it sustains); worker RSS target < 64 MiB",
         p99(&phases.half_at_once),
         p99(&phases.half_drained),
-        100.0 * phases.drained.rate() / 2.0 / phases.at_once.rate()
+        100.0 * drained.rate() / 2.0 / phases.at_once.rate()
     );
 }
 
@@ -214,7 +354,10 @@ fn configure(settings: &mut Settings, args: &E2eArgs) -> anyhow::Result<String> 
     // Measured with 256 in flight: 16, 32, 64 and 256 connections gave a
     // sink ceiling of 66.8k, 60.7k, 69.8k and 37.5k messages/s and a drain
     // of 14.0k, 15.9k, 16.9k and 14.7k jobs/s (one run each).
-    settings.smtp.pool_size = u32::from(args.concurrency.div_ceil(4));
+    settings.smtp.pool_size = args
+        .connections
+        .unwrap_or_else(|| u32::from(args.concurrency.div_ceil(4)))
+        .max(1);
     settings.redis.key_prefix = format!("mailroom-bench-{}:", uuid_simple());
     let key = SealKey::generate("bench").map_err(anyhow::Error::msg)?;
     let line = key.to_line().to_string();
@@ -292,19 +435,23 @@ async fn enqueue_all(producer: &Producer, body: &str, count: usize) -> anyhow::R
     Ok(())
 }
 
-/// What the mailroom phases measured.
+/// What the latency phases measured.
 struct Phases {
-    /// The worker alone, draining a backlog: set against the ceilings,
-    /// which are a consumer alone and a sender alone.
-    drained: Run,
     /// Enqueue and delivery at once, flat out: the most the whole path
     /// (the paced phases' workload) sustains on this machine.
     at_once: Run,
     /// Paced at half of `at_once`: the latency target's load.
     half_at_once: Latency,
-    /// Paced at half of `drained`, for comparison: with the producer
+    /// Paced at half the drain rate, for comparison: with the producer
     /// sharing the cores, that is most of what the machine sustains.
     half_drained: Latency,
+}
+
+impl Phases {
+    /// Jobs the phases' worker sent.
+    fn sent(&self) -> usize {
+        self.at_once.count + self.half_at_once.end_to_end.count + self.half_drained.end_to_end.count
+    }
 }
 
 /// A paced phase's figures.
@@ -315,74 +462,6 @@ struct Latency {
     confirms: Run,
     /// The longest pauses: one in both is the broker's.
     pauses: Pauses,
-}
-
-/// The mailroom phases, in order: the drain of the backlog enqueued
-/// before the worker started, enqueue and delivery at once, then the two
-/// paced phases.
-async fn measure(
-    settings: &Settings,
-    args: &E2eArgs,
-    producer: &Producer,
-    body: &str,
-    worker: &mut WorkerProcess,
-    store: &RedisStore,
-) -> anyhow::Result<Phases> {
-    worker.wait_ready()?;
-    let started = Instant::now();
-    worker.wait_sent(args.count)?;
-    let mut drained = Run::new(
-        "mailroom worker, backlog drained",
-        Vec::new(),
-        started.elapsed(),
-    );
-    drained.count = args.count;
-    let mut sent = args.count;
-
-    // Each phase starts after the broker finished the last one's
-    // housekeeping (quorum-queue segment clean-up), in a steady state.
-    tokio::time::sleep(SETTLE).await;
-    let both = (args.count / 2).max(1);
-    let started = Instant::now();
-    enqueue_all(producer, body, both).await?;
-    sent += both;
-    worker.wait_sent(sent)?;
-    let mut at_once = Run::new(
-        "mailroom, enqueue + send at once",
-        Vec::new(),
-        started.elapsed(),
-    );
-    at_once.count = both;
-
-    let path = Path {
-        producer,
-        body,
-        statuses: StatusStore::new(store.clone(), settings.worker.status_retention),
-        length: args.paced,
-    };
-    let half_at_once = path
-        .paced(
-            worker,
-            sent,
-            at_once.rate() / 2.0,
-            "mailroom at half the at-once rate",
-        )
-        .await?;
-    sent += half_at_once.end_to_end.count;
-    let half_drained = path
-        .paced(
-            worker,
-            sent,
-            drained.rate() / 2.0,
-            "mailroom at half the drain rate",
-        )
-        .await?;
-    Ok(Phases {
-        drained,
-        at_once,
-        half_at_once,
-        half_drained,
-    })
 }
 
 /// What a paced phase needs.

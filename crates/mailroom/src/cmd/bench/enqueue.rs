@@ -20,7 +20,10 @@ use mailroom_core::settings::Settings;
 use mailroom_core::wire::{self, work_queue};
 use mailroom_producer::{Producer, ReadyJob, seal_ahead};
 
-use super::measure::{Run, cpu_time, cpu_used_since, parse_size, peak_rss_kib, reset_peak_rss};
+use super::measure::{
+    Run, cpu_time, cpu_used_since, parse_size, peak_rss_kib, print_rates, print_ratios,
+    reset_peak_rss,
+};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
 use super::setup::{bench_broker, body_text, job, purge_work_queues};
 
@@ -135,31 +138,12 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
 /// Each round's rates, and mailroom's ratio to each plain publisher round
 /// by round.
 fn print_rounds(runs: &[Vec<Run>; 3]) {
-    let listed = |values: &[f64], decimals: usize| {
-        values
-            .iter()
-            .map(|value| format!("{value:.decimals$}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     for (kind, list) in runs.iter().enumerate() {
-        let name = ["mailroom", "same headers", "bare"][kind];
-        let rates: Vec<f64> = list.iter().map(Run::rate).collect();
-        println!("  rounds, {name}: {} /s", listed(&rates, 0));
+        print_rates(["mailroom", "same headers", "bare"][kind], list);
     }
-    // A round's publishers ran back to back, so a round's ratio is less
-    // exposed to the broker's drift than the pooled one, and the spread
-    // of the rounds shows how much one run can be trusted.
     for (kind, name) in [(1, "same headers"), (2, "bare")] {
-        let mut ratios: Vec<f64> = runs[0]
-            .iter()
-            .zip(&runs[kind])
-            .map(|(ours, plain)| ours.rate() / plain.rate())
-            .collect();
-        let shown = listed(&ratios, 2);
-        ratios.sort_by(f64::total_cmp);
-        let median = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
-        println!("  ratio by round, {name}: {shown} (median {median:.2})");
+        let ceilings: Vec<f64> = runs[kind].iter().map(Run::rate).collect();
+        print_ratios(name, &runs[0], &ceilings);
     }
 }
 

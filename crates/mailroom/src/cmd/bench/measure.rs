@@ -32,6 +32,13 @@ impl Run {
         }
     }
 
+    /// A run of `count` messages whose latencies were not measured.
+    pub fn counted(label: &'static str, count: usize, elapsed: Duration) -> Self {
+        let mut run = Self::new(label, Vec::new(), elapsed);
+        run.count = count;
+        run
+    }
+
     /// Several runs of one kind as one: latencies pooled, messages and times
     /// summed, memory and CPU at their peak and total.
     pub fn merge(label: &'static str, runs: Vec<Run>) -> Self {
@@ -91,6 +98,36 @@ impl Run {
         }
         line
     }
+}
+
+/// One kind's rates, round by round.
+pub fn print_rates(name: &str, runs: &[Run]) {
+    let rates: Vec<f64> = runs.iter().map(Run::rate).collect();
+    println!("  rounds, {name}: {} /s", listed(&rates, 0));
+}
+
+/// `ours`' ratio to `ceilings` (a rate per round) round by round, and
+/// their median. A round's runs were back to back, so a round's ratio is
+/// less exposed to the broker's drift than the pooled one, and the spread
+/// of the rounds shows how much one run can be trusted.
+pub fn print_ratios(name: &str, ours: &[Run], ceilings: &[f64]) {
+    let mut ratios: Vec<f64> = ours
+        .iter()
+        .zip(ceilings)
+        .map(|(ours, ceiling)| ours.rate() / ceiling)
+        .collect();
+    let shown = listed(&ratios, 2);
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+    println!("  ratio by round, {name}: {shown} (median {median:.2})");
+}
+
+fn listed(values: &[f64], decimals: usize) -> String {
+    values
+        .iter()
+        .map(|value| format!("{value:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Resets the kernel's peak-RSS mark of this process (Linux), so each phase

@@ -156,9 +156,7 @@ impl Plain {
         } else {
             "broker ceiling: plain consumer"
         };
-        let mut run = Run::new(label, Vec::new(), elapsed);
-        run.count = seen;
-        Ok(run)
+        Ok(Run::counted(label, seen, elapsed))
     }
 
     /// Deletes [`PLAIN_QUEUE`] and closes.
