@@ -46,6 +46,7 @@ use mailroom_worker::transport::{SmtpMessage, SmtpTransport};
 use super::measure::{Run, cpu_time_of, parse_size, peak_rss_kib_of, print_rates, print_ratios};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
 use super::setup::{bench_broker, body_text, clean_up, job, purge_work_queues};
+use super::split::CpuSplit;
 
 /// Pause between the two mailroom phases.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -118,6 +119,7 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
         body: &body,
         args: &args,
         workers: Workers::default(),
+        splits: Vec::new(),
     };
     let outcome = bench.run(&url, sealed_len, &store).await;
     clean_up(&store, &settings.redis.key_prefix).await;
@@ -134,6 +136,8 @@ struct Bench<'a> {
     body: &'a str,
     args: &'a E2eArgs,
     workers: Workers,
+    /// Where the machine's CPU went in each drain.
+    splits: Vec<CpuSplit>,
 }
 
 /// Every worker process's peak RSS, CPU and deliveries, summed over the
@@ -203,11 +207,22 @@ impl Bench<'_> {
             .map(|(sink, consumer)| sink.rate().min(consumer.rate()))
             .collect();
         print_ratios("the lower ceiling", &drains, &lower);
+        let mut cpu = CpuSplit::default();
+        for split in &self.splits {
+            println!("  CPU in a drain: {}", split.per_job(args.count));
+            cpu.add(split);
+        }
         let sink = Run::merge("sink ceiling: SMTP, no queue", sinks);
         let consumer = Run::merge("broker ceiling: plain consumer", consumers);
         let drained = Run::merge("mailroom worker, backlog drained", drains);
         for run in [&sink, &consumer, &batched] {
             println!("{}", run.report());
+        }
+        if !self.splits.is_empty() {
+            println!(
+                "CPU in the drains: {}",
+                cpu.per_job(args.count * self.splits.len())
+            );
         }
 
         let mut worker = WorkerProcess::spawn(self.settings, self.seal_line)?;
@@ -233,9 +248,13 @@ impl Bench<'_> {
         enqueue_all(&self.producer, self.body, count).await?;
         let mut worker = WorkerProcess::spawn(self.settings, self.seal_line)?;
         worker.wait_ready()?;
+        let before = CpuSplit::read(worker.child.id());
         let started = Instant::now();
         worker.wait_sent(count)?;
         let drained = Run::counted("mailroom worker, backlog drained", count, started.elapsed());
+        if let (Some(before), Some(after)) = (before, CpuSplit::read(worker.child.id())) {
+            self.splits.push(after.since(&before));
+        }
         self.workers.add(&worker, count);
         worker.stop();
         // Nothing is left but what a stopping worker may not have acked:

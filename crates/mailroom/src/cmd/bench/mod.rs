@@ -15,6 +15,7 @@ mod enqueue;
 mod measure;
 mod plain;
 mod setup;
+mod split;
 
 use clap::Subcommand;
 use mailroom_core::settings::Settings;
