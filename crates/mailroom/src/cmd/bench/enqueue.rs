@@ -9,15 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Args;
 use lapin::BasicProperties;
-use lapin::options::BasicGetOptions;
-use mailroom_core::amqp::Broker;
 use mailroom_core::job::Lane;
 use mailroom_core::seal::{Keyring, SealKey};
 use mailroom_core::settings::Settings;
-use mailroom_core::wire::{self, work_queue};
+use mailroom_core::wire;
 use mailroom_producer::{Producer, ReadyJob, seal_ahead};
 
 use super::measure::{
@@ -25,7 +22,7 @@ use super::measure::{
     reset_peak_rss,
 };
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
-use super::setup::{bench_broker, body_text, job, purge_work_queues};
+use super::setup::{bench_broker, body_text, job, purge_work_queues, sample_properties};
 
 /// Jobs published before timing starts, to open channels and warm caches.
 const WARM_UP: usize = 1_000;
@@ -191,24 +188,4 @@ async fn run_mailroom(
     let elapsed = started.elapsed();
     let latencies = results.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok(Run::new("mailroom enqueue (sealed)", latencies, elapsed))
-}
-
-/// The properties and headers mailroom gives a job: one job enqueued and
-/// fetched back.
-async fn sample_properties(
-    producer: &Producer,
-    broker: &Broker,
-    body: &str,
-) -> anyhow::Result<BasicProperties> {
-    producer.enqueue(job(body)).await?;
-    let channel = broker.channel().await?;
-    let message = channel
-        .basic_get(
-            work_queue(Lane::Transactional).as_str().into(),
-            BasicGetOptions { no_ack: true },
-        )
-        .await?
-        .context("the sample job did not arrive")?;
-    let _ = channel.close(200, "sampled".into()).await;
-    Ok(message.delivery.properties.clone())
 }

@@ -123,6 +123,7 @@ impl Plain {
     /// acking every `ack_every`-th with `multiple` (1: each on its own).
     pub async fn consume(
         &self,
+        label: &'static str,
         count: usize,
         prefetch: u16,
         ack_every: usize,
@@ -151,11 +152,6 @@ impl Plain {
         }
         let elapsed = started.elapsed();
         let _ = channel.close(200, "bench done".into()).await;
-        let label = if ack_every > 1 {
-            "plain consumer, batched acks"
-        } else {
-            "broker ceiling: plain consumer"
-        };
         Ok(Run::counted(label, seen, elapsed))
     }
 

@@ -2,12 +2,14 @@
 //! and empty work queues.
 
 use anyhow::Context as _;
-use lapin::options::QueuePurgeOptions;
+use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, QueuePurgeOptions};
 use mailroom_core::amqp::Broker;
 use mailroom_core::job::{EmailMessage, JobRequest, Lane, SendJob};
 use mailroom_core::settings::{Secret, Settings};
 use mailroom_core::store::RedisStore;
-use mailroom_core::wire::{Topology, WorkQueue};
+use mailroom_core::wire::{Topology, WorkQueue, work_queue};
+use mailroom_producer::Producer;
 
 /// `settings` pointed at `vhost`, connected, with the topology declared.
 /// Returns the settings, the vhost's URL and the broker.
@@ -111,6 +113,26 @@ pub async fn clean_up(store: &RedisStore, prefix: &str) {
         }
         cursor = next;
     }
+}
+
+/// The properties and headers mailroom gives a job: one job enqueued and
+/// fetched back.
+pub async fn sample_properties(
+    producer: &Producer,
+    broker: &Broker,
+    body: &str,
+) -> anyhow::Result<BasicProperties> {
+    producer.enqueue(job(body)).await?;
+    let channel = broker.channel().await?;
+    let message = channel
+        .basic_get(
+            work_queue(Lane::Transactional).as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await?
+        .context("the sample job did not arrive")?;
+    let _ = channel.close(200, "sampled".into()).await;
+    Ok(message.delivery.properties.clone())
 }
 
 #[cfg(test)]
