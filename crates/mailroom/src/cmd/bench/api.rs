@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::measure::{Run, cpu_time, cpu_used_since, parse_size};
-use super::setup::{bench_broker, body_text, clean_up, purge_work_queues};
+use super::setup::{bench_broker, body_text, clean_up, purge_queues};
 
 /// `mailroom bench api`
 #[derive(Debug, Args)]
@@ -106,9 +106,9 @@ pub async fn run(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
     single
         .run(address, &key, 1_000.min(args.count), concurrency)
         .await?;
-    purge_work_queues(&broker).await?;
+    purge_queues(&broker).await?;
     let http = single.run(address, &key, args.count, concurrency).await?;
-    purge_work_queues(&broker).await?;
+    purge_queues(&broker).await?;
     let batch_body = serde_json::to_string(&serde_json::json!({
         "messages": vec![&one; args.batch],
     }))?;
@@ -126,11 +126,11 @@ pub async fn run(settings: &Settings, args: ApiArgs) -> anyhow::Result<()> {
                 .await?,
         ),
     };
-    purge_work_queues(&broker).await?;
+    purge_queues(&broker).await?;
     let cpu = cpu_time();
     let mut library = library(&producer, &settings, &body, args.count, concurrency).await?;
     library.cpu = cpu_used_since(cpu);
-    purge_work_queues(&broker).await?;
+    purge_queues(&broker).await?;
 
     shutdown.cancel();
     let _ = server.await;

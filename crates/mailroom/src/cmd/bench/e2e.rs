@@ -46,7 +46,7 @@ use mailroom_worker::transport::{SmtpMessage, SmtpTransport};
 
 use super::measure::{Run, cpu_time_of, parse_size, peak_rss_kib_of, print_rates, print_ratios};
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
-use super::setup::{bench_broker, body_text, clean_up, job, purge_work_queues, sample_properties};
+use super::setup::{bench_broker, body_text, clean_up, job, purge_queues, sample_properties};
 use super::split::CpuSplit;
 
 /// Pause between the two mailroom phases.
@@ -124,7 +124,7 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
     };
     let outcome = bench.run(&url, sealed_len, &store).await;
     clean_up(&store, &settings.redis.key_prefix).await;
-    purge_work_queues(&broker).await?;
+    purge_queues(&broker).await?;
     broker.close().await;
     outcome
 }
@@ -139,6 +139,14 @@ struct Bench<'a> {
     workers: Workers,
     /// Where the machine's CPU went in each drain.
     splits: Vec<CpuSplit>,
+}
+
+/// The throughput runs: drains, sink ceilings and plain consumers by
+/// round, and the plain consumer's two runs for comparison.
+struct Throughput {
+    runs: [Vec<Run>; 3],
+    bare: Run,
+    batched: Run,
 }
 
 /// Every worker process's peak RSS, CPU and deliveries, summed over the
@@ -167,47 +175,15 @@ impl Bench<'_> {
     async fn run(mut self, url: &str, sealed_len: usize, store: &RedisStore) -> anyhow::Result<()> {
         let args = self.args;
         let plain = Plain::open(url, self.settings.amqp.channels).await?;
-        // The broker's ceiling is taken on messages like the worker's: the
-        // wire contract's properties and header table cost the broker a
-        // delivery more than a bare message (see the README).
-        let contract = Shape {
-            label: "plain publish, mailroom's headers",
-            exchange: "",
-            routing_key: PLAIN_QUEUE,
-            properties: sample_properties(&self.producer, self.producer.broker(), self.body)
-                .await?,
-        };
-        let bare = Shape {
-            label: "plain publish",
-            exchange: "",
-            routing_key: PLAIN_QUEUE,
-            properties: BasicProperties::default().with_delivery_mode(2),
-        };
-        let window = self.settings.amqp.publish_window;
-        let consume = async |shape: &Shape, label, ack_every| {
-            plain.publish(shape, sealed_len, args.count, window).await?;
-            plain
-                .consume(label, args.count, args.concurrency, ack_every)
-                .await
-        };
-        let mut runs: [Vec<Run>; 3] = Default::default();
-        for round in 0..args.rounds.max(1) {
-            for step in 0..3 {
-                let which = (round + step) % 3;
-                let run = match which {
-                    0 => self.drain().await?,
-                    1 => {
-                        sink_ceiling(self.settings, &job(self.body), args.count, args.concurrency)
-                            .await?
-                    }
-                    _ => consume(&contract, "broker ceiling: plain consumer", 1).await?,
-                };
-                runs[which].push(run);
-            }
-        }
-        let bare = consume(&bare, "plain consumer, bare messages", 1).await?;
-        let batched = consume(&contract, "plain consumer, batched acks", BATCHED_ACKS).await?;
+        let measured = self.throughput(&plain, sealed_len).await;
+        // The plain queue goes whatever happened, so a failed run leaves
+        // nothing behind in the vhost.
         plain.close().await?;
+        let Throughput {
+            runs,
+            bare,
+            batched,
+        } = measured?;
 
         let [drains, sinks, consumers] = runs;
         print_rates("drain", &drains);
@@ -252,6 +228,55 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// The rounds of the two ceilings and the drain, then the plain
+    /// consumer's two runs for comparison.
+    async fn throughput(&mut self, plain: &Plain, sealed_len: usize) -> anyhow::Result<Throughput> {
+        let args = self.args;
+        // The broker's ceiling is taken on messages like the worker's: the
+        // wire contract's properties and header table cost the broker a
+        // delivery more than a bare message (see the README).
+        let contract = Shape {
+            label: "plain publish, mailroom's headers",
+            exchange: "",
+            routing_key: PLAIN_QUEUE,
+            properties: sample_properties(&self.producer, self.producer.broker(), self.body)
+                .await?,
+        };
+        let bare = Shape {
+            label: "plain publish",
+            exchange: "",
+            routing_key: PLAIN_QUEUE,
+            properties: BasicProperties::default().with_delivery_mode(2),
+        };
+        let window = self.settings.amqp.publish_window;
+        let consume = async |shape: &Shape, label, ack_every| {
+            plain.publish(shape, sealed_len, args.count, window).await?;
+            plain
+                .consume(label, args.count, args.concurrency, ack_every)
+                .await
+        };
+        let mut runs: [Vec<Run>; 3] = Default::default();
+        for round in 0..args.rounds.max(1) {
+            for step in 0..3 {
+                let which = (round + step) % 3;
+                let run = match which {
+                    0 => self.drain().await?,
+                    1 => {
+                        sink_ceiling(self.settings, &job(self.body), args.count, args.concurrency)
+                            .await?
+                    }
+                    _ => consume(&contract, "broker ceiling: plain consumer", 1).await?,
+                };
+                runs[which].push(run);
+            }
+        }
+        Ok(Throughput {
+            runs,
+            bare: consume(&bare, "plain consumer, bare messages", 1).await?,
+            batched: consume(&contract, "plain consumer, batched acks", BATCHED_ACKS).await?,
+        })
+    }
+
     /// A backlog of `count` jobs, enqueued first, drained by a worker
     /// process started afterwards: the worker alone, like the two ceilings,
     /// which are a consumer alone and a sender alone.
@@ -271,7 +296,7 @@ impl Bench<'_> {
         worker.stop();
         // Nothing is left but what a stopping worker may not have acked:
         // sent already, it would only come back as a duplicate.
-        purge_work_queues(self.producer.broker()).await?;
+        purge_queues(self.producer.broker()).await?;
         Ok(drained)
     }
 

@@ -22,7 +22,7 @@ use super::measure::{
     reset_peak_rss,
 };
 use super::plain::{PLAIN_QUEUE, Plain, Shape};
-use super::setup::{bench_broker, body_text, job, purge_work_queues, sample_properties};
+use super::setup::{bench_broker, body_text, job, purge_queues, sample_properties};
 
 /// Jobs published before timing starts, to open channels and warm caches.
 const WARM_UP: usize = 1_000;
@@ -67,7 +67,7 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     let sealed_len = keyring.seal(&job(&body)).map(|sealed| sealed.body.len())?;
 
     run_mailroom(&producer, &body, WARM_UP, window).await?;
-    purge_work_queues(&broker).await?;
+    purge_queues(&broker).await?;
     let contract = Shape {
         label: "plain lapin, same headers",
         exchange: wire::JOBS_EXCHANGE,
@@ -98,7 +98,7 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
             };
             run.peak_rss_kib = peak_rss_kib();
             run.cpu = cpu_used_since(cpu);
-            purge_work_queues(&broker).await?;
+            purge_queues(&broker).await?;
             runs[which].push(run);
         }
     }

@@ -8,7 +8,7 @@ use mailroom_core::amqp::Broker;
 use mailroom_core::job::{EmailMessage, JobRequest, Lane, SendJob};
 use mailroom_core::settings::{Secret, Settings};
 use mailroom_core::store::RedisStore;
-use mailroom_core::wire::{Topology, WorkQueue, work_queue};
+use mailroom_core::wire::{Topology, work_queue};
 use mailroom_producer::Producer;
 
 /// `settings` pointed at `vhost`, connected, with the topology declared.
@@ -33,7 +33,7 @@ pub async fn bench_broker(
         )
     })?;
     broker.declare(&Topology::standard()).await?;
-    purge_work_queues(&broker).await?;
+    purge_queues(&broker).await?;
     Ok((settings, url, broker))
 }
 
@@ -77,11 +77,15 @@ pub fn job(body: &str) -> SendJob {
     )
 }
 
-pub async fn purge_work_queues(broker: &Broker) -> anyhow::Result<()> {
+/// Empties every queue of mailroom's topology in the bench's vhost: the
+/// work queues, and the retry tiers and dead letters too, so that nothing
+/// of an earlier run (one that failed with jobs waiting to be retried, say)
+/// comes back into this one.
+pub async fn purge_queues(broker: &Broker) -> anyhow::Result<()> {
     let channel = broker.channel().await?;
-    for queue in WorkQueue::ALL {
+    for queue in Topology::standard().queues {
         channel
-            .queue_purge(queue.name().into(), QueuePurgeOptions::default())
+            .queue_purge(queue.name.as_str().into(), QueuePurgeOptions::default())
             .await?;
     }
     let _ = channel.close(200, "bench done".into()).await;
