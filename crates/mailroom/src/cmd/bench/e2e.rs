@@ -119,7 +119,7 @@ pub async fn run(settings: &Settings, args: E2eArgs) -> anyhow::Result<()> {
         producer: Producer::from_parts(broker.clone(), keyring, settings.limits.clone()),
         body: &body,
         args: &args,
-        workers: Workers::default(),
+        workers: Vec::new(),
         splits: Vec::new(),
     };
     let outcome = bench.run(&url, sealed_len, &store).await;
@@ -136,7 +136,8 @@ struct Bench<'a> {
     producer: Producer,
     body: &'a str,
     args: &'a E2eArgs,
-    workers: Workers,
+    /// Each worker process's figures, taken just before it stopped.
+    workers: Vec<Run>,
     /// Where the machine's CPU went in each drain.
     splits: Vec<CpuSplit>,
 }
@@ -147,27 +148,6 @@ struct Throughput {
     runs: [Vec<Run>; 3],
     bare: Run,
     batched: Run,
-}
-
-/// Every worker process's peak RSS, CPU and deliveries, summed over the
-/// run.
-#[derive(Default)]
-struct Workers {
-    peak_rss_kib: Option<u64>,
-    cpu: Option<Duration>,
-    sent: usize,
-}
-
-impl Workers {
-    /// Takes a worker's figures just before it stops.
-    fn add(&mut self, worker: &WorkerProcess, sent: usize) {
-        self.peak_rss_kib = self.peak_rss_kib.max(worker.peak_rss_kib());
-        self.cpu = match (self.cpu, worker.cpu_time()) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
-        self.sent += sent;
-    }
 }
 
 impl Bench<'_> {
@@ -216,14 +196,14 @@ impl Bench<'_> {
         let mut worker = WorkerProcess::spawn(self.settings, self.seal_line)?;
         let phases = self.latency_phases(&mut worker, &drained, store).await;
         let sent = phases.as_ref().map_or(0, Phases::sent);
-        self.workers.add(&worker, sent);
+        self.workers.push(worker.figures(sent));
         worker.stop();
         report(
             sink.rate().min(consumer.rate()),
             [&bare, &batched],
             &drained,
             &phases?,
-            &self.workers,
+            &Run::merge("worker processes", self.workers),
         );
         Ok(())
     }
@@ -239,8 +219,7 @@ impl Bench<'_> {
             label: "plain publish, mailroom's headers",
             exchange: "",
             routing_key: PLAIN_QUEUE,
-            properties: sample_properties(&self.producer, self.producer.broker(), self.body)
-                .await?,
+            properties: sample_properties(&self.producer, self.body).await?,
         };
         let bare = Shape {
             label: "plain publish",
@@ -292,7 +271,7 @@ impl Bench<'_> {
         if let (Some(before), Some(after)) = (before, CpuSplit::read(worker.child.id())) {
             self.splits.push(after.since(&before));
         }
-        self.workers.add(&worker, count);
+        self.workers.push(worker.figures(count));
         worker.stop();
         // Nothing is left but what a stopping worker may not have acked:
         // sent already, it would only come back as a duplicate.
@@ -351,7 +330,7 @@ impl Bench<'_> {
 }
 
 /// Prints the mailroom runs' figures and the targets' ratios.
-fn report(lower: f64, others: [&Run; 2], drained: &Run, phases: &Phases, workers: &Workers) {
+fn report(lower: f64, others: [&Run; 2], drained: &Run, phases: &Phases, workers: &Run) {
     println!("{}", drained.report());
     println!("{}", phases.at_once.report());
     for latency in [&phases.half_at_once, &phases.half_drained] {
@@ -371,7 +350,7 @@ fn report(lower: f64, others: [&Run; 2], drained: &Run, phases: &Phases, workers
     if let Some(cpu) = workers.cpu {
         println!(
             "worker CPU: {:.0} us/job (user + system, every worker process of the run)",
-            cpu.as_secs_f64() * 1e6 / workers.sent.max(1) as f64
+            cpu.as_secs_f64() * 1e6 / workers.count.max(1) as f64
         );
     }
     println!(
@@ -777,12 +756,13 @@ impl WorkerProcess {
         }
     }
 
-    fn cpu_time(&self) -> Option<Duration> {
-        cpu_time_of(&self.child.id().to_string())
-    }
-
-    fn peak_rss_kib(&self) -> Option<u64> {
-        peak_rss_kib_of(&self.child.id().to_string())
+    /// Its deliveries, peak RSS and CPU so far, as a run to merge.
+    fn figures(&self, sent: usize) -> Run {
+        let pid = self.child.id().to_string();
+        let mut run = Run::counted("worker process", sent, Duration::ZERO);
+        run.peak_rss_kib = peak_rss_kib_of(&pid);
+        run.cpu = cpu_time_of(&pid);
+        run
     }
 
     fn stop(&mut self) {

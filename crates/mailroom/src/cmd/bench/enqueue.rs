@@ -72,7 +72,7 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         label: "plain lapin, same headers",
         exchange: wire::JOBS_EXCHANGE,
         routing_key: Lane::Transactional.as_str(),
-        properties: sample_properties(&producer, &broker, &body).await?,
+        properties: sample_properties(&producer, &body).await?,
     };
     let bare = Shape {
         label: "plain lapin, bare",

@@ -1,5 +1,5 @@
 //! What every benchmark sets up the same way: its own vhost, sample jobs,
-//! and empty work queues.
+//! and empty queues.
 
 use anyhow::Context as _;
 use lapin::BasicProperties;
@@ -121,13 +121,9 @@ pub async fn clean_up(store: &RedisStore, prefix: &str) {
 
 /// The properties and headers mailroom gives a job: one job enqueued and
 /// fetched back.
-pub async fn sample_properties(
-    producer: &Producer,
-    broker: &Broker,
-    body: &str,
-) -> anyhow::Result<BasicProperties> {
+pub async fn sample_properties(producer: &Producer, body: &str) -> anyhow::Result<BasicProperties> {
     producer.enqueue(job(body)).await?;
-    let channel = broker.channel().await?;
+    let channel = producer.broker().channel().await?;
     let message = channel
         .basic_get(
             work_queue(Lane::Transactional).as_str().into(),
