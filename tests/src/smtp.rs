@@ -186,7 +186,7 @@ impl SmtpServer {
     pub fn accepted(&self) -> Vec<Seen> {
         self.seen()
             .into_iter()
-            .filter(|seen| seen.reply == "250")
+            .filter(|seen| seen.reply.starts_with("250"))
             .collect()
     }
 

@@ -722,6 +722,29 @@ async fn a_slow_reply_to_the_end_of_data_is_waited_for() {
     stop(worker, producer).await;
 }
 
+/// A relay's `250` to the end of DATA that runs on past the 64 KiB a
+/// reply may take still says the message was accepted (every line of a
+/// reply carries its code): it is not sent again, and the message queued
+/// behind it on that connection goes on another.
+#[tokio::test]
+async fn an_overlong_acceptance_of_the_end_of_data_is_not_sent_again() {
+    let mut stack = Stack::new("worker-long-reply", &replies(&["250-long"]));
+    stack.settings.smtp.pool_size = 1;
+    let (producer, worker) = start(&stack.settings).await;
+    let jobs: Vec<SendJob> = (0..2).map(|i| job(&format!("long reply {i}"))).collect();
+    let ids: Vec<JobId> = enqueue_all(&producer, jobs).await;
+    let store = statuses(&stack.settings).await;
+    for id in &ids {
+        let status = settled(&store, id).await;
+        assert_eq!(status.state, JobState::Sent, "{status:?}");
+        assert_eq!(status.attempts, 1, "{status:?}");
+    }
+    let seen = stack.smtp.seen();
+    assert_eq!(seen.len(), 2, "each once: {seen:?}");
+    assert_eq!(seen[0].reply, "250-long");
+    stop(worker, producer).await;
+}
+
 #[tokio::test]
 async fn a_refused_recipient_in_a_pipelined_group_sends_no_body() {
     let stack = Stack::new(

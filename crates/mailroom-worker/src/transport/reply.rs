@@ -35,9 +35,14 @@ pub struct Reply {
 /// Bytes that do not read as a reply.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReplyError {
-    /// No reply ended within [`MAX_REPLY`] bytes.
+    /// No reply ended within [`MAX_REPLY`] bytes. `code` is the one its
+    /// complete lines gave, if any did: every line of a reply carries the
+    /// reply's code (RFC 5321 §4.2.1), so it is known before the end.
     #[error("a reply over {MAX_REPLY} bytes")]
-    TooLong,
+    TooLong {
+        /// The code of the lines read in full.
+        code: Option<u16>,
+    },
     /// A line that does not start with a reply code and ` `, `-` or its
     /// end.
     #[error("not a reply line: {0:?}")]
@@ -68,6 +73,15 @@ impl Reply {
         self.lines.iter().map(String::as_str)
     }
 
+    /// A reply known only by its code: the first 64 KiB of one that went on
+    /// longer.
+    pub fn cut(code: u16) -> Self {
+        Self {
+            code,
+            lines: vec![format!("(a reply over {MAX_REPLY} bytes, cut)")],
+        }
+    }
+
     /// The lines' text, joined by spaces.
     pub fn text(&self) -> String {
         self.lines.join(" ").trim().to_owned()
@@ -94,13 +108,13 @@ pub fn parse(input: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
     loop {
         let Some(end) = memchr::memchr(b'\n', &input[at..]).map(|end| at + end) else {
             return if input.len() > MAX_REPLY {
-                Err(ReplyError::TooLong)
+                Err(ReplyError::TooLong { code })
             } else {
                 Ok(None)
             };
         };
         if end + 1 > MAX_REPLY {
-            return Err(ReplyError::TooLong);
+            return Err(ReplyError::TooLong { code });
         }
         let line = &input[at..end];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -217,9 +231,15 @@ mod tests {
                 .all(|line| line.chars().count() <= KEPT_LINE_CHARS)
         );
         let boundless = format!("250-{long}\r\n").repeat(20);
-        assert_eq!(parse(boundless.as_bytes()), Err(ReplyError::TooLong));
+        assert_eq!(
+            parse(boundless.as_bytes()),
+            Err(ReplyError::TooLong { code: Some(250) })
+        );
         let unended = "2".repeat(MAX_REPLY + 1);
-        assert_eq!(parse(unended.as_bytes()), Err(ReplyError::TooLong));
+        assert_eq!(
+            parse(unended.as_bytes()),
+            Err(ReplyError::TooLong { code: None })
+        );
     }
 
     #[test]

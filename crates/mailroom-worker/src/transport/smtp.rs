@@ -40,7 +40,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::data::data_section;
-use super::reply::Reply;
+use super::reply::{Reply, ReplyError};
 use super::session::{Relay, Session};
 use super::wire::{Wire, WireError};
 use super::{Delivered, HandOver, SendError, TransportError, Withheld};
@@ -578,6 +578,15 @@ impl SmtpTransport {
             self.timed(connection.send(chunk)).await.map_err(after)?;
         }
         let reply = within(Wait::Data, self.relay.data_timeout, connection.read_reply()).await;
+        // A reply too long to read whole still said what became of the
+        // message: taken as uncertain, an accepted one would be sent again.
+        // The connection is broken by it and not reused.
+        let reply = match reply {
+            Err(Failure::Wire(WireError::Reply(ReplyError::TooLong { code: Some(code) }))) => {
+                Ok(Reply::cut(code))
+            }
+            reply => reply,
+        };
         expect(reply, is_done, "the end of DATA").map_err(after)
     }
 
@@ -1251,13 +1260,25 @@ mod tests {
         }
     }
 
-    /// A reply beyond any bound is no reply: after the end of DATA, the
-    /// outcome is uncertain.
+    /// A reply to the end of DATA beyond any bound counts by the code its
+    /// lines gave, which every line of a reply carries: a `250` is taken
+    /// once, a `550` refused. One whose first line never ends gave none:
+    /// the outcome is uncertain.
     #[tokio::test]
-    async fn a_boundless_reply_is_uncertain() {
-        let script = usual(NO_PIPELINING, |_| {
-            format!("250-{}\r\n", "A".repeat(1000)).repeat(100)
+    async fn a_boundless_reply_counts_by_its_code() {
+        let script = usual(NO_PIPELINING, |text| {
+            let code = if text.contains("refused") { 550 } else { 250 };
+            format!("{code}-{}\r\n", "A".repeat(1000)).repeat(100)
         });
+        each_taken_once(Arc::clone(&script), &["one", "two"], false, NO_PIPELINING).await;
+        let (port, _taken) = scripted_relay(script).await;
+        let transport = plain_transport(port, 1);
+        let outcome = transport.send(&message_saying("refused"), None).await;
+        assert!(
+            matches!(outcome, Err(SendError::Permanent { code: 550, .. })),
+            "{outcome:?}"
+        );
+        let script = usual(NO_PIPELINING, |_| format!("250 {}", "A".repeat(100_000)));
         let (port, _taken) = scripted_relay(script).await;
         let transport = plain_transport(port, 1);
         let outcome = transport.send(&message_saying("one"), None).await;
