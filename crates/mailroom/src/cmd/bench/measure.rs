@@ -164,8 +164,13 @@ pub fn cpu_time_of(pid: &str) -> Option<Duration> {
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    // The kernel's USER_HZ is 100 on every Linux this runs on.
-    Some(Duration::from_millis((utime + stime) * 10))
+    Some(clock_ticks(utime + stime))
+}
+
+/// `ticks` of `/proc`'s clock as time: the kernel's USER_HZ is 100 on
+/// every Linux this runs on.
+pub fn clock_ticks(ticks: u64) -> Duration {
+    Duration::from_millis(ticks * 10)
 }
 
 /// CPU time used since `start` (a [`cpu_time`] reading).

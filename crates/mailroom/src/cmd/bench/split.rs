@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::measure::cpu_time_of;
+use super::measure::{clock_ticks, cpu_time_of};
 
 /// The processes a drain shares the machine with, by command name; every
 /// process of a name is counted.
@@ -113,8 +113,7 @@ fn idle_time() -> Option<Duration> {
         .collect::<Result<_, _>>()
         .ok()?;
     let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
-    // USER_HZ is 100, as in `cpu_time_of`.
-    Some(Duration::from_millis(idle * 10))
+    Some(clock_ticks(idle))
 }
 
 #[cfg(test)]
